@@ -1,0 +1,107 @@
+"""The local stack: real Kafka and Redis processes, started and stopped by `worker.stack`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from confluent_kafka import Consumer, Producer
+
+from worker import stack as stack_mod
+from worker.config import Settings, load_settings
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for init to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_produce_and_consume_through_the_real_broker(stack: Settings) -> None:
+    topic = f"roundtrip-{uuid.uuid4().hex[:8]}"
+    producer = Producer({"bootstrap.servers": stack.kafka_bootstrap})
+    for i in range(10):
+        producer.produce(topic, key=b"seg", value=f"m{i}".encode())
+    assert producer.flush(30) == 0
+    consumer = Consumer({
+        "bootstrap.servers": stack.kafka_bootstrap, "group.id": f"g-{topic}", "auto.offset.reset": "earliest",
+    })
+    consumer.subscribe([topic])
+    got: list[bytes] = []
+    deadline = time.monotonic() + 60
+    while len(got) < 10 and time.monotonic() < deadline:
+        for msg in consumer.consume(10, 1.0):
+            if msg.error() is None:
+                got.append(msg.value())
+    consumer.close()
+    assert got == [f"m{i}".encode() for i in range(10)]
+
+
+def test_write_and_read_through_the_real_redis(stack: Settings) -> None:
+    client = redis.Redis.from_url(stack.redis_url)
+    key = f"test:{uuid.uuid4().hex}"
+    client.set(key, b"\x00value\xff", ex=60)
+    assert client.get(key) == b"\x00value\xff"
+    assert client.config_get("appendonly")["appendonly"] == "yes"
+
+
+def test_status_reports_both_healthy(stack: Settings) -> None:
+    report = stack_mod.status(stack)
+    assert report["kafka"]["healthy"] is True
+    assert report["redis"]["healthy"] is True
+
+
+def test_up_then_down_leaves_no_process_behind(tmp_path: Path, stack: Settings) -> None:
+    """A second stack on free ports in its own directory: `down` stops exactly what `up` started."""
+    env = {
+        "WORKER_CACHE_DIR": str(tmp_path),
+        "WORKER_KAFKA_BOOTSTRAP": f"127.0.0.1:{_free_port()}",
+        "WORKER_REDIS_URL": f"redis://127.0.0.1:{_free_port()}/0",
+    }
+    (tmp_path / "kafka").symlink_to((stack.cache_dir / "kafka").resolve())
+    settings = load_settings(
+        cache_dir=tmp_path, kafka_bootstrap=env["WORKER_KAFKA_BOOTSTRAP"], redis_url=env["WORKER_REDIS_URL"]
+    )
+    full_env = {**os.environ, **env}
+
+    def cli(action: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "worker", "stack", action], env=full_env, capture_output=True, text=True,
+            timeout=120,
+        )
+
+    started = time.monotonic()
+    up = cli("up")
+    assert up.returncode == 0, up.stderr
+    status = cli("status")
+    assert status.returncode == 0 and status.stdout.count("healthy") == 2, status.stdout
+    assert time.monotonic() - started < 60
+    pids = stack_mod.started_pids(settings)
+    assert len(pids) == 2
+
+    down = cli("down")
+    assert down.returncode == 0, down.stderr
+    for pid in pids:
+        assert not _running(pid), f"pid {pid} survived `stack down`"
+    assert stack_mod.started_pids(settings) == []
+    after = cli("status")
+    assert after.returncode == 1 and after.stdout.count("DOWN") == 2
+    assert stack_mod.kafka_healthy(stack.kafka_bootstrap), "the main stack must be untouched"
+    assert stack_mod.redis_healthy(stack.redis_url)

