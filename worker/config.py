@@ -76,13 +76,13 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="0: torch's default.")
     lora_alpha: int = Field(16, ge=1, le=1024, description="LoRA scaling numerator (scale = alpha / rank).")
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    calibration_lr: float = Field(1e-2, gt=0, lt=10, description="LR of a segment's (scale, bias) calibration.")
+    calibration_lr: float = Field(1e-2, gt=0, lt=10, description="LR of the (scale, bias) calibration.")
     warmup_frac: float = Field(0.1, ge=0, le=1, description="Share of steps of linear warm-up, then decay.")
-    shared_epochs: int = Field(1, ge=1, le=100, description="Epochs over new + replayed events per shared run.")
+    shared_epochs: int = Field(1, ge=1, le=100, description="Epochs per shared run.")
     shared_batch_size: int = Field(64, ge=1, le=4096)
     shared_every: int = Field(2048, ge=1, description="New events, all segments together, per shared run.")
     shared_replay_frac: float = Field(1.0, ge=0, le=10, description="Replayed old events per new, shared.")
-    shared_holdout_cap: int = Field(2048, ge=16, description="Pooled holdout pairs that gate the shared model.")
+    shared_holdout_cap: int = Field(2048, ge=16, description="Pooled holdout pairs, shared gate.")
 
     # Runtime
     cache_dir: Path = Path(".cache")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 SCHEMA_VERSION = 1
 
 Text = Annotated[str, Field(min_length=1)]
-SegmentName = Annotated[str, Field(min_length=1, max_length=16_384)]
+SegmentName = Annotated[str, Field(min_length=1, max_length=16_384, pattern=r"^[^\x00-\x1f\x7f]+$")]
 EventId = Annotated[str, Field(min_length=1, max_length=256)]
 ItemId = Annotated[str, Field(min_length=1, max_length=256)]
 QueryText = Annotated[str, Field(max_length=2_048)]
@@ -44,7 +44,7 @@ class ClickEvent(_Wire):
     schema_version: Literal[1] = 1
     event_id: EventId
     ts: datetime = Field(description="Event time, ISO 8601; naive times are read as UTC.")
-    segment: SegmentName = Field(description="Category, brand, locale or cohort; any string.")
+    segment: SegmentName = Field(description="Category, brand, locale or cohort: any text without control characters.")
     query: QueryText | None = Field(None, description="Search query or context text; optional.")
     item_id: ItemId
     item_text: ItemText
@@ -113,6 +113,7 @@ class ModelVersionEvent(_Wire):
     )
 
     schema_version: Literal[1] = 1
+    scope: Literal["segment", "shared"] = Field("segment", description="`shared`: the model all segments share.")
     segment: SegmentName
     version: int = Field(ge=1)
     parent_version: int | None

@@ -176,7 +176,9 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[l
 
 
 @torch.no_grad()
-def score_logits(backbone: Backbone, model: ClickModel, pairs: Sequence[Pair], batch_size: int = 256) -> np.ndarray:
+def score_logits(
+    backbone: Backbone, model: ClickModel, pairs: Sequence[Pair], batch_size: int = 256
+) -> np.ndarray:
     rows = backbone.encode(pairs)
     out = np.zeros(len(rows), dtype=np.float64)
     was_training = model.training
@@ -191,14 +193,18 @@ def score_logits(backbone: Backbone, model: ClickModel, pairs: Sequence[Pair], b
     return out
 
 
-def score_pairs(backbone: Backbone, model: ClickModel, pairs: Sequence[Pair], batch_size: int = 256) -> np.ndarray:
+def score_pairs(
+    backbone: Backbone, model: ClickModel, pairs: Sequence[Pair], batch_size: int = 256
+) -> np.ndarray:
     """Click probabilities for (query, item_text) pairs, in input order."""
     logits = score_logits(backbone, model, pairs, batch_size)
     return np.asarray(1.0 / (1.0 + np.exp(-logits)), dtype=np.float64)
 
 
 @torch.no_grad()
-def embed_texts(backbone: Backbone, encoder: nn.Module, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+def embed_texts(
+    backbone: Backbone, encoder: nn.Module, texts: Sequence[str], batch_size: int = 256
+) -> np.ndarray:
     """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe)."""
     enc = backbone.tokenizer(
         list(texts), truncation=True, max_length=backbone.max_seq_len, return_token_type_ids=True
@@ -347,7 +353,9 @@ def save_adapter(directory: Path, adapter: SegmentAdapter, meta: dict[str, Any] 
     tmp = _atomic_dir(directory)
     try:
         adapter.lora_config(str((meta or {}).get("base_model", ""))).save_pretrained(str(tmp))
-        save_file({k: v.contiguous() for k, v in adapter.lora.items()}, str(tmp / "adapter_model.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in adapter.lora.items()}, str(tmp / "adapter_model.safetensors")
+        )
         save_file({"calibration": adapter.calibration.contiguous()}, str(tmp / "head.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2, sort_keys=True, default=str))
     except BaseException:
@@ -386,7 +394,9 @@ def save_shared(directory: Path, model: ClickModel, meta: dict[str, Any] | None 
     tmp = _atomic_dir(directory)
     try:
         model.encoder.save_pretrained(str(tmp / "encoder"), safe_serialization=True)
-        head = {f"head.{k}": v.detach().float().cpu().contiguous() for k, v in model.head.state_dict().items()}
+        head = {
+            f"head.{k}": v.detach().float().cpu().contiguous() for k, v in model.head.state_dict().items()
+        }
         save_file(head, str(tmp / "head.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2, sort_keys=True, default=str))
     except BaseException:

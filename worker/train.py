@@ -33,6 +33,7 @@ from worker.model import (
     SegmentAdapter,
     attach_lora,
     extract_adapter,
+    new_click_model,
     pretrained_encoder,
     score_pairs,
     with_adapter,
@@ -141,7 +142,9 @@ def sample_replay(events: Sequence[ClickEvent], n: int, seed: int) -> list[Click
     return [events[int(i)] for i in idx]
 
 
-def _param_groups(model: ClickModel, lr: float, weight_decay: float, calibration_lr: float) -> list[dict[str, Any]]:
+def _param_groups(
+    model: ClickModel, lr: float, weight_decay: float, calibration_lr: float
+) -> list[dict[str, Any]]:
     decay, no_decay, calib = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -195,7 +198,9 @@ def fit(
         order = rng.permutation(len(rows))
         for start in range(0, len(rows), batch_size):
             idx = order[start : start + batch_size]
-            factor = (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+            factor = (
+                (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+            )
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
             batch = backbone.collate([rows[int(i)] for i in idx])
@@ -222,31 +227,53 @@ def evaluate_model(backbone: Backbone, model: ClickModel, events: Sequence[Click
     return metrics(labels_of(events), score_pairs(backbone, model, pairs_of(events)))
 
 
-def _failed(reason: str, started: float, backbone: Backbone, champion: Metrics | None, losses: list[float]) -> TrainResult:
+def _failed(
+    reason: str, started: float, backbone: Backbone, champion: Metrics | None, losses: list[float]
+) -> TrainResult:
     return TrainResult(
         "failed", reason, None, champion, time.perf_counter() - started, str(backbone.device), losses
     )
 
 
+class _Same:
+    """Marker: gate the shared challenger against the model it started from."""
+
+
+SAME = _Same()
+
+
 def train_shared(
     backbone: Backbone,
-    model: ClickModel,
+    model: ClickModel | None,
     new_events: Sequence[ClickEvent],
     replay_events: Sequence[ClickEvent],
     holdout_events: Sequence[ClickEvent],
     settings: Settings,
+    champion: ClickModel | _Same | None = SAME,
 ) -> TrainResult:
-    """Fine-tune a copy of the shared model (encoder + head) on new + replayed events, then gate it."""
+    """Fine-tune a copy of the shared model (encoder + head) on new + replayed events, then gate it.
+
+    `model` is where training continues from (None: the pretrained encoder with a fresh head).
+    `champion` is what serves now: by default `model`; None means no shared model serves yet, so the
+    challenger must beat zero-shot cosine on the holdout. A rejected challenger is still returned in
+    `shared`, so a caller may keep training from it while the champion keeps serving.
+    """
     started = time.perf_counter()
-    champion: Metrics | None = None
+    champion_metrics: Metrics | None = None
     losses: list[float] = []
+    events = [*new_events, *replay_events]
     try:
-        champion = evaluate_model(backbone, model, holdout_events)
-        challenger_model = copy.deepcopy(model)
+        serving = model if isinstance(champion, _Same) else champion
+        if serving is None:
+            labels = labels_of(holdout_events)
+            probs = zero_shot_scores(backbone, pretrained_encoder(backbone), pairs_of(holdout_events))
+            champion_metrics = metrics(labels, probs) if holdout_events else None
+        else:
+            champion_metrics = evaluate_model(backbone, serving, holdout_events)
+        challenger_model = new_click_model(backbone, settings.seed) if model is None else copy.deepcopy(model)
         for param in challenger_model.parameters():
             param.requires_grad = True
         challenger_model.calibration.requires_grad = False
-        events = [*new_events, *replay_events]
         losses = fit(
             backbone,
             challenger_model,
@@ -260,19 +287,34 @@ def train_shared(
         )
         challenger = evaluate_model(backbone, challenger_model, holdout_events)
     except Exception as exc:
-        return _failed(f"{type(exc).__name__}: {exc}", started, backbone, champion, losses)
-    ok, reason = gate(challenger, champion, settings.gate_logloss_margin)
+        return _failed(f"{type(exc).__name__}: {exc}", started, backbone, champion_metrics, losses)
+    ok, reason = gate(challenger, champion_metrics, settings.gate_logloss_margin)
     return TrainResult(
         "promoted" if ok else "rejected",
         reason,
         challenger,
-        champion,
+        champion_metrics,
         time.perf_counter() - started,
         str(backbone.device),
         losses,
         n_train=len(events),
         shared=challenger_model,
     )
+
+
+def keep_adapter_after_shared_update(
+    backbone: Backbone,
+    shared: ClickModel,
+    adapter: SegmentAdapter,
+    holdout_events: Sequence[ClickEvent],
+    margin: float,
+) -> tuple[bool, str]:
+    """After the shared model moved on, does the old adapter still pass the gate against shared alone?"""
+    if not holdout_events:
+        return True, "no holdout to judge; kept"
+    with_it = evaluate_model(backbone, with_adapter(shared, adapter), holdout_events)
+    without = evaluate_model(backbone, shared, holdout_events)
+    return gate(with_it, without, margin)
 
 
 def train_segment_adapter(
@@ -297,7 +339,9 @@ def train_segment_adapter(
         champion = evaluate_model(backbone, serving, holdout_events)
         del serving
         if champion_adapter is None:
-            seg = attach_lora(shared, settings.lora_rank, settings.lora_alpha, settings.lora_dropout, settings.seed)
+            seg = attach_lora(
+                shared, settings.lora_rank, settings.lora_alpha, settings.lora_dropout, settings.seed
+            )
         else:
             seg = with_adapter(shared, champion_adapter, settings.seed)
         events = [*new_events, *replay_events]

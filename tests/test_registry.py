@@ -1,0 +1,162 @@
+"""The registry against the real Redis: versions, champion pointer, rollback, pruning, CLI."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import redis
+
+from worker.config import Settings
+from worker.events import HoldoutMetrics
+from worker.registry import SHARED_SEGMENT, Registry, RegistryError, VersionRecord, cli_main
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def reg(settings: Settings) -> Registry:
+    return Registry.from_settings(settings)
+
+
+def _record(reg: Registry, segment: str, decision: str = "promoted", auc: float = 0.7) -> VersionRecord:
+    version = reg.next_version(segment)
+    adapter = None
+    if decision == "promoted":
+        path = reg.adapter_dir(segment, version)
+        path.mkdir(parents=True)
+        (path / "adapter_model.safetensors").write_bytes(b"x")
+        adapter = str(path)
+    rec = VersionRecord(
+        segment=segment, version=version, parent_version=reg.champion_version(segment), decision=decision,  # type: ignore[arg-type]
+        base_model="test", events_from=0, events_to=10, challenger=HoldoutMetrics(auc=auc, logloss=0.6, n=20),
+        champion=None, device="cpu", train_seconds=0.1, created_at=datetime.now(UTC), adapter=adapter,
+    )
+    reg.record(rec)
+    return rec
+
+
+def test_versions_are_unique_and_increasing_under_concurrency(reg: Registry) -> None:
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def take() -> None:
+        for _ in range(50):
+            v = reg.next_version("GE")
+            with lock:
+                got.append(v)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == list(range(1, 201))
+
+
+def test_versions_survive_a_new_registry_instance(reg: Registry, settings: Settings) -> None:
+    first = reg.next_version("GE")
+    again = Registry.from_settings(settings, redis.Redis.from_url(settings.redis_url))
+    assert again.next_version("GE") == first + 1
+
+
+def test_two_concurrent_trainers_never_move_the_champion_back(reg: Registry) -> None:
+    """Trainer B reserves a later version but finishes first; A's older promotion must not win."""
+    a = reg.next_version("KOHLER")
+    b = reg.next_version("KOHLER")
+    for version in (b, a):
+        path = reg.adapter_dir("KOHLER", version)
+        path.mkdir(parents=True)
+        became = reg.record(VersionRecord(
+            segment="KOHLER", version=version, parent_version=None, decision="promoted", base_model="t",
+            events_from=0, events_to=1, challenger=None, champion=None, device="cpu", train_seconds=0.0,
+            created_at=datetime.now(UTC), adapter=str(path),
+        ))
+        assert became == (version == b)
+    assert reg.champion_version("KOHLER") == b
+
+
+def test_rejected_versions_are_recorded_but_not_champion(reg: Registry) -> None:
+    good = _record(reg, "Delta")
+    bad = _record(reg, "Delta", decision="rejected")
+    assert reg.champion_version("Delta") == good.version
+    assert reg.get("Delta", bad.version) == bad
+    assert [r.decision for r in reg.versions("Delta")] == ["promoted", "rejected"]
+
+
+def test_promotion_needs_a_complete_adapter_dir(reg: Registry) -> None:
+    version = reg.next_version("GE")
+    with pytest.raises(RegistryError, match="adapter"):
+        reg.record(VersionRecord(
+            segment="GE", version=version, parent_version=None, decision="promoted", base_model="t",
+            events_from=0, events_to=1, challenger=None, champion=None, device="cpu", train_seconds=0.0,
+            created_at=datetime.now(UTC), adapter=str(reg.adapter_dir("GE", version)),
+        ))
+    assert reg.champion_version("GE") is None
+
+
+def test_rollback(reg: Registry) -> None:
+    v1 = _record(reg, "Ryobi").version
+    v2 = _record(reg, "Ryobi").version
+    assert reg.champion_version("Ryobi") == v2
+    assert reg.rollback("Ryobi").version == v1
+    assert reg.champion_version("Ryobi") == v1
+    assert reg.rollback("Ryobi", v2).version == v2
+    with pytest.raises(RegistryError):
+        reg.rollback("Ryobi", 99)
+    v3 = _record(reg, "Ryobi").version
+    assert reg.champion_version("Ryobi") == v3
+
+
+def test_prune_keeps_last_n_and_the_champion(settings: Settings) -> None:
+    reg = Registry.from_settings(settings.model_copy(update={"keep_versions": 2}))
+    first = _record(reg, "GE", auc=0.9)
+    others = [_record(reg, "GE", decision="rejected") for _ in range(4)]
+    kept = [r.version for r in reg.versions("GE")]
+    assert kept == [first.version, *[r.version for r in others[-2:]]]
+    assert Path(first.adapter or "").is_dir()
+    newest = _record(reg, "GE")
+    kept = [r.version for r in reg.versions("GE")]
+    assert first.version not in kept and newest.version in kept
+    assert not Path(first.adapter or "").exists()
+
+
+@pytest.mark.parametrize("segment", ["../../etc", "a:b*", "x" * 10_000, "🔥 Bürsten", SHARED_SEGMENT])
+def test_hostile_segment_names_stay_inside_the_store(reg: Registry, segment: str) -> None:
+    rec = _record(reg, segment)
+    path = Path(rec.adapter or "").resolve()
+    assert path.is_relative_to(reg.store.resolve())
+    assert len(path.relative_to(reg.store.resolve()).parts) == 2
+    assert segment in reg.segments()
+    assert reg.champion(segment) == rec
+
+
+def test_shared_registry_is_a_separate_namespace(reg: Registry) -> None:
+    segment = _record(reg, SHARED_SEGMENT)
+    shared = _record(reg.shared(), SHARED_SEGMENT)
+    assert segment.version == shared.version == 1
+    assert reg.champion(SHARED_SEGMENT) == segment and reg.shared().champion(SHARED_SEGMENT) == shared
+    assert segment.adapter != shared.adapter
+
+
+def test_models_cli(reg: Registry, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+                    capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    for key, value in {
+        "WORKER_REDIS_URL": settings.redis_url, "WORKER_REDIS_PREFIX": settings.redis_prefix,
+        "WORKER_MODEL_STORE": str(settings.model_store),
+    }.items():
+        monkeypatch.setenv(key, value)
+    v1 = _record(reg, "GE").version
+    v2 = _record(reg, "GE").version
+    assert cli_main(argparse.Namespace(action="list", segment=None, version=None)) == 0
+    out = capsys.readouterr().out
+    assert f"GE  champion={v2}" in out and f"v{v1}" in out
+    assert cli_main(argparse.Namespace(action="rollback", segment="GE", version=None)) == 0
+    assert reg.champion_version("GE") == v1
+    assert cli_main(argparse.Namespace(action="show", segment="GE", version=None)) == 0
+    assert f'"version": {v1}' in capsys.readouterr().out
+    assert cli_main(argparse.Namespace(action="show", segment="nope", version=None)) == 1

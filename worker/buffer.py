@@ -1,0 +1,499 @@
+"""Per-segment state in Redis: new events, a longer sample, candidates, counts, dedup and stored offsets.
+
+Layout (all keys start with `settings.redis_prefix`; `{<topic>-<partition>}` is the Redis Cluster hash
+tag, so one partition's events and its offsets live in one slot and change in one script):
+
+    P:{T-p}:offsets          hash  next = the next input offset to consume (covers events *and* dead letters)
+    P:{T-p}:dedup            zset  event_id -> first-seen time (ms)
+    P:{T-p}:stats            hash  events, duplicates, stale, dlq, dlq.<code>
+    P:{T-p}:segs             set   segment hashes seen on the partition
+    P:{T-p}:seg:<h>:meta     hash  name, seq, pos, neg, new_pos, new_neg, dropped, duplicates, trained_seq, ...
+    P:{T-p}:seg:<h>:new      list  events since the last training, oldest first (`<label><json>`)
+    P:{T-p}:seg:<h>:sample   list  the last `sample_cap` events of the segment, oldest first
+    P:{T-p}:seg:<h>:cand     hash  query/item pair -> latest event JSON carrying it
+    P:{T-p}:seg:<h>:candz    zset  pair -> sequence number of its latest sighting (evicts the stalest)
+
+`<h>` is a hash of the segment name, which is stored only as data: any string (`:`, `*`, `{`, newlines,
+10 kB) is safe. Every stored event gets the next per-segment sequence number; both lists always hold a
+contiguous run ending at `seq`, so numbers need not be stored per element.
+
+Dedup uses one time-windowed sorted set per partition rather than a Bloom filter or a key per id: it is
+exact (a Bloom false positive would silently drop a valid event), it is trimmed by age (`dedup_ttl_s`)
+and by size (`dedup_max_ids`) inside the same script, so memory is bounded, and it lives in the
+partition's slot, so the check and the write are one atomic step. Producers key by segment, so a
+redelivered event comes back on the same partition; dedup's scope is the partition.
+
+The write script also skips any message whose offset is below the stored `next`: a replayed or zombie
+batch changes nothing, which is what makes results effectively-once on top of at-least-once delivery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import orjson
+import redis
+
+from worker.config import Settings
+from worker.events import ClickEvent
+
+_WRITE_LUA = r"""
+local function chunked(cmd, key, flat, step)
+  local r = 0
+  for s = 1, #flat, step do
+    r = redis.call(cmd, key, unpack(flat, s, math.min(s + step - 1, #flat)))
+  end
+  return r
+end
+local now = ARGV[1]
+local dedup_max, new_cap, sample_cap, cand_cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local next_offset = tonumber(ARGV[7])
+local nseg, nev, ndead = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local stored = tonumber(redis.call('HGET', KEYS[1], 'next') or '-1')
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2])
+local segbase, evbase = 10, 10 + nseg * 2
+local deadbase = evbase + nev * 6
+local buf = {}
+for i = 1, nseg do buf[i] = {items = {}, pairs = {}, pos = 0, dup = 0} end
+local stale, dups, added = 0, 0, 0
+for a = evbase, deadbase - 1, 6 do
+  if tonumber(ARGV[a + 1]) >= stored then
+    local b = buf[tonumber(ARGV[a + 2])]
+    if redis.call('ZADD', KEYS[2], 'NX', now, ARGV[a + 3]) == 1 then
+      local n = #b.items + 1
+      b.items[n] = ARGV[a + 4] .. ARGV[a + 6]
+      b.pairs[n] = ARGV[a + 5]
+      if ARGV[a + 4] == '1' then b.pos = b.pos + 1 end
+      added = added + 1
+    else
+      b.dup = b.dup + 1
+      dups = dups + 1
+    end
+  else
+    stale = stale + 1
+  end
+end
+local out = {0, 0, 0, 0}
+for i = 1, nseg do
+  local b = buf[i]
+  local k = 4 + (i - 1) * 5
+  local meta, new, sample, cand, candz = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
+  local n = #b.items
+  if b.dup > 0 then redis.call('HINCRBY', meta, 'duplicates', b.dup) end
+  if n > 0 then
+    local seq0 = redis.call('HINCRBY', meta, 'seq', n) - n
+    if seq0 == 0 then
+      redis.call('HSET', meta, 'name', ARGV[segbase + (i - 1) * 2 + 2])
+      redis.call('SADD', KEYS[4], ARGV[segbase + (i - 1) * 2 + 1])
+    end
+    local newlen = chunked('RPUSH', new, b.items, 4000)
+    local pos, neg = b.pos, n - b.pos
+    if newlen > new_cap then
+      local drop = newlen - new_cap
+      local dpos = 0
+      for _, v in ipairs(redis.call('LRANGE', new, 0, drop - 1)) do
+        if string.byte(v, 1) == 49 then dpos = dpos + 1 end
+      end
+      redis.call('LTRIM', new, drop, -1)
+      redis.call('HINCRBY', meta, 'dropped', drop)
+      pos, neg = pos - dpos, neg - (drop - dpos)
+      newlen = new_cap
+    end
+    redis.call('HINCRBY', meta, 'pos', b.pos)
+    redis.call('HINCRBY', meta, 'neg', n - b.pos)
+    local new_pos = redis.call('HINCRBY', meta, 'new_pos', pos)
+    local new_neg = redis.call('HINCRBY', meta, 'new_neg', neg)
+    if chunked('RPUSH', sample, b.items, 4000) > sample_cap then
+      redis.call('LTRIM', sample, -sample_cap, -1)
+    end
+    local hflat, zflat = {}, {}
+    for j = 1, n do
+      local item = b.items[j]
+      hflat[2 * j - 1] = b.pairs[j]
+      hflat[2 * j] = string.sub(item, 2)
+      zflat[2 * j - 1] = seq0 + j
+      zflat[2 * j] = b.pairs[j]
+    end
+    chunked('HSET', cand, hflat, 4000)
+    chunked('ZADD', candz, zflat, 4000)
+    local ncand = redis.call('ZCARD', candz)
+    if ncand > cand_cap then
+      local gone = redis.call('ZPOPMIN', candz, ncand - cand_cap)
+      local fields = {}
+      for j = 1, #gone, 2 do fields[#fields + 1] = gone[j] end
+      chunked('HDEL', cand, fields, 4000)
+    end
+    local trained = redis.call('HGET', meta, 'last_trained_ms') or '0'
+    out[#out + 1] = i
+    out[#out + 1] = seq0 + n
+    out[#out + 1] = newlen
+    out[#out + 1] = new_pos
+    out[#out + 1] = new_neg
+    out[#out + 1] = trained
+  end
+end
+local dead = 0
+local codes = {}
+for a = deadbase, deadbase + ndead * 2 - 1, 2 do
+  if tonumber(ARGV[a + 1]) >= stored then
+    codes[ARGV[a + 2]] = (codes[ARGV[a + 2]] or 0) + 1
+    dead = dead + 1
+  else
+    stale = stale + 1
+  end
+end
+for code, c in pairs(codes) do redis.call('HINCRBY', KEYS[3], 'dlq.' .. code, c) end
+if dead > 0 then redis.call('HINCRBY', KEYS[3], 'dlq', dead) end
+if added > 0 then redis.call('HINCRBY', KEYS[3], 'events', added) end
+if dups > 0 then redis.call('HINCRBY', KEYS[3], 'duplicates', dups) end
+if stale > 0 then redis.call('HINCRBY', KEYS[3], 'stale', stale) end
+if next_offset > stored then redis.call('HSET', KEYS[1], 'next', next_offset) end
+local ndedup = redis.call('ZCARD', KEYS[2])
+if ndedup > dedup_max then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, ndedup - dedup_max - 1) end
+out[1], out[2], out[3], out[4] = added, dups, stale, dead
+return out
+"""
+
+_MARK_TRAINED_LUA = r"""
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local seq_to = math.min(tonumber(ARGV[1]), seq)
+local len = redis.call('LLEN', KEYS[2])
+local n = math.min(seq_to - (seq - len + 1) + 1, len)
+if n > 0 then
+  local pos = 0
+  for _, v in ipairs(redis.call('LRANGE', KEYS[2], 0, n - 1)) do
+    if string.byte(v, 1) == 49 then pos = pos + 1 end
+  end
+  redis.call('LTRIM', KEYS[2], n, -1)
+  redis.call('HINCRBY', KEYS[1], 'new_pos', -pos)
+  redis.call('HINCRBY', KEYS[1], 'new_neg', -(n - pos))
+else
+  n = 0
+end
+if seq_to > tonumber(redis.call('HGET', KEYS[1], 'trained_seq') or '0') then
+  redis.call('HSET', KEYS[1], 'trained_seq', seq_to)
+end
+redis.call('HSET', KEYS[1], 'last_trained_ms', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'trainings', 1)
+return n
+"""
+
+_SEG_PARTS = ("meta", "new", "sample", "cand", "candz")
+_HASH_CACHE_MAX = 100_000
+
+
+def segment_hash(name: str) -> str:
+    """A fixed-length key part for any segment string (128-bit BLAKE2b, hex)."""
+    return hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def pair_key(query: str | None, item_id: str) -> bytes:
+    """The identity of a candidate: the query (None and "" differ) and the item id, unambiguously."""
+    return orjson.dumps([query, item_id])
+
+
+class Pending(NamedTuple):
+    """One valid event on its way into the buffer."""
+
+    offset: int
+    segment: str
+    event_id: str
+    clicked: int
+    pair: bytes
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class PartitionWrite:
+    """Everything one consume batch brings for one partition: valid events, dead letters, the next offset."""
+
+    topic: str
+    partition: int
+    next_offset: int
+    events: Sequence[Pending] = ()
+    dead: Sequence[tuple[int, str]] = ()
+
+
+class SegmentState(NamedTuple):
+    """What the trigger needs after a write, for each segment that got new events."""
+
+    partition: int
+    segment: str
+    seq: int
+    new: int
+    new_pos: int
+    new_neg: int
+    last_trained_ms: int
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    added: int
+    duplicates: int
+    stale: int
+    dead: int
+    segments: list[SegmentState]
+
+
+class Snapshot(NamedTuple):
+    """New events (sequence numbers seq_from..seq_to) and the older sampled events before them."""
+
+    new_events: list[ClickEvent]
+    sample_events: list[ClickEvent]
+    seq_from: int
+    seq_to: int
+
+
+class Candidate(NamedTuple):
+    query: str | None
+    item_id: str
+    item_text: str
+
+
+@dataclass(frozen=True)
+class SegmentCounts:
+    segment: str
+    events: int
+    positives: int
+    negatives: int
+    new: int
+    new_positives: int
+    new_negatives: int
+    dropped: int
+    duplicates: int
+    seq: int
+    trained_seq: int
+    last_trained_ms: int
+    sample: int
+    candidates: int
+
+
+class Buffer:
+    """The consumer's Redis state. Safe to share between threads: redis-py pools connections."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None, topic: str | None = None) -> None:
+        self.settings = settings
+        self.topic = topic or settings.input_topic
+        self.prefix = settings.redis_prefix
+        self.redis: redis.Redis = client or redis.Redis.from_url(settings.redis_url, socket_timeout=30)
+        self._write_sha = self.redis.script_load(_WRITE_LUA)
+        self._mark = self.redis.register_script(_MARK_TRAINED_LUA)
+        self._hashes: dict[str, str] = {}
+
+    # Keys
+
+    def _tag(self, partition: int, topic: str | None = None) -> str:
+        return f"{self.prefix}:{{{topic or self.topic}-{partition}}}"
+
+    def _hash(self, segment: str) -> str:
+        h = self._hashes.get(segment)
+        if h is None:
+            if len(self._hashes) >= _HASH_CACHE_MAX:
+                self._hashes.clear()
+            h = self._hashes[segment] = segment_hash(segment)
+        return h
+
+    def partition_key(self, partition: int, part: str, topic: str | None = None) -> str:
+        return f"{self._tag(partition, topic)}:{part}"
+
+    def segment_key(self, partition: int, segment: str, part: str, topic: str | None = None) -> str:
+        return f"{self._tag(partition, topic)}:seg:{self._hash(segment)}:{part}"
+
+    # Writes
+
+    def _script_call(self, w: PartitionWrite, now_ms: int) -> tuple[list[str], list[Any], list[str]]:
+        s = self.settings
+        tag = self._tag(w.partition, w.topic)
+        keys = [f"{tag}:offsets", f"{tag}:dedup", f"{tag}:stats", f"{tag}:segs"]
+        index: dict[str, int] = {}
+        seg_args: list[Any] = []
+        ev_args: list[Any] = []
+        names: list[str] = []
+        for e in w.events:
+            i = index.get(e.segment)
+            if i is None:
+                i = index[e.segment] = len(names) + 1
+                names.append(e.segment)
+                h = self._hash(e.segment)
+                keys.extend(f"{tag}:seg:{h}:{p}" for p in _SEG_PARTS)
+                seg_args += (h, e.segment)
+            ev_args += (e.offset, i, e.event_id, e.clicked, e.pair, e.payload)
+        args: list[Any] = [
+            now_ms,
+            now_ms - s.dedup_ttl_s * 1000,
+            s.dedup_max_ids,
+            s.new_events_cap,
+            s.sample_cap,
+            s.candidates_cap,
+            w.next_offset,
+            len(names),
+            len(w.events),
+            len(w.dead),
+            *seg_args,
+            *ev_args,
+        ]
+        for offset, code in w.dead:
+            args += (offset, code)
+        return keys, args, names
+
+    def write(self, writes: Sequence[PartitionWrite]) -> WriteResult:
+        """Apply each partition's batch atomically (one script per partition, one round trip for all)."""
+        now_ms = int(time.time() * 1000)
+        calls = [self._script_call(w, now_ms) for w in writes]
+        try:
+            replies = self._run_scripts(calls)
+        except redis.exceptions.NoScriptError:
+            self._write_sha = self.redis.script_load(_WRITE_LUA)
+            replies = self._run_scripts(calls)
+        added = dups = stale = dead = 0
+        states: list[SegmentState] = []
+        for w, (_, _, names), reply in zip(writes, calls, replies, strict=True):
+            added += int(reply[0])
+            dups += int(reply[1])
+            stale += int(reply[2])
+            dead += int(reply[3])
+            for j in range(4, len(reply), 6):
+                states.append(
+                    SegmentState(
+                        w.partition,
+                        names[int(reply[j]) - 1],
+                        int(reply[j + 1]),
+                        int(reply[j + 2]),
+                        int(reply[j + 3]),
+                        int(reply[j + 4]),
+                        int(reply[j + 5]),
+                    )
+                )
+        return WriteResult(added, dups, stale, dead, states)
+
+    def _run_scripts(self, calls: list[tuple[list[str], list[Any], list[str]]]) -> list[list[Any]]:
+        if len(calls) == 1:
+            keys, args, _ = calls[0]
+            return [self.redis.evalsha(self._write_sha, len(keys), *keys, *args)]  # type: ignore[list-item]
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args, _ in calls:
+            pipe.evalsha(self._write_sha, len(keys), *keys, *args)
+        return pipe.execute()
+
+    # Reads
+
+    def stored_offset(self, partition: int, topic: str | None = None) -> int | None:
+        """The next offset to consume for a partition, or None when this prefix has never seen it."""
+        raw = self.redis.hget(self.partition_key(partition, "offsets", topic), "next")
+        return None if raw is None else int(raw)
+
+    def stored_offsets(self, partitions: Iterable[int], topic: str | None = None) -> dict[int, int | None]:
+        parts = list(partitions)
+        pipe = self.redis.pipeline(transaction=False)
+        for p in parts:
+            pipe.hget(self.partition_key(p, "offsets", topic), "next")
+        return {p: None if raw is None else int(raw) for p, raw in zip(parts, pipe.execute(), strict=True)}
+
+    def segments(self, partition: int) -> list[str]:
+        """Names of the segments stored for a partition, sorted."""
+        hashes = sorted(self.redis.smembers(self.partition_key(partition, "segs")))  # type: ignore[arg-type]
+        tag = self._tag(partition)
+        pipe = self.redis.pipeline(transaction=False)
+        for h in hashes:
+            pipe.hget(f"{tag}:seg:{h.decode()}:meta", "name")
+        return sorted(raw.decode("utf-8", "surrogatepass") for raw in pipe.execute() if raw is not None)
+
+    def segment_states(self, partition: int) -> list[SegmentState]:
+        """The trigger's view of every segment of a partition (used on assignment and restart)."""
+        names = self.segments(partition)
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hmget(self.segment_key(partition, name, "meta"), "seq", "new_pos", "new_neg", "last_trained_ms")
+            pipe.llen(self.segment_key(partition, name, "new"))
+        replies = pipe.execute()
+        states = []
+        for i, name in enumerate(names):
+            seq, new_pos, new_neg, trained = (int(v or 0) for v in replies[2 * i])
+            states.append(SegmentState(partition, name, seq, int(replies[2 * i + 1]), new_pos, new_neg, trained))
+        return states
+
+    def counts(self, partition: int, segment: str) -> SegmentCounts:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hgetall(self.segment_key(partition, segment, "meta"))
+        pipe.llen(self.segment_key(partition, segment, "new"))
+        pipe.llen(self.segment_key(partition, segment, "sample"))
+        pipe.zcard(self.segment_key(partition, segment, "candz"))
+        meta_raw, new, sample, cands = pipe.execute()
+        meta = {k.decode(): v for k, v in meta_raw.items()}
+
+        def num(field: str) -> int:
+            return int(meta.get(field, 0))
+
+        return SegmentCounts(
+            segment=segment,
+            events=num("pos") + num("neg"),
+            positives=num("pos"),
+            negatives=num("neg"),
+            new=int(new),
+            new_positives=num("new_pos"),
+            new_negatives=num("new_neg"),
+            dropped=num("dropped"),
+            duplicates=num("duplicates"),
+            seq=num("seq"),
+            trained_seq=num("trained_seq"),
+            last_trained_ms=num("last_trained_ms"),
+            sample=int(sample),
+            candidates=int(cands),
+        )
+
+    def partition_stats(self, partition: int, topic: str | None = None) -> dict[str, int]:
+        """events, duplicates, stale, dlq and dlq.<code> counters of one input partition."""
+        raw = self.redis.hgetall(self.partition_key(partition, "stats", topic))
+        return {k.decode(): int(v) for k, v in raw.items()}  # type: ignore[union-attr]
+
+    def training_snapshot(self, partition: int, segment: str) -> Snapshot:
+        """The new events and the older sample, read in one transaction so the ranges agree."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hget(self.segment_key(partition, segment, "meta"), "seq")
+        pipe.lrange(self.segment_key(partition, segment, "new"), 0, -1)
+        pipe.lrange(self.segment_key(partition, segment, "sample"), 0, -1)
+        seq_raw, new_raw, sample_raw = pipe.execute()
+        seq = int(seq_raw or 0)
+        older = sample_raw[: max(0, len(sample_raw) - len(new_raw))]
+        return Snapshot(_events(new_raw), _events(older), seq - len(new_raw) + 1, seq)
+
+    def candidates(self, partition: int, segment: str) -> list[Candidate]:
+        """Distinct recent query/item pairs of a segment, most recently seen first."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrevrange(self.segment_key(partition, segment, "candz"), 0, -1)
+        pipe.hgetall(self.segment_key(partition, segment, "cand"))
+        order, payloads = pipe.execute()
+        out = []
+        for field in order:
+            raw = payloads.get(field)
+            if raw is not None:
+                doc = orjson.loads(raw)
+                out.append(Candidate(doc.get("query"), doc["item_id"], doc["item_text"]))
+        return out
+
+    def mark_trained(self, partition: int, segment: str, seq_to: int, now_ms: int | None = None) -> int:
+        """Drop new events up to `seq_to` (later arrivals stay new) and start the cooldown; returns how many."""
+        keys = [self.segment_key(partition, segment, "meta"), self.segment_key(partition, segment, "new")]
+        stamp = int(time.time() * 1000) if now_ms is None else now_ms
+        return int(self._mark(keys=keys, args=[seq_to, stamp]))  # type: ignore[arg-type]
+
+    def purge(self) -> int:
+        """Delete every key under this prefix (tests, demos); returns how many."""
+        removed = 0
+        batch: list[bytes] = []
+        for key in self.redis.scan_iter(match=f"{self.prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                removed += int(self.redis.unlink(*batch))  # type: ignore[arg-type]
+                batch = []
+        if batch:
+            removed += int(self.redis.unlink(*batch))  # type: ignore[arg-type]
+        return removed
+
+
+def _events(raw: Sequence[bytes]) -> list[ClickEvent]:
+    return [ClickEvent.model_validate_json(item[1:]) for item in raw]

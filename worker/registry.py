@@ -1,0 +1,191 @@
+"""Model versions per segment: numbers, lineage, metrics, the champion pointer, and adapter directories.
+
+Metadata lives in Redis, adapters in the model store (`<store>/<segment hash>/<version>/`). Version numbers
+come from INCR, so no two trainers, threads or workers ever hand out the same one. The champion pointer
+moves forward only through a Lua compare-and-set (a slow trainer cannot overwrite a newer champion) and
+only ever names a version whose directory is complete (adapters are written to a temp dir, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import orjson
+import redis
+from pydantic import ConfigDict
+
+from worker.config import Settings, load_settings
+from worker.events import ModelVersionEvent
+from worker.keys import segment_hash
+
+SHARED_SEGMENT = "shared"
+"""The shared model's name inside its own registry (`Registry.shared`), a namespace no segment reaches."""
+
+_PROMOTE = """
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local version = tonumber(ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] == '1' and version > current then
+  redis.call('SET', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+class RegistryError(RuntimeError):
+    """An unknown segment or version, or a rollback to a version that has no adapter."""
+
+
+class VersionRecord(ModelVersionEvent):
+    """A model-version event plus where its adapter lives (None when it was not promoted)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="VersionRecord")
+
+    adapter: str | None = None
+
+    def event(self) -> ModelVersionEvent:
+        return ModelVersionEvent.model_validate(self.model_dump(exclude={"adapter"}))
+
+
+class Registry:
+    def __init__(self, client: redis.Redis, store: Path, prefix: str = "w", keep: int = 5) -> None:
+        self.client = client
+        self.store = store
+        self.prefix = prefix
+        self.keep = keep
+        self._promote = client.register_script(_PROMOTE)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> Registry:
+        client = client or redis.Redis.from_url(settings.redis_url)
+        return cls(client, settings.model_store, settings.redis_prefix, settings.keep_versions)
+
+    def shared(self) -> Registry:
+        """The registry of the model shared by all segments: same Redis, its own key prefix and directory."""
+        return Registry(self.client, self.store / "shared", f"{self.prefix}:shared", self.keep)
+
+    def _key(self, segment: str, what: str) -> str:
+        return f"{self.prefix}:reg:{{{segment_hash(segment)}}}:{what}"
+
+    def adapter_dir(self, segment: str, version: int) -> Path:
+        return self.store / segment_hash(segment) / f"{version:08d}"
+
+    def next_version(self, segment: str) -> int:
+        """Reserve a version number; reserved numbers are never handed out again, even if unused."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.incr(self._key(segment, "next"))
+        pipe.set(self._key(segment, "name"), segment.encode("utf-8", "surrogatepass"))
+        pipe.hset(f"{self.prefix}:reg:index", segment_hash(segment), segment.encode("utf-8", "surrogatepass"))
+        version, _, _ = pipe.execute()
+        return int(version)
+
+    def record(self, rec: VersionRecord) -> bool:
+        """Store a decision; a promoted one becomes champion unless a newer champion exists. True if it did."""
+        if rec.decision == "promoted" and (rec.adapter is None or not Path(rec.adapter).is_dir()):
+            raise RegistryError(f"version {rec.version} of {rec.segment!r} has no complete adapter directory")
+        became = self._promote(
+            keys=[self._key(rec.segment, "records"), self._key(rec.segment, "champion")],
+            args=[rec.version, rec.model_dump_json(), "1" if rec.decision == "promoted" else "0"],
+        )
+        self.prune(rec.segment)
+        return bool(became)
+
+    def champion_version(self, segment: str) -> int | None:
+        raw = self.client.get(self._key(segment, "champion"))
+        return int(raw) if raw else None
+
+    def get(self, segment: str, version: int) -> VersionRecord | None:
+        raw = self.client.hget(self._key(segment, "records"), str(version))
+        return VersionRecord.model_validate_json(raw) if raw else None
+
+    def champion(self, segment: str) -> VersionRecord | None:
+        version = self.champion_version(segment)
+        return self.get(segment, version) if version else None
+
+    def versions(self, segment: str) -> list[VersionRecord]:
+        raw = self.client.hgetall(self._key(segment, "records"))
+        records = [VersionRecord.model_validate_json(v) for v in raw.values()]
+        return sorted(records, key=lambda r: r.version)
+
+    def segments(self) -> list[str]:
+        names = self.client.hvals(f"{self.prefix}:reg:index")
+        return sorted(n.decode("utf-8", "surrogatepass") for n in names)
+
+    def rollback(self, segment: str, version: int | None = None) -> VersionRecord:
+        """Point the champion at `version`, or at the promoted version before the current champion."""
+        current = self.champion_version(segment)
+        promoted = [r for r in self.versions(segment) if r.decision == "promoted" and r.adapter]
+        if version is None:
+            older = [r for r in promoted if current is None or r.version < current]
+            if not older:
+                raise RegistryError(f"{segment!r} has no earlier promoted version to roll back to")
+            target = older[-1]
+        else:
+            found = [r for r in promoted if r.version == version]
+            if not found:
+                raise RegistryError(f"{segment!r} has no promoted version {version} with an adapter")
+            target = found[0]
+        if target.adapter is None or not Path(target.adapter).is_dir():
+            raise RegistryError(f"the adapter of version {target.version} is gone: {target.adapter}")
+        self.client.set(self._key(segment, "champion"), target.version)
+        return target
+
+    def prune(self, segment: str) -> list[int]:
+        """Keep the newest `keep` versions and the champion; delete older records and their adapters."""
+        records = self.versions(segment)
+        champion = self.champion_version(segment)
+        doomed = [r for r in records[: max(0, len(records) - self.keep)] if r.version != champion]
+        for rec in doomed:
+            if rec.adapter:
+                shutil.rmtree(rec.adapter, ignore_errors=True)
+            self.client.hdel(self._key(segment, "records"), str(rec.version))
+        return [r.version for r in doomed]
+
+
+# ---------------------------------------------------------------- CLI: python -m worker models ...
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["list", "show", "rollback"])
+    parser.add_argument("segment", nargs="?", help="segment name (all segments for `list` when omitted)")
+    parser.add_argument("version", nargs="?", type=int, help="version (default: the champion / the one before)")
+
+
+def _row(rec: VersionRecord, champion: int | None) -> str:
+    auc = rec.challenger.auc if rec.challenger else None
+    mark = "*" if rec.version == champion else " "
+    auc_text = f"{auc:.4f}" if auc is not None else "  -   "
+    return f"{mark} v{rec.version:<5} {rec.decision:<9} auc={auc_text} parent={rec.parent_version} {rec.created_at:%F %T}"
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    reg = Registry.from_settings(load_settings())
+    if args.action == "list":
+        segments = [args.segment] if args.segment else reg.segments()
+        for segment in segments:
+            champion = reg.champion_version(segment)
+            print(f"{segment}  champion={champion}")
+            for rec in reg.versions(segment):
+                print("  " + _row(rec, champion))
+        return 0
+    if not args.segment:
+        print("error: a segment is required", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "show":
+            version = args.version or reg.champion_version(args.segment)
+            rec = reg.get(args.segment, version) if version else None
+            if rec is None:
+                raise RegistryError(f"{args.segment!r} has no version {version}")
+            print(orjson.dumps(rec.model_dump(mode="json"), option=orjson.OPT_INDENT_2).decode())
+            return 0
+        target = reg.rollback(args.segment, args.version)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.segment}: champion is now v{target.version}")
+    return 0
