@@ -136,27 +136,26 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class ClickModel(nn.Module):
     """Encoder → mean pooling → linear head → `scale * logit + bias` (the segment's calibration)."""
 
-    def __init__(self, encoder: nn.Module, hidden_size: int) -> None:
+    def __init__(self, encoder: Any, hidden_size: int) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder: Any = encoder
         self.head = nn.Linear(hidden_size, 1)
         self.calibration = nn.Parameter(torch.tensor([1.0, 0.0]), requires_grad=False)
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.encoder(**batch)
-        hidden: torch.Tensor = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return mean_pool(hidden, batch["attention_mask"])
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return mean_pool(torch.as_tensor(hidden), batch["attention_mask"])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logit = self.head(self.embed(batch).float()).squeeze(-1)
+        logit: torch.Tensor = self.head(self.embed(batch).float()).squeeze(-1)
         return logit * self.calibration[0] + self.calibration[1]
 
 
-def _load_encoder(path: Path) -> nn.Module:
+def _load_encoder(path: Path) -> Any:
     from transformers import AutoModel
 
-    encoder: nn.Module = AutoModel.from_pretrained(str(path), local_files_only=True)
-    return encoder
+    return AutoModel.from_pretrained(str(path), local_files_only=True)
 
 
 def new_click_model(backbone: Backbone, seed: int = 0) -> ClickModel:
@@ -202,9 +201,7 @@ def score_pairs(
 
 
 @torch.no_grad()
-def embed_texts(
-    backbone: Backbone, encoder: nn.Module, texts: Sequence[str], batch_size: int = 256
-) -> np.ndarray:
+def embed_texts(backbone: Backbone, encoder: Any, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
     """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe)."""
     enc = backbone.tokenizer(
         list(texts), truncation=True, max_length=backbone.max_seq_len, return_token_type_ids=True
@@ -221,7 +218,7 @@ def embed_texts(
     return out
 
 
-def zero_shot_scores(backbone: Backbone, encoder: nn.Module, pairs: Sequence[Pair]) -> np.ndarray:
+def zero_shot_scores(backbone: Backbone, encoder: Any, pairs: Sequence[Pair]) -> np.ndarray:
     """Cosine of query and item embeddings mapped by a fixed logistic, sigmoid(10 * (cos - 0.35)).
 
     The constants are fixed, not fitted (a brand-new segment has no labels); 0.35 sits between the
@@ -237,10 +234,10 @@ def zero_shot_scores(backbone: Backbone, encoder: nn.Module, pairs: Sequence[Pai
     return np.asarray(1.0 / (1.0 + np.exp(-ZERO_SHOT_SCALE * (cos - ZERO_SHOT_CENTER))), dtype=np.float64)
 
 
-_ZERO_SHOT_ENCODERS: dict[tuple[Path, str], nn.Module] = {}
+_ZERO_SHOT_ENCODERS: dict[tuple[Path, str], Any] = {}
 
 
-def pretrained_encoder(backbone: Backbone) -> nn.Module:
+def pretrained_encoder(backbone: Backbone) -> Any:
     """The untouched base encoder, loaded once per process, for zero-shot scoring."""
     key = (backbone.base_path, str(backbone.device))
     if key not in _ZERO_SHOT_ENCODERS:
@@ -313,7 +310,7 @@ def with_adapter(model: ClickModel, adapter: SegmentAdapter | None, seed: int = 
 def extract_adapter(seg: ClickModel) -> SegmentAdapter:
     from peft import get_peft_model_state_dict
 
-    config = seg.encoder.peft_config["default"]
+    config: Any = seg.encoder.peft_config["default"]
     state = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(seg.encoder).items()}
     return SegmentAdapter(
         lora=state,

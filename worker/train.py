@@ -212,7 +212,7 @@ def fit(
             if not math.isfinite(value):
                 raise NonFiniteLoss(f"loss became {value} at step {step}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
             optimizer.step()
             losses.append(value)

@@ -1,0 +1,385 @@
+"""The poll loop: decode, validate, dead-letter or buffer; rebalance callbacks; pause and resume.
+
+Delivery is at-least-once, results effectively-once: each consume batch is written to Redis by one script
+per partition that stores the events *and* the next offset together (see `worker.buffer`), and on
+assignment the consumer seeks to the offsets stored in Redis. A crash between the Redis write and the
+Kafka commit therefore neither loses nor doubles an event; Kafka commits are asynchronous and only feed
+lag monitoring.
+
+Nothing is held in memory between consume calls: a batch is fully written before the next `consume()`,
+and rebalance callbacks run inside `consume()`, so on revoke everything of the revoked partitions is
+already stored; the callback only commits to Kafka and forgets the partitions' trigger state.
+
+Dead letters are produced, then confirmed by a producer flush, *before* the Redis write that covers their
+offsets. A crash between the two re-dead-letters the message after restart: the DLQ is at-least-once.
+If the DLQ cannot be confirmed within a tenth of `max.poll.interval.ms` the loop stops with an error
+rather than store offsets past dead letters that might be lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import FrameType
+
+import orjson
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from pydantic import ValidationError
+
+from worker.buffer import Buffer, PartitionWrite, Pending, WriteResult, pair_key
+from worker.config import Settings, load_settings
+from worker.events import SCHEMA_VERSION, ClickEvent
+from worker.kafka import ensure_topics, make_consumer, make_producer
+from worker.logs import configure_logging
+from worker.trigger import DueSegment, Trigger
+
+log = structlog.get_logger("worker.ingest")
+
+COMMIT_INTERVAL_S = 1.0
+PROGRESS_LOG_INTERVAL_S = 10.0
+
+
+class DeadLetterError(RuntimeError):
+    """The dead-letter topic did not confirm in time; offsets past those messages must not be stored."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    code: str
+    message: str
+
+
+def decode(value: bytes | None, settings: Settings, now_s: float) -> ClickEvent | Rejection:
+    """One message value to a valid click event, or the reason it goes to the dead-letter topic.
+
+    The fast path is one pydantic JSON validation; only a failing message pays for finding out why.
+    """
+    if value is None:
+        return Rejection("empty", "message has no value")
+    if len(value) > settings.max_message_bytes:
+        return Rejection("oversize", f"{len(value)} bytes > max_message_bytes {settings.max_message_bytes}")
+    try:
+        event = ClickEvent.model_validate_json(value)
+    except ValidationError as exc:
+        return _diagnose(value, exc)
+    ts = event.ts.timestamp()
+    if ts < now_s - settings.max_event_age_s:
+        return Rejection("too_old", f"ts {_iso(event.ts)} older than max_event_age_s {settings.max_event_age_s:g}")
+    if ts > now_s + settings.max_clock_skew_s:
+        return Rejection("too_new", f"ts {_iso(event.ts)} ahead by more than max_clock_skew_s {settings.max_clock_skew_s:g}")
+    return event
+
+
+def _iso(ts: datetime) -> str:
+    return ts.isoformat()
+
+
+def _diagnose(value: bytes, exc: ValidationError) -> Rejection:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return Rejection("undecodable", f"not UTF-8: {err}")
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError as err:
+        return Rejection("invalid_json", f"not JSON: {err}")
+    if not isinstance(doc, dict):
+        return Rejection("schema", f"expected a JSON object, got {type(doc).__name__}")
+    version = doc.get("schema_version", SCHEMA_VERSION)
+    if type(version) is not int or version != SCHEMA_VERSION:
+        return Rejection("unknown_schema_version", f"schema_version {version!r} is not {SCHEMA_VERSION}")
+    errors = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'event'}: {e['msg']}" for e in exc.errors()[:5]
+    )
+    return Rejection("schema", errors[:1000])
+
+
+@dataclass
+class IngestStats:
+    consumed: int = 0
+    added: int = 0
+    duplicates: int = 0
+    stale: int = 0
+    dead: int = 0
+    batches: int = 0
+    by_code: dict[str, int] = field(default_factory=dict)
+
+
+class Ingestor:
+    """Consumes `settings.input_topic` in group `settings.group_id` into the Redis buffer.
+
+    With a `jobs` queue, due segments are put on it (see `worker.trigger`) and the input partitions are
+    paused while it is full; without one, it only ingests.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        buffer: Buffer | None = None,
+        jobs: queue.Queue[DueSegment] | None = None,
+        consumer: Consumer | None = None,
+        producer: Producer | None = None,
+        on_write: Callable[[WriteResult], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.buffer = buffer or Buffer(settings)
+        self.trigger = Trigger(settings, jobs, self.buffer) if jobs is not None else None
+        self.consumer = consumer or make_consumer(settings)
+        self.producer = producer or make_producer(settings)
+        self.on_write = on_write
+        self.stats = IngestStats()
+        self._owned: frozenset[int] = frozenset()
+        self._paused = False
+        self._dlq_errors: list[str] = []
+        self._to_commit: dict[tuple[str, int], int] = {}
+        self._last_commit = 0.0
+        self._last_progress = time.monotonic()
+        self._subscribed = False
+        self._block_s = min(30.0, settings.max_poll_interval_ms / 1000 / 10)
+
+    # Ownership and rebalancing
+
+    def owned_partitions(self) -> frozenset[int]:
+        """Input partitions assigned to this worker right now (read from any thread)."""
+        return self._owned
+
+    def subscribe(self) -> None:
+        self.consumer.subscribe(
+            [self.settings.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        self._subscribed = True
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        by_topic: dict[str, list[int]] = {}
+        for tp in partitions:
+            by_topic.setdefault(tp.topic, []).append(tp.partition)
+        positioned = []
+        for topic, parts in by_topic.items():
+            stored = self.buffer.stored_offsets(parts, topic)
+            positioned += [TopicPartition(topic, p, OFFSET_BEGINNING if stored[p] is None else stored[p]) for p in parts]
+        consumer.assign(positioned)
+        if self._paused and positioned:
+            consumer.pause(positioned)
+        self._owned = self._owned | {tp.partition for tp in positioned}
+        log.info("assigned", partitions=sorted(tp.partition for tp in positioned), offsets=[tp.offset for tp in positioned])
+        if self.trigger is not None:
+            self.trigger.assigned(tp.partition for tp in positioned)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._commit(force=True, partitions={(tp.topic, tp.partition) for tp in partitions})
+        self._forget(partitions, "revoked")
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._forget(partitions, "lost")
+
+    def _forget(self, partitions: list[TopicPartition], why: str) -> None:
+        gone = {tp.partition for tp in partitions}
+        self._owned = self._owned - gone
+        for key in [k for k in self._to_commit if k[1] in gone]:
+            del self._to_commit[key]
+        if self.trigger is not None:
+            self.trigger.revoked(gone)
+        log.info(why, partitions=sorted(gone))
+
+    # The loop
+
+    def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> IngestStats:
+        """Poll until `stop` is set (or nothing arrived for `idle_exit_s`), then store, commit and close."""
+        if not self._subscribed:
+            self.subscribe()
+        last_message = time.monotonic()
+        try:
+            while not stop.is_set():
+                n = self.poll_once()
+                now = time.monotonic()
+                if n:
+                    last_message = now
+                elif idle_exit_s is not None and self._owned and now - last_message > idle_exit_s:
+                    break
+        finally:
+            self.close()
+        return self.stats
+
+    def poll_once(self) -> int:
+        """One consume batch end to end; returns how many messages it handled."""
+        s = self.settings
+        msgs = self.consumer.consume(s.consume_batch, s.consume_timeout_s)
+        if msgs:
+            self.process(msgs)
+        self.producer.poll(0)
+        if self.trigger is not None:
+            self.trigger.tick()
+            self._backpressure(self.trigger.backlogged)
+        self._commit()
+        self._progress()
+        return len(msgs)
+
+    def process(self, msgs: Sequence[Message]) -> WriteResult | None:
+        """Decode a batch, dead-letter the bad messages, write the rest and the offsets to Redis."""
+        s = self.settings
+        now_s = time.time()
+        writes: dict[tuple[str, int], tuple[list[Pending], list[tuple[int, str]], list[int]]] = {}
+        dead = 0
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.error("consume_error", error=str(err))
+                continue
+            key = (msg.topic(), msg.partition())
+            slot = writes.get(key)
+            if slot is None:
+                slot = writes[key] = ([], [], [0])
+            offset = msg.offset()
+            slot[2][0] = offset + 1
+            value = msg.value()
+            result = decode(value, s, now_s)
+            if type(result) is ClickEvent:
+                slot[0].append(
+                    Pending(offset, result.segment, result.event_id, result.clicked, pair_key(result.query, result.item_id), value)  # type: ignore[arg-type]
+                )
+            else:
+                assert isinstance(result, Rejection)
+                self._dead_letter(msg, result)
+                slot[1].append((offset, result.code))
+                dead += 1
+        self.stats.consumed += len(msgs)
+        if not writes:
+            return None
+        if dead:
+            self._confirm_dead_letters()
+        result = self.buffer.write(
+            [PartitionWrite(t, p, nxt[0], events, dl) for (t, p), (events, dl, nxt) in writes.items()]
+        )
+        for (t, p), (_, _, nxt) in writes.items():
+            self._to_commit[(t, p)] = nxt[0]
+        st = self.stats
+        st.batches += 1
+        st.added += result.added
+        st.duplicates += result.duplicates
+        st.stale += result.stale
+        st.dead += result.dead
+        if self.trigger is not None and result.segments:
+            self.trigger.observe(result.segments)
+        if self.on_write is not None:
+            self.on_write(result)
+        return result
+
+    def _dead_letter(self, msg: Message, why: Rejection) -> None:
+        headers: list[tuple[str, bytes]] = list(msg.headers() or [])
+        headers += [
+            ("dlq.source.topic", msg.topic().encode()),
+            ("dlq.source.partition", str(msg.partition()).encode()),
+            ("dlq.source.offset", str(msg.offset()).encode()),
+            ("dlq.reason", why.code.encode()),
+            ("dlq.message", why.message.encode("utf-8", "replace")),
+        ]
+        log.warning("dead_letter", partition=msg.partition(), offset=msg.offset(), reason=why.code, detail=why.message[:300])
+        self.stats.by_code[why.code] = self.stats.by_code.get(why.code, 0) + 1
+        while True:
+            try:
+                self.producer.produce(
+                    self.settings.dlq_topic, value=msg.value(), key=msg.key(), headers=headers, on_delivery=self._dlq_delivered
+                )
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    def _dlq_delivered(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._dlq_errors.append(str(err))
+
+    def _confirm_dead_letters(self) -> None:
+        remaining = self.producer.flush(self._block_s)
+        if remaining or self._dlq_errors:
+            errors, self._dlq_errors = self._dlq_errors, []
+            raise DeadLetterError(f"dead-letter topic not confirmed: {remaining} pending, errors {errors[:3]}")
+
+    # Backpressure and commits
+
+    def _backpressure(self, full: bool) -> None:
+        if full == self._paused:
+            return
+        assignment = self.consumer.assignment()
+        if full:
+            self.consumer.pause(assignment)
+            log.info("paused", reason="training queue full", partitions=sorted(tp.partition for tp in assignment))
+        else:
+            self.consumer.resume(assignment)
+            log.info("resumed", partitions=sorted(tp.partition for tp in assignment))
+        self._paused = full
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def _commit(self, force: bool = False, partitions: set[tuple[str, int]] | None = None) -> None:
+        now = time.monotonic()
+        if not self._to_commit or (not force and now - self._last_commit < COMMIT_INTERVAL_S):
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._to_commit.items() if partitions is None or (t, p) in partitions]
+        self._last_commit = now
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=not force)
+        except KafkaException as exc:
+            log.warning("commit_failed", error=str(exc))
+        for tp in offsets:
+            self._to_commit.pop((tp.topic, tp.partition), None)
+
+    def _progress(self) -> None:
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_LOG_INTERVAL_S:
+            self._last_progress = now
+            st = self.stats
+            log.info("progress", consumed=st.consumed, added=st.added, duplicates=st.duplicates, dead=st.dead, paused=self._paused)
+
+    def close(self) -> None:
+        """Commit, leave the group (revoking, which commits again) and flush the dead-letter producer."""
+        self._commit(force=True)
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("close_failed", error=str(exc))
+        self.producer.flush(self._block_s)
+        st = self.stats
+        log.info("closed", consumed=st.consumed, added=st.added, duplicates=st.duplicates, dead=st.dead, stale=st.stale)
+
+
+# `python -m worker ingest`
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--idle-exit", type=float, default=None, metavar="S", help="stop after S seconds without messages")
+    parser.add_argument("--no-create-topics", action="store_true", help="do not create missing topics")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    if not args.no_create_topics:
+        ensure_topics(settings, [settings.input_topic, settings.dlq_topic])
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    ingestor = Ingestor(settings)
+    try:
+        ingestor.run(stop, idle_exit_s=args.idle_exit)
+    except DeadLetterError as exc:
+        log.error("dead_letter_unconfirmed", error=str(exc))
+        return 1
+    return 0
