@@ -26,12 +26,16 @@ def stack() -> Settings:
     try:
         redis.Redis.from_url(settings.redis_url, socket_timeout=5).ping()
     except redis.RedisError as exc:
-        pytest.fail(f"Redis at {settings.redis_url} is not reachable ({exc}); run `python -m worker stack up`")
+        pytest.fail(
+            f"Redis at {settings.redis_url} is not reachable ({exc}); run `python -m worker stack up`"
+        )
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     try:
         admin.list_topics(timeout=15)
     except Exception as exc:
-        pytest.fail(f"Kafka at {settings.kafka_bootstrap} is not reachable ({exc}); run `python -m worker stack up`")
+        pytest.fail(
+            f"Kafka at {settings.kafka_bootstrap} is not reachable ({exc}); run `python -m worker stack up`"
+        )
     return settings
 
 

@@ -23,7 +23,9 @@ def _compose() -> dict:  # type: ignore[type-arg]
 def test_docker_compose_config_validates() -> None:
     exe = shutil.which("docker-compose")
     assert exe, "docker-compose missing: `make test` installs it (apt-get install docker-compose)"
-    proc = subprocess.run([exe, "-f", str(COMPOSE), "--profile", "gpu", "config", "-q"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [exe, "-f", str(COMPOSE), "--profile", "gpu", "config", "-q"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
 
 

@@ -51,11 +51,15 @@ def test_password_is_never_echoed(clean_env: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings()
     assert "hunter2-secret" not in str(err.value)
-    s = Settings(kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_username="u", kafka_sasl_password="p4ss")
+    s = Settings(
+        kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_username="u", kafka_sasl_password="p4ss"
+    )
     assert "p4ss" not in repr(s)
 
 
-def test_cli_reports_bad_setting_and_exits_2(clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_bad_setting_and_exits_2(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from worker.cli import main
 
     clean_env.setenv("WORKER_REDIS_URL", "nope")

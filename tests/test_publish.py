@@ -18,10 +18,16 @@ from worker.publish import Publisher, PublishError
 pytestmark = pytest.mark.integration
 
 
-def _read(settings: Settings, topic: str, n: int, timeout_s: float = 60) -> list[tuple[bytes, dict[str, object]]]:
-    consumer = Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap, "group.id": f"read-{topic}", "auto.offset.reset": "earliest",
-    })
+def _read(
+    settings: Settings, topic: str, n: int, timeout_s: float = 60
+) -> list[tuple[bytes, dict[str, object]]]:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"read-{topic}",
+            "auto.offset.reset": "earliest",
+        }
+    )
     consumer.subscribe([topic])
     out: list[tuple[bytes, dict[str, object]]] = []
     deadline = time.monotonic() + timeout_s
@@ -38,15 +44,28 @@ def test_scores_and_versions_round_trip(settings: Settings) -> None:
     pub = Publisher(settings)
     now = datetime.now(UTC)
     updates = [
-        ScoreUpdate(segment="GE", query=f"q{i}", item_id=str(i), score=i / 2500, model_version=3, scored_at=now)
+        ScoreUpdate(
+            segment="GE", query=f"q{i}", item_id=str(i), score=i / 2500, model_version=3, scored_at=now
+        )
         for i in range(2500)
     ]
     assert pub.scores(updates) == 2500
-    pub.version(ModelVersionEvent(
-        segment="GE", version=3, parent_version=2, decision="promoted", base_model="m", events_from=1,
-        events_to=40, challenger=HoldoutMetrics(auc=0.7, logloss=0.6, n=10), champion=None, device="cpu",
-        train_seconds=1.5, created_at=now,
-    ))
+    pub.version(
+        ModelVersionEvent(
+            segment="GE",
+            version=3,
+            parent_version=2,
+            decision="promoted",
+            base_model="m",
+            events_from=1,
+            events_to=40,
+            challenger=HoldoutMetrics(auc=0.7, logloss=0.6, n=10),
+            champion=None,
+            device="cpu",
+            train_seconds=1.5,
+            created_at=now,
+        )
+    )
     pub.flush(30)
     assert pub.stats()["delivered"] == 2501 and pub.stats()["failed"] == 0
     scores = _read(settings, settings.scores_topic, 2500)

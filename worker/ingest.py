@@ -30,7 +30,15 @@ from types import FrameType
 
 import orjson
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from pydantic import ValidationError
 
 from worker.buffer import Buffer, PartitionWrite, Pending, WriteResult, pair_key
@@ -71,9 +79,14 @@ def decode(value: bytes | None, settings: Settings, now_s: float) -> ClickEvent 
         return _diagnose(value, exc)
     ts = event.ts.timestamp()
     if ts < now_s - settings.max_event_age_s:
-        return Rejection("too_old", f"ts {_iso(event.ts)} older than max_event_age_s {settings.max_event_age_s:g}")
+        return Rejection(
+            "too_old", f"ts {_iso(event.ts)} older than max_event_age_s {settings.max_event_age_s:g}"
+        )
     if ts > now_s + settings.max_clock_skew_s:
-        return Rejection("too_new", f"ts {_iso(event.ts)} ahead by more than max_clock_skew_s {settings.max_clock_skew_s:g}")
+        return Rejection(
+            "too_new",
+            f"ts {_iso(event.ts)} ahead by more than max_clock_skew_s {settings.max_clock_skew_s:g}",
+        )
     return event
 
 
@@ -101,6 +114,13 @@ def _diagnose(value: bytes, exc: ValidationError) -> Rejection:
     return Rejection("schema", errors[:1000])
 
 
+@dataclass(slots=True)
+class _Slot:
+    next_offset: int = 0
+    events: list[Pending] = field(default_factory=list)
+    dead: list[tuple[int, str]] = field(default_factory=list)
+
+
 @dataclass
 class IngestStats:
     consumed: int = 0
@@ -110,6 +130,10 @@ class IngestStats:
     dead: int = 0
     batches: int = 0
     by_code: dict[str, int] = field(default_factory=dict)
+
+
+def _or_beginning(offset: int | None) -> int:
+    return OFFSET_BEGINNING if offset is None else offset
 
 
 class Ingestor:
@@ -153,7 +177,10 @@ class Ingestor:
 
     def subscribe(self) -> None:
         self.consumer.subscribe(
-            [self.settings.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            [self.settings.input_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
         )
         self._subscribed = True
 
@@ -164,12 +191,16 @@ class Ingestor:
         positioned = []
         for topic, parts in by_topic.items():
             stored = self.buffer.stored_offsets(parts, topic)
-            positioned += [TopicPartition(topic, p, OFFSET_BEGINNING if stored[p] is None else stored[p]) for p in parts]
+            positioned += [TopicPartition(topic, p, _or_beginning(stored[p])) for p in parts]
         consumer.assign(positioned)
         if self._paused and positioned:
             consumer.pause(positioned)
         self._owned = self._owned | {tp.partition for tp in positioned}
-        log.info("assigned", partitions=sorted(tp.partition for tp in positioned), offsets=[tp.offset for tp in positioned])
+        log.info(
+            "assigned",
+            partitions=sorted(tp.partition for tp in positioned),
+            offsets=[tp.offset for tp in positioned],
+        )
         if self.trigger is not None:
             self.trigger.assigned(tp.partition for tp in positioned)
 
@@ -226,7 +257,7 @@ class Ingestor:
         """Decode a batch, dead-letter the bad messages, write the rest and the offsets to Redis."""
         s = self.settings
         now_s = time.time()
-        writes: dict[tuple[str, int], tuple[list[Pending], list[tuple[int, str]], list[int]]] = {}
+        slots: dict[tuple[str, int], _Slot] = {}
         dead = 0
         for msg in msgs:
             err = msg.error()
@@ -234,33 +265,34 @@ class Ingestor:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.error("consume_error", error=str(err))
                 continue
-            key = (msg.topic(), msg.partition())
-            slot = writes.get(key)
+            key: tuple[str, int] = (msg.topic(), msg.partition())  # type: ignore[assignment]
+            slot = slots.get(key)
             if slot is None:
-                slot = writes[key] = ([], [], [0])
-            offset = msg.offset()
-            slot[2][0] = offset + 1
-            value = msg.value()
-            result = decode(value, s, now_s)
-            if type(result) is ClickEvent:
-                slot[0].append(
-                    Pending(offset, result.segment, result.event_id, result.clicked, pair_key(result.query, result.item_id), value)  # type: ignore[arg-type]
+                slot = slots[key] = _Slot()
+            offset: int = msg.offset()  # type: ignore[assignment]
+            slot.next_offset = offset + 1
+            value: bytes = msg.value()  # type: ignore[assignment]
+            decoded = decode(value, s, now_s)
+            if type(decoded) is ClickEvent:
+                pair = pair_key(decoded.query, decoded.item_id)
+                slot.events.append(
+                    Pending(offset, decoded.segment, decoded.event_id, decoded.clicked, pair, value)
                 )
             else:
-                assert isinstance(result, Rejection)
-                self._dead_letter(msg, result)
-                slot[1].append((offset, result.code))
+                assert isinstance(decoded, Rejection)
+                self._dead_letter(msg, decoded)
+                slot.dead.append((offset, decoded.code))
                 dead += 1
         self.stats.consumed += len(msgs)
-        if not writes:
+        if not slots:
             return None
         if dead:
             self._confirm_dead_letters()
         result = self.buffer.write(
-            [PartitionWrite(t, p, nxt[0], events, dl) for (t, p), (events, dl, nxt) in writes.items()]
+            [PartitionWrite(t, p, slot.next_offset, slot.events, slot.dead) for (t, p), slot in slots.items()]
         )
-        for (t, p), (_, _, nxt) in writes.items():
-            self._to_commit[(t, p)] = nxt[0]
+        for key, slot in slots.items():
+            self._to_commit[key] = slot.next_offset
         st = self.stats
         st.batches += 1
         st.added += result.added
@@ -274,20 +306,30 @@ class Ingestor:
         return result
 
     def _dead_letter(self, msg: Message, why: Rejection) -> None:
-        headers: list[tuple[str, bytes]] = list(msg.headers() or [])
+        headers: list[tuple[str, str | bytes | None]] = list(msg.headers() or [])  # type: ignore[arg-type]
         headers += [
-            ("dlq.source.topic", msg.topic().encode()),
+            ("dlq.source.topic", str(msg.topic()).encode()),
             ("dlq.source.partition", str(msg.partition()).encode()),
             ("dlq.source.offset", str(msg.offset()).encode()),
             ("dlq.reason", why.code.encode()),
             ("dlq.message", why.message.encode("utf-8", "replace")),
         ]
-        log.warning("dead_letter", partition=msg.partition(), offset=msg.offset(), reason=why.code, detail=why.message[:300])
+        log.warning(
+            "dead_letter",
+            partition=msg.partition(),
+            offset=msg.offset(),
+            reason=why.code,
+            detail=why.message[:300],
+        )
         self.stats.by_code[why.code] = self.stats.by_code.get(why.code, 0) + 1
         while True:
             try:
                 self.producer.produce(
-                    self.settings.dlq_topic, value=msg.value(), key=msg.key(), headers=headers, on_delivery=self._dlq_delivered
+                    self.settings.dlq_topic,
+                    value=msg.value(),
+                    key=msg.key(),
+                    headers=headers,
+                    on_delivery=self._dlq_delivered,
                 )
                 return
             except BufferError:
@@ -301,7 +343,9 @@ class Ingestor:
         remaining = self.producer.flush(self._block_s)
         if remaining or self._dlq_errors:
             errors, self._dlq_errors = self._dlq_errors, []
-            raise DeadLetterError(f"dead-letter topic not confirmed: {remaining} pending, errors {errors[:3]}")
+            raise DeadLetterError(
+                f"dead-letter topic not confirmed: {remaining} pending, errors {errors[:3]}"
+            )
 
     # Backpressure and commits
 
@@ -311,7 +355,9 @@ class Ingestor:
         assignment = self.consumer.assignment()
         if full:
             self.consumer.pause(assignment)
-            log.info("paused", reason="training queue full", partitions=sorted(tp.partition for tp in assignment))
+            log.info(
+                "paused", reason="training queue full", partitions=sorted(tp.partition for tp in assignment)
+            )
         else:
             self.consumer.resume(assignment)
             log.info("resumed", partitions=sorted(tp.partition for tp in assignment))
@@ -325,12 +371,19 @@ class Ingestor:
         now = time.monotonic()
         if not self._to_commit or (not force and now - self._last_commit < COMMIT_INTERVAL_S):
             return
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self._to_commit.items() if partitions is None or (t, p) in partitions]
+        offsets = [
+            TopicPartition(t, p, o)
+            for (t, p), o in self._to_commit.items()
+            if partitions is None or (t, p) in partitions
+        ]
         self._last_commit = now
         if not offsets:
             return
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=not force)
+            if force:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            else:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:
             log.warning("commit_failed", error=str(exc))
         for tp in offsets:
@@ -341,7 +394,14 @@ class Ingestor:
         if now - self._last_progress >= PROGRESS_LOG_INTERVAL_S:
             self._last_progress = now
             st = self.stats
-            log.info("progress", consumed=st.consumed, added=st.added, duplicates=st.duplicates, dead=st.dead, paused=self._paused)
+            log.info(
+                "progress",
+                consumed=st.consumed,
+                added=st.added,
+                duplicates=st.duplicates,
+                dead=st.dead,
+                paused=self._paused,
+            )
 
     def close(self) -> None:
         """Commit, leave the group (revoking, which commits again) and flush the dead-letter producer."""
@@ -352,14 +412,23 @@ class Ingestor:
             log.warning("close_failed", error=str(exc))
         self.producer.flush(self._block_s)
         st = self.stats
-        log.info("closed", consumed=st.consumed, added=st.added, duplicates=st.duplicates, dead=st.dead, stale=st.stale)
+        log.info(
+            "closed",
+            consumed=st.consumed,
+            added=st.added,
+            duplicates=st.duplicates,
+            dead=st.dead,
+            stale=st.stale,
+        )
 
 
 # `python -m worker ingest`
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--idle-exit", type=float, default=None, metavar="S", help="stop after S seconds without messages")
+    parser.add_argument(
+        "--idle-exit", type=float, default=None, metavar="S", help="stop after S seconds without messages"
+    )
     parser.add_argument("--no-create-topics", action="store_true", help="do not create missing topics")
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from worker.config import Settings
 
@@ -26,7 +26,7 @@ def client_config(settings: Settings) -> dict[str, Any]:
 
 
 def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
-    """Offsets come from Redis, so Kafka never auto-commits or auto-stores them; its commits are for lag only."""
+    """Offsets come from Redis: Kafka never auto-commits or auto-stores them; its commits feed lag only."""
     conf = client_config(settings)
     conf.update(
         {

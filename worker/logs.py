@@ -1,4 +1,4 @@
-"""structlog set up once per process: JSON lines on stderr, so logs stay machine-readable next to stdout output."""
+"""structlog set up once per process: JSON lines on stderr, so logs stay apart from stdout output."""
 
 from __future__ import annotations
 

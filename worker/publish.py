@@ -43,11 +43,13 @@ class Publisher:
             self.last_error = str(err)
         log.error("delivery failed", topic=msg.topic(), error=str(err))
 
-    def _produce(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]] | None = None) -> None:
+    def _produce(self, topic: str, key: bytes, value: bytes) -> None:
         """Produce, serving delivery reports when the local queue is full instead of failing."""
         while True:
             try:
-                self.producer.produce(topic, key=key, value=value, headers=headers, on_delivery=self._on_delivery)
+                self.producer.produce(
+                    topic, key=key, value=value, headers=headers, on_delivery=self._on_delivery
+                )
                 return
             except BufferError:
                 self.producer.poll(0.1)

@@ -52,7 +52,7 @@ class VersionRecord(ModelVersionEvent):
 
 
 class Registry:
-    def __init__(self, client: redis.Redis, store: Path, prefix: str = "w", keep: int = 5) -> None:
+    def __init__(self, client: redis.Redis[bytes], store: Path, prefix: str = "w", keep: int = 5) -> None:
         self.client = client
         self.store = store
         self.prefix = prefix
@@ -60,7 +60,7 @@ class Registry:
         self._promote = client.register_script(_PROMOTE)
 
     @classmethod
-    def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> Registry:
+    def from_settings(cls, settings: Settings, client: redis.Redis[bytes] | None = None) -> Registry:
         client = client or redis.Redis.from_url(settings.redis_url)
         return cls(client, settings.model_store, settings.redis_prefix, settings.keep_versions)
 
@@ -84,7 +84,7 @@ class Registry:
         return int(version)
 
     def record(self, rec: VersionRecord) -> bool:
-        """Store a decision; a promoted one becomes champion unless a newer champion exists. True if it did."""
+        """Store a decision; a promoted one becomes champion unless a newer one is. True if it became."""
         if rec.decision == "promoted" and (rec.adapter is None or not Path(rec.adapter).is_dir()):
             raise RegistryError(f"version {rec.version} of {rec.segment!r} has no complete adapter directory")
         became = self._promote(
@@ -152,14 +152,17 @@ class Registry:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["list", "show", "rollback"])
     parser.add_argument("segment", nargs="?", help="segment name (all segments for `list` when omitted)")
-    parser.add_argument("version", nargs="?", type=int, help="version (default: the champion / the one before)")
+    parser.add_argument(
+        "version", nargs="?", type=int, help="version (default: the champion / the one before)"
+    )
 
 
 def _row(rec: VersionRecord, champion: int | None) -> str:
     auc = rec.challenger.auc if rec.challenger else None
     mark = "*" if rec.version == champion else " "
     auc_text = f"{auc:.4f}" if auc is not None else "  -   "
-    return f"{mark} v{rec.version:<5} {rec.decision:<9} auc={auc_text} parent={rec.parent_version} {rec.created_at:%F %T}"
+    when = f"{rec.created_at:%F %T}"
+    return f"{mark} v{rec.version:<5} {rec.decision:<9} auc={auc_text} parent={rec.parent_version} {when}"
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -178,10 +181,10 @@ def cli_main(args: argparse.Namespace) -> int:
     try:
         if args.action == "show":
             version = args.version or reg.champion_version(args.segment)
-            rec = reg.get(args.segment, version) if version else None
-            if rec is None:
+            shown = reg.get(args.segment, version) if version else None
+            if shown is None:
                 raise RegistryError(f"{args.segment!r} has no version {version}")
-            print(orjson.dumps(rec.model_dump(mode="json"), option=orjson.OPT_INDENT_2).decode())
+            print(orjson.dumps(shown.model_dump(mode="json"), option=orjson.OPT_INDENT_2).decode())
             return 0
         target = reg.rollback(args.segment, args.version)
     except RegistryError as exc:

@@ -133,18 +133,32 @@ def kafka_libs(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
         return libs
     mvn = shutil.which("mvn")
     if mvn is None:
-        raise StackError("`mvn` not found on PATH: install Maven (apt-get install -y maven) to fetch Kafka's jars")
+        raise StackError(
+            "`mvn` not found on PATH: install Maven (apt-get install -y maven) to fetch Kafka's jars"
+        )
     home.mkdir(parents=True, exist_ok=True)
     (home / "pom.xml").write_text(_POM.format(kafka=version, slf4j=SLF4J_VERSION, log4j=LOG4J_VERSION))
     print(f"resolving Apache Kafka {version} from Maven Central into {libs} ...", file=sys.stderr)
     shutil.rmtree(libs, ignore_errors=True)
     proc = subprocess.run(
-        [mvn, "-q", "-B", "-f", str(home / "pom.xml"), "dependency:copy-dependencies",
-         f"-DoutputDirectory={libs}", "-DincludeScope=runtime"],
-        capture_output=True, text=True, check=False,
+        [
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(home / "pom.xml"),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={libs}",
+            "-DincludeScope=runtime",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
-        raise StackError(f"mvn could not resolve org.apache.kafka:kafka_2.13:{version}:\n{proc.stdout[-3000:]}")
+        raise StackError(
+            f"mvn could not resolve org.apache.kafka:kafka_2.13:{version}:\n{proc.stdout[-3000:]}"
+        )
     stamp.write_text(version)
     return libs
 
@@ -152,7 +166,9 @@ def kafka_libs(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
 def _java() -> str:
     java = shutil.which("java")
     if java is None:
-        raise StackError("`java` not found on PATH: Kafka needs Java 17+ (apt-get install -y openjdk-17-jre-headless)")
+        raise StackError(
+            "`java` not found on PATH: Kafka needs Java 17+ (apt-get install -y openjdk-17-jre-headless)"
+        )
     out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False).stderr
     try:
         major = int(out.split('"')[1].split(".")[0])
@@ -165,32 +181,34 @@ def _java() -> str:
 
 def _kafka_properties(data: Path, host: str, port: int) -> str:
     controller = port + 1
-    return "\n".join([
-        "process.roles=broker,controller",
-        "node.id=1",
-        f"controller.quorum.voters=1@{host}:{controller}",
-        f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller}",
-        f"advertised.listeners=PLAINTEXT://{host}:{port}",
-        "controller.listener.names=CONTROLLER",
-        "inter.broker.listener.name=PLAINTEXT",
-        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-        f"log.dirs={data}",
-        "num.partitions=6",
-        "auto.create.topics.enable=true",
-        "offsets.topic.replication.factor=1",
-        "offsets.topic.num.partitions=6",
-        "transaction.state.log.replication.factor=1",
-        "transaction.state.log.min.isr=1",
-        "share.coordinator.state.topic.replication.factor=1",
-        "share.coordinator.state.topic.min.isr=1",
-        "group.initial.rebalance.delay.ms=0",
-        "message.max.bytes=1048588",
-        "",
-    ])
+    return "\n".join(
+        [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@{host}:{controller}",
+            f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller}",
+            f"advertised.listeners=PLAINTEXT://{host}:{port}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"log.dirs={data}",
+            "num.partitions=6",
+            "auto.create.topics.enable=true",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=6",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "message.max.bytes=1048588",
+            "",
+        ]
+    )
 
 
 def kafka_healthy(bootstrap: str, timeout: float = 3.0) -> bool:
-    """The broker answers a metadata request (a cheap TCP probe first keeps librdkafka from logging refusals)."""
+    """The broker answers a metadata request (a TCP probe first keeps librdkafka from logging refusals)."""
     from confluent_kafka.admin import AdminClient
 
     host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
@@ -225,18 +243,44 @@ def start_kafka(settings: Settings, ep: Endpoints) -> str:
     if not (data / "meta.properties").exists():
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         fmt = subprocess.run(
-            [java, log4j, "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-             "-c", str(config)],
-            capture_output=True, text=True, check=False,
+            [
+                java,
+                log4j,
+                "-cp",
+                classpath,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(config),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if fmt.returncode != 0:
             raise StackError(f"formatting Kafka storage failed:\n{fmt.stdout}\n{fmt.stderr}")
     log = root / "kafka.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [java, "-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-Djava.awt.headless=true", log4j,
-             f"-Dkafka.logs.dir={root}", "-cp", classpath, "kafka.Kafka", str(config)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            [
+                java,
+                "-Xms256m",
+                "-Xmx768m",
+                "-XX:+UseG1GC",
+                "-Djava.awt.headless=true",
+                log4j,
+                f"-Dkafka.logs.dir={root}",
+                "-cp",
+                classpath,
+                "kafka.Kafka",
+                str(config),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     pidfile.write_text(str(proc.pid))
     bootstrap = f"{ep.kafka_host}:{ep.kafka_port}"
@@ -247,8 +291,10 @@ def start_kafka(settings: Settings, ep: Endpoints) -> str:
         if kafka_healthy(bootstrap, timeout=2.0):
             return f"started (pid {proc.pid})"
         time.sleep(0.5)
-    raise StackError(f"Kafka did not answer a metadata request within {START_TIMEOUT_S:.0f} s; "
-                     f"last lines of {log}:\n{_tail(log)}")
+    raise StackError(
+        f"Kafka did not answer a metadata request within {START_TIMEOUT_S:.0f} s; "
+        f"last lines of {log}:\n{_tail(log)}"
+    )
 
 
 # ---------------------------------------------------------------- Redis
@@ -278,23 +324,32 @@ def start_redis(settings: Settings, ep: Endpoints) -> str:
         return f"already running (pid {pid})"
     server = shutil.which("redis-server")
     if server is None:
-        raise StackError("`redis-server` not found on PATH: install it with `sudo apt-get install -y redis-server`")
+        raise StackError(
+            "`redis-server` not found on PATH: install it with `sudo apt-get install -y redis-server`"
+        )
     root.mkdir(parents=True, exist_ok=True)
-    conf.write_text("\n".join([
-        f"bind {ep.redis_host}",
-        f"port {ep.redis_port}",
-        f"dir {root}",
-        "appendonly yes",
-        "appendfsync everysec",
-        'save ""',
-        "daemonize no",
-        "protected-mode yes",
-        f"logfile {root / 'redis.log'}",
-        "",
-    ]))
+    conf.write_text(
+        "\n".join(
+            [
+                f"bind {ep.redis_host}",
+                f"port {ep.redis_port}",
+                f"dir {root}",
+                "appendonly yes",
+                "appendfsync everysec",
+                'save ""',
+                "daemonize no",
+                "protected-mode yes",
+                f"logfile {root / 'redis.log'}",
+                "",
+            ]
+        )
+    )
     proc = subprocess.Popen(
-        [server, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL, start_new_session=True,
+        [server, str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
     pidfile.write_text(str(proc.pid))
     url = f"redis://{ep.redis_host}:{ep.redis_port}/0"
@@ -305,7 +360,9 @@ def start_redis(settings: Settings, ep: Endpoints) -> str:
         if redis_healthy(url, timeout=1.0):
             return f"started (pid {proc.pid})"
         time.sleep(0.2)
-    raise StackError(f"Redis did not answer PING within {START_TIMEOUT_S:.0f} s:\n{_tail(root / 'redis.log')}")
+    raise StackError(
+        f"Redis did not answer PING within {START_TIMEOUT_S:.0f} s:\n{_tail(root / 'redis.log')}"
+    )
 
 
 # ---------------------------------------------------------------- up / down / status

@@ -1,0 +1,99 @@
+"""The evaluation on a tiny JSONL slice of real data: the JSON shape, the plot and the CLI contract."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from worker.config import Settings
+from worker.datasets import load_homedepot, load_jsonl
+from worker.evaluate import (
+    CHECKPOINT_NAMES,
+    PROCEDURES,
+    EvalPlan,
+    add_arguments,
+    cli_main,
+    quick_plan,
+)
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    events = load_homedepot().events
+    wanted = {"GE": 0, "Delta": 0}
+    keep = []
+    for i, e in enumerate(events):
+        if e.segment in wanted and wanted[e.segment] < 32:
+            wanted[e.segment] += 1
+            keep.append(e)
+        elif e.segment not in wanted and e.segment not in {"unknown", "Unbranded"} and i % 1000 == 0:
+            keep.append(e)
+    path = tmp_path_factory.mktemp("data") / "slice.jsonl"
+    path.write_text("".join(e.to_json().decode() + "\n" for e in keep))
+    return path
+
+
+def tiny_plan() -> EvalPlan:
+    return EvalPlan(
+        segments=2,
+        holdout_cap=12,
+        batch_snapshots=2,
+        naive_epochs=1,
+        overrides={
+            "shared_every": 40,
+            "min_new_events": 8,
+            "min_positives": 1,
+            "min_negatives": 1,
+            "adapter_epochs": 1,
+            "shared_holdout_frac": 0.2,
+            "shared_lr": 2e-4,
+        },
+        notes=("tiny test plan",),
+    )
+
+
+def test_cli_runs_the_evaluation_and_prints_json_last(
+    jsonl: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.evaluate as evaluate
+
+    dataset = load_jsonl(jsonl, holdout_frac=0.3, min_rows=20)
+    assert dataset.eval_segments == ["Delta", "GE"]
+    monkeypatch.setattr(evaluate, "quick_plan", tiny_plan)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    png = tmp_path / "curve.png"
+    args = parser.parse_args(
+        ["--data", str(jsonl), "--holdout-frac", "0.3", "--quick", "--json", "--plot", str(png)]
+    )
+    assert (
+        cli_main(args, settings=Settings(device="cpu", max_seq_len=32, batch_size=16, shared_batch_size=16))
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    assert result["quick"] is True
+    assert result["segments"] == ["Delta", "GE"]
+    assert set(result["mean"]) == set(PROCEDURES)
+    for proc in PROCEDURES:
+        assert set(result["mean"][proc]) == set(CHECKPOINT_NAMES)
+        for seg in result["segments"]:
+            assert set(result["per_segment"][seg][proc]) == set(CHECKPOINT_NAMES)
+            for name in ("0", "16", "end"):
+                cell = result["per_segment"][seg][proc][name]
+                assert cell is not None and set(cell) == {"auc", "logloss"}
+            assert result["per_segment"][seg][proc]["256"] is None
+        assert result["mean"][proc]["end"]["logloss"] is not None
+    assert result["mean"]["naive"]["0"] == result["mean"]["zero_shot"]["0"]
+    assert result["worker"]["promoted_worse_than_parent"] == 0
+    assert sum(result["worker"]["decisions"]["shared"].values()) >= 2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_plan_is_cpu_sized() -> None:
+    plan = quick_plan()
+    assert plan.segments is not None and plan.segments <= 3
+    assert plan.notes and all("quick" in n for n in plan.notes)

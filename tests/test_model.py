@@ -1,0 +1,145 @@
+"""The click model on CPU: probabilities, determinism, zero-shot, and files plain `peft` can read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from worker.config import Settings
+from worker.datasets import load_homedepot
+from worker.events import ClickEvent
+from worker.model import (
+    Backbone,
+    ClickModel,
+    attach_lora,
+    extract_adapter,
+    load_adapter,
+    load_backbone,
+    load_shared,
+    mean_pool,
+    new_click_model,
+    save_adapter,
+    save_shared,
+    score_pairs,
+    zero_shot_scores,
+)
+from worker.train import pairs_of, score_segment
+
+
+@pytest.fixture(scope="module")
+def settings() -> Settings:
+    return Settings(device="cpu", max_seq_len=32, batch_size=16, shared_batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def backbone(settings: Settings) -> Backbone:
+    return load_backbone(settings)
+
+
+@pytest.fixture(scope="module")
+def events() -> list[ClickEvent]:
+    return load_homedepot().stream()[:40]
+
+
+@pytest.fixture(scope="module")
+def shared(backbone: Backbone) -> ClickModel:
+    return new_click_model(backbone, seed=1)
+
+
+def test_scores_are_probabilities_in_input_order(
+    backbone: Backbone, shared: ClickModel, events: list[ClickEvent]
+) -> None:
+    pairs = pairs_of(events)
+    scores = score_pairs(backbone, shared, pairs, batch_size=7)
+    assert scores.shape == (len(pairs),)
+    assert np.all((scores > 0) & (scores < 1))
+    reversed_scores = score_pairs(backbone, shared, pairs[::-1], batch_size=5)
+    np.testing.assert_allclose(reversed_scores[::-1], scores, rtol=1e-5, atol=1e-6)
+    no_query = score_pairs(backbone, shared, [(None, events[0].item_text), ("", events[0].item_text)])
+    assert no_query[0] == pytest.approx(no_query[1])
+
+
+def test_same_seed_same_model(backbone: Backbone, events: list[ClickEvent]) -> None:
+    pairs = pairs_of(events[:10])
+    a = score_pairs(backbone, new_click_model(backbone, seed=5), pairs)
+    b = score_pairs(backbone, new_click_model(backbone, seed=5), pairs)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_zero_shot_prefers_matching_text(backbone: Backbone, shared: ClickModel) -> None:
+    scores = zero_shot_scores(
+        backbone,
+        shared.encoder,
+        [("cordless drill", "DEWALT 20-Volt cordless drill kit"), ("ceiling fan", "toilet seat white")],
+    )
+    assert 0 < scores[1] < scores[0] < 1
+
+
+def _random_adapter(shared: ClickModel) -> ClickModel:
+    seg = attach_lora(shared, rank=4, alpha=8, dropout=0.0, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in seg.encoder.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+        seg.calibration.copy_(torch.tensor([1.5, -0.2]))
+    return seg
+
+
+def test_adapter_round_trips_through_plain_peft(
+    tmp_path: Path, backbone: Backbone, shared: ClickModel, events: list[ClickEvent]
+) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    seg = _random_adapter(shared)
+    adapter = extract_adapter(seg)
+    shared_dir = save_shared(tmp_path / "shared", shared, {"version": 1})
+    adapter_dir = save_adapter(tmp_path / "seg" / "1", adapter, {"segment": "GE", "version": 1})
+    assert {p.name for p in adapter_dir.iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "head.safetensors",
+        "meta.json",
+    }
+    assert not [p for p in (tmp_path / "seg").iterdir() if p.name.startswith(".")]
+    with pytest.raises(OSError):
+        save_adapter(adapter_dir, adapter, {})
+
+    pairs = pairs_of(events[:12])
+    ours = score_segment(backbone, shared, adapter, pairs)
+    np.testing.assert_allclose(ours, score_pairs(backbone, seg, pairs), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(ours, score_pairs(backbone, shared, pairs), atol=1e-3)
+
+    encoder = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(str(shared_dir / "encoder")), str(adapter_dir)
+    )
+    encoder.eval()
+    head = load_file(str(shared_dir / "head.safetensors"))
+    calibration = load_file(str(adapter_dir / "head.safetensors"))["calibration"]
+    enc = backbone.tokenizer(
+        [q for q, _ in pairs],
+        [t for _, t in pairs],
+        truncation=True,
+        max_length=32,
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        pooled = mean_pool(encoder(**enc).last_hidden_state, enc["attention_mask"])
+        logits = pooled @ head["head.weight"].T + head["head.bias"]
+        plain = torch.sigmoid(logits.squeeze(-1) * calibration[0] + calibration[1]).numpy()
+    np.testing.assert_allclose(plain, ours, rtol=1e-4, atol=1e-5)
+
+    loaded, meta = load_adapter(adapter_dir)
+    assert meta == {"segment": "GE", "version": 1}
+    np.testing.assert_allclose(score_segment(backbone, shared, loaded, pairs), ours, rtol=1e-6)
+    reloaded_shared, shared_meta = load_shared(shared_dir, backbone)
+    assert shared_meta == {"version": 1}
+    np.testing.assert_allclose(
+        score_pairs(backbone, reloaded_shared, pairs), score_pairs(backbone, shared, pairs), rtol=1e-6
+    )

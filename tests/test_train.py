@@ -1,0 +1,160 @@
+"""Training on CPU with tiny slices: the loss falls, the gate holds, failures are results, seeds repeat."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from worker.config import Settings
+from worker.datasets import load_homedepot
+from worker.events import ClickEvent
+from worker.model import Backbone, ClickModel, load_backbone, new_click_model
+from worker.train import (
+    Metrics,
+    evaluate_model,
+    fit,
+    gate,
+    sample_replay,
+    split_holdout,
+    train_segment_adapter,
+    train_shared,
+)
+
+
+@pytest.fixture(scope="module")
+def settings() -> Settings:
+    return Settings(
+        device="cpu",
+        max_seq_len=32,
+        batch_size=16,
+        shared_batch_size=16,
+        adapter_epochs=2,
+        shared_epochs=1,
+        lora_rank=4,
+    )
+
+
+@pytest.fixture(scope="module")
+def backbone(settings: Settings) -> Backbone:
+    return load_backbone(settings)
+
+
+@pytest.fixture(scope="module")
+def events() -> list[ClickEvent]:
+    return load_homedepot().stream()[:96]
+
+
+@pytest.fixture(scope="module")
+def shared(backbone: Backbone, settings: Settings, events: list[ClickEvent]) -> ClickModel:
+    result = train_shared(backbone, None, events[:64], [], events[64:], settings)
+    assert result.shared is not None
+    return result.shared
+
+
+def test_fit_loss_falls(backbone: Backbone, events: list[ClickEvent]) -> None:
+    model = new_click_model(backbone, seed=0)
+    losses = fit(backbone, model, events[:32], lr=3e-4, epochs=6, batch_size=16, weight_decay=0.01, seed=0)
+    assert len(losses) == 12
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.05
+
+
+def test_train_shared_measures_holdout(
+    backbone: Backbone, settings: Settings, events: list[ClickEvent]
+) -> None:
+    result = train_shared(backbone, None, events[:48], events[48:64], events[64:], settings)
+    assert result.decision in {"promoted", "rejected"}
+    assert result.challenger is not None and result.champion is not None
+    assert result.challenger.n == result.champion.n == 32
+    assert math.isfinite(result.challenger.logloss)
+    assert result.challenger.auc is not None and 0 <= result.challenger.auc <= 1
+    assert result.n_train == 64 and len(result.losses) == 4
+    assert result.device == "cpu" and result.train_seconds > 0
+
+
+def test_gate_rules() -> None:
+    champ = Metrics(0.70, 0.60, 50)
+    assert gate(Metrics(0.71, 0.60, 50), champ, 0.01)[0]
+    assert gate(Metrics(0.70, 0.605, 50), champ, 0.01)[0]
+    assert not gate(Metrics(0.69, 0.50, 50), champ, 0.01)[0]
+    assert not gate(Metrics(0.75, 0.62, 50), champ, 0.01)[0]
+    assert not gate(Metrics(0.75, float("nan"), 50), champ, 0.01)[0]
+    assert not gate(Metrics(None, float("nan"), 0), champ, 0.01)[0]
+    assert gate(Metrics(0.6, 0.7, 50), None, 0.01)[0]
+    assert gate(Metrics(None, 0.59, 50), Metrics(None, 0.60, 50), 0.0)[0]
+
+
+def test_gate_rejects_broken_challenger(
+    backbone: Backbone, settings: Settings, shared: ClickModel, events: list[ClickEvent]
+) -> None:
+    holdout = events[64:]
+    broken = new_click_model(backbone, seed=0)
+    broken.load_state_dict(shared.state_dict())
+    with torch.no_grad():
+        broken.head.weight.neg_()
+        broken.head.bias.neg_()
+    good, bad = evaluate_model(backbone, shared, holdout), evaluate_model(backbone, broken, holdout)
+    assert good.auc is not None and bad.auc is not None
+    champion, challenger = (good, bad) if good.auc > bad.auc else (bad, good)
+    ok, reason = gate(challenger, champion, settings.gate_logloss_margin)
+    assert not ok and "AUC" in reason
+
+    flipped = [e.model_copy(update={"clicked": 1 - e.clicked}) for e in events[:64]]
+    strong = settings.model_copy(update={"calibration_lr": 1.0, "adapter_epochs": 4})
+    result = train_segment_adapter(backbone, shared, None, flipped, [], holdout, strong)
+    assert result.decision == "rejected", result.reason
+    assert result.adapter is not None and result.challenger is not None
+
+
+def test_nan_and_errors_are_failed_results(
+    backbone: Backbone, settings: Settings, shared: ClickModel, events: list[ClickEvent]
+) -> None:
+    poisoned = new_click_model(backbone, seed=0)
+    with torch.no_grad():
+        poisoned.head.weight.fill_(float("nan"))
+    result = train_shared(backbone, poisoned, events[:16], [], events[64:80], settings)
+    assert result.decision == "failed" and "loss" in result.reason
+    assert result.shared is None and result.challenger is None
+
+    seg = train_segment_adapter(backbone, poisoned, None, events[:16], [], events[64:80], settings)
+    assert seg.decision == "failed" and seg.adapter is None
+
+    ok = train_segment_adapter(backbone, shared, None, events[:16], [], events[64:80], settings)
+    assert ok.adapter is not None
+    wrong_rank = settings.model_copy(update={"lora_rank": 2})
+    other = train_segment_adapter(backbone, shared, None, events[:16], [], events[64:80], wrong_rank)
+    assert other.adapter is not None
+    bad_adapter = ok.adapter
+    bad_adapter.lora = {k.replace("query", "nonexistent"): v for k, v in other.adapter.lora.items()}
+    broken = train_segment_adapter(backbone, shared, bad_adapter, events[:16], [], events[64:80], settings)
+    assert broken.decision == "failed" and broken.reason
+
+
+def test_same_seed_same_adapter(
+    backbone: Backbone, settings: Settings, shared: ClickModel, events: list[ClickEvent]
+) -> None:
+    runs = [
+        train_segment_adapter(backbone, shared, None, events[:24], events[24:32], events[64:80], settings)
+        for _ in range(2)
+    ]
+    assert runs[0].losses == runs[1].losses
+    a, b = runs[0].adapter, runs[1].adapter
+    assert a is not None and b is not None
+    assert a.lora.keys() == b.lora.keys()
+    for key in a.lora:
+        assert torch.equal(a.lora[key], b.lora[key])
+    assert torch.equal(a.calibration, b.calibration)
+    assert runs[0].challenger == runs[1].challenger
+
+
+def test_holdout_split_is_stable_and_replay_seeded(events: list[ClickEvent]) -> None:
+    train, held = split_holdout(events, 0.25)
+    assert len(train) + len(held) == len(events) and 0 < len(held) < len(events)
+    _, again_held = split_holdout(list(reversed(events)), 0.25)
+    assert {e.event_id for e in held} == {e.event_id for e in again_held}
+    assert sample_replay(events, 10, 3) == sample_replay(events, 10, 3)
+    sample = sample_replay(events, 10, 3)
+    assert len(sample) == 10 and sample == sorted(sample, key=events.index)
+    assert sample_replay(events, 1000, 3) == events

@@ -1,0 +1,212 @@
+"""`python -m worker bench ingest`: the worker's ingest path against a raw consume loop, in the same run.
+
+Both read the same preloaded messages from the same topic under fresh consumer groups. The clock starts
+just before the consume call that returns the first message (so group joins do not count) and stops when
+(a) the raw loop has seen every message, (b) the worker has stored every offset in Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from worker.buffer import Buffer
+from worker.config import Settings, load_settings
+from worker.ingest import Ingestor
+from worker.kafka import ensure_topics, make_admin, make_consumer, make_producer
+from worker.replay import ReplayError
+
+_WORDS = [
+    "drill",
+    "cordless",
+    "brushless",
+    "ladder",
+    "faucet",
+    "kitchen",
+    "pendant",
+    "light",
+    "ceiling",
+    "fan",
+    "hex",
+    "bolt",
+    "stainless",
+    "steel",
+    "outdoor",
+    "patio",
+    "door",
+    "knob",
+    "deadbolt",
+    "garden",
+    "hose",
+    "nozzle",
+    "vinyl",
+    "plank",
+    "flooring",
+    "white",
+    "gloss",
+]
+
+
+def synthetic_events(n: int, segments: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
+    """(key, value) pairs shaped like the Home Depot events: distinct ids, ~250-byte JSON, current time."""
+    rng = random.Random(seed)
+    now = datetime.now(UTC).isoformat()
+    names = [f"brand-{i:04d}" for i in range(segments)]
+    out = []
+    for i in range(n):
+        seg = names[rng.randrange(segments)]
+        doc = {
+            "schema_version": 1,
+            "event_id": f"bench-{seed}-{i}",
+            "ts": now,
+            "segment": seg,
+            "query": " ".join(rng.choices(_WORDS, k=3)),
+            "item_id": str(100000 + rng.randrange(5000)),
+            "item_text": " ".join(rng.choices(_WORDS, k=9)),
+            "clicked": rng.randrange(2),
+        }
+        out.append((seg.encode(), orjson.dumps(doc)))
+    return out
+
+
+def preload(settings: Settings, messages: list[tuple[bytes, bytes]]) -> None:
+    prod = make_producer(settings, **{"linger.ms": 20, "batch.size": 1_000_000})
+    errors: list[str] = []
+
+    def delivered(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    for key, value in messages:
+        while True:
+            try:
+                prod.produce(settings.input_topic, key=key, value=value, on_delivery=delivered)
+                break
+            except BufferError:
+                prod.poll(0.05)
+    prod.flush(120)
+    if errors or len(prod):
+        raise ReplayError(f"preload failed: {errors[:3]}, {len(prod)} unacknowledged")
+
+
+def measure_raw(settings: Settings, n: int) -> float:
+    """Seconds a bare consume loop takes to see all n messages."""
+    consumer = make_consumer(settings, **{"group.id": f"{settings.group_id}-raw"})
+    consumer.subscribe([settings.input_topic])
+    seen = 0
+    t0: float | None = None
+    deadline = time.monotonic() + 300
+    try:
+        while seen < n and time.monotonic() < deadline:
+            t = time.perf_counter()
+            msgs = consumer.consume(settings.consume_batch, settings.consume_timeout_s)
+            if msgs and t0 is None:
+                t0 = t
+            for msg in msgs:
+                if msg.error() is None:
+                    seen += 1
+        end = time.perf_counter()
+    finally:
+        consumer.close()
+    if seen < n or t0 is None:
+        raise RuntimeError(f"raw consumer saw {seen} of {n} messages")
+    return end - t0
+
+
+def measure_worker(settings: Settings, n: int) -> tuple[float, int]:
+    """Seconds the worker takes from the first message to all n offsets stored in Redis."""
+    ingestor = Ingestor(settings)
+    ingestor.subscribe()
+    t0: float | None = None
+    deadline = time.monotonic() + 300
+    try:
+        while ingestor.stats.consumed < n and time.monotonic() < deadline:
+            t = time.perf_counter()
+            if ingestor.poll_once() and t0 is None:
+                t0 = t
+        end = time.perf_counter()
+    finally:
+        ingestor.close()
+    if t0 is None:
+        raise RuntimeError("the worker consumed nothing")
+    parts = make_admin(settings).list_topics(settings.input_topic, timeout=10).topics[settings.input_topic]
+    stored = ingestor.buffer.stored_offsets(parts.partitions)
+    return end - t0, sum(v or 0 for v in stored.values())
+
+
+def run_bench(settings: Settings, events: int, segments: int, keep: bool = False) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:8]
+    s = settings.model_copy(
+        update={
+            "input_topic": f"bench-clicks-{tag}",
+            "dlq_topic": f"bench-clicks-dlq-{tag}",
+            "group_id": f"bench-{tag}",
+            "redis_prefix": f"bench{tag}",
+        }
+    )
+    ensure_topics(s, [s.input_topic, s.dlq_topic])
+    buffer = Buffer(s)
+    try:
+        messages = synthetic_events(events, segments)
+        t = time.perf_counter()
+        preload(s, messages)
+        preload_s = time.perf_counter() - t
+        raw_s = measure_raw(s, events)
+        worker_s, stored = measure_worker(s, events)
+        if stored != events:
+            raise RuntimeError(f"worker stored offsets covering {stored} of {events} messages")
+        counts = buffer.redis.hget(buffer.partition_key(0, "stats"), "events")
+        raw_rate = events / raw_s
+        rate = events / worker_s
+        return {
+            "bench": "ingest",
+            "events": events,
+            "segments": segments,
+            "partitions": s.topic_partitions,
+            "consume_batch": s.consume_batch,
+            "preload_s": round(preload_s, 3),
+            "raw_s": round(raw_s, 3),
+            "worker_s": round(worker_s, 3),
+            "raw_events_per_s": round(raw_rate, 1),
+            "events_per_s": round(rate, 1),
+            "ratio": round(rate / raw_rate, 3),
+            "stored_offsets": stored,
+            "partition0_events": int(counts or 0),
+        }
+    finally:
+        if not keep:
+            buffer.purge()
+            buffer.redis.close()
+            make_admin(s).delete_topics([s.input_topic, s.dlq_topic])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--segments", type=int, default=500)
+    parser.add_argument(
+        "--consume-batch",
+        type=int,
+        default=None,
+        help="messages per consume() for both loops (default: settings)",
+    )
+    parser.add_argument("--json", action="store_true", help="print only the JSON result line")
+    parser.add_argument("--keep", action="store_true", help="keep the topic and Redis keys afterwards")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    if args.consume_batch:
+        settings = settings.model_copy(update={"consume_batch": args.consume_batch})
+    result = run_bench(settings, args.events, args.segments, keep=args.keep)
+    if not args.json:
+        for key, value in result.items():
+            print(f"{key:>20}: {value}", file=sys.stderr)
+    print(orjson.dumps(result).decode())
+    return 0

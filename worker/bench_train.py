@@ -1,0 +1,168 @@
+"""Training and scoring speed of the worker's code path against a plain torch loop of the same model.
+
+Both sides run in the same process on the same device, the same events, batch size and sequence length,
+so the ratios show the worker's overhead (or gain: dynamic padding, length-sorted scoring), not the card.
+Tokenisation is inside the timed region on both sides (the worker's token cache is emptied first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from worker.config import Settings, load_settings
+from worker.datasets import load_dataset
+from worker.events import ClickEvent
+from worker.model import Backbone, ClickModel, load_backbone, mean_pool, new_click_model, score_pairs
+from worker.train import pairs_of, train_shared
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _raw_tokens(backbone: Backbone, pairs: Sequence[tuple[str | None, str]], pad_to_max: bool) -> Any:
+    return backbone.tokenizer(
+        [q or "" for q, _ in pairs],
+        [t for _, t in pairs],
+        truncation=True,
+        max_length=backbone.max_seq_len,
+        padding="max_length" if pad_to_max else True,
+        return_tensors="pt",
+    )
+
+
+def raw_train(backbone: Backbone, events: Sequence[ClickEvent], settings: Settings, epochs: int) -> float:
+    """A textbook loop: AutoModel + linear head, AdamW, shuffled batches padded per batch."""
+    from transformers import AutoModel
+
+    torch.manual_seed(settings.seed)
+    encoder = AutoModel.from_pretrained(str(backbone.base_path), local_files_only=True).to(backbone.device)
+    head = torch.nn.Linear(int(encoder.config.hidden_size), 1).to(backbone.device)
+    params = list(encoder.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=settings.shared_lr, weight_decay=settings.weight_decay)
+    pairs = pairs_of(events)
+    labels = torch.tensor([e.clicked for e in events], dtype=torch.float32)
+    rng = np.random.default_rng(settings.seed)
+    bs = settings.shared_batch_size
+    encoder.train()
+    _sync(backbone.device)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order = rng.permutation(len(pairs))
+        for i in range(0, len(pairs), bs):
+            idx = order[i : i + bs]
+            enc = _raw_tokens(backbone, [pairs[int(j)] for j in idx], pad_to_max=False).to(backbone.device)
+            with backbone.autocast():
+                hidden = encoder(**enc).last_hidden_state
+            logits = head(mean_pool(hidden.float(), enc["attention_mask"])).squeeze(-1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, labels[idx].to(backbone.device)
+            )
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+    _sync(backbone.device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def raw_score(
+    backbone: Backbone, model: ClickModel, pairs: Sequence[tuple[str | None, str]], bs: int
+) -> float:
+    """Input order, fixed-length (max_seq_len) padding: what a plain scoring loop does."""
+    model.eval()
+    _sync(backbone.device)
+    start = time.perf_counter()
+    for i in range(0, len(pairs), bs):
+        enc = _raw_tokens(backbone, pairs[i : i + bs], pad_to_max=True).to(backbone.device)
+        with backbone.autocast():
+            hidden = model.encoder(**enc).last_hidden_state
+            logits = model.head(mean_pool(hidden.float(), enc["attention_mask"])).squeeze(-1)
+        torch.sigmoid(logits.float()).cpu().numpy()
+    _sync(backbone.device)
+    return time.perf_counter() - start
+
+
+def run_bench(settings: Settings, events: int = 512, epochs: int = 3, pairs: int = 4096) -> dict[str, Any]:
+    stream = load_dataset("homedepot").stream()
+    train_events = stream[:events]
+    score_set = pairs_of(stream[events : events + pairs])
+    backbone = load_backbone(settings)
+    warm = new_click_model(backbone, settings.seed)
+    score_pairs(backbone, warm, score_set[:64])
+
+    backbone._tokens.clear()
+    timed = settings.model_copy(update={"shared_epochs": epochs})
+    _sync(backbone.device)
+    start = time.perf_counter()
+    result = train_shared(backbone, warm, train_events, [], [], timed)
+    _sync(backbone.device)
+    train_s = time.perf_counter() - start
+    if result.decision == "failed":
+        raise RuntimeError(f"worker training failed: {result.reason}")
+    raw_train_s = raw_train(backbone, train_events, settings, epochs)
+
+    bs = 256
+    backbone._tokens.clear()
+    _sync(backbone.device)
+    start = time.perf_counter()
+    score_pairs(backbone, warm, score_set, batch_size=bs)
+    _sync(backbone.device)
+    score_s = time.perf_counter() - start
+    raw_score_s = raw_score(backbone, warm, score_set, bs)
+    return {
+        "raw_train_s": round(raw_train_s, 3),
+        "train_s": round(train_s, 3),
+        "train_ratio": round(train_s / raw_train_s, 3),
+        "raw_score_pairs_per_s": round(len(score_set) / raw_score_s, 1),
+        "score_pairs_per_s": round(len(score_set) / score_s, 1),
+        "score_ratio": round(raw_score_s / score_s, 3),
+        "device": str(backbone.device),
+        "device_name": torch.cuda.get_device_name() if backbone.device.type == "cuda" else "cpu",
+        "events": len(train_events),
+        "epochs": epochs,
+        "pairs": len(score_set),
+        "train_batch_size": settings.shared_batch_size,
+        "score_batch_size": bs,
+        "max_seq_len": settings.max_seq_len,
+        "torch_threads": torch.get_num_threads(),
+        "notes": "train_ratio = train_s / raw_train_s (lower is better); "
+        "score_ratio = score_pairs_per_s / raw_score_pairs_per_s (higher is better)",
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--events", type=int, default=512, help="training events (default 512)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=4096, help="pairs to score (default 4096)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")
+
+
+def cli_main(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    settings = settings or load_settings()
+    result = run_bench(settings, events=args.events, epochs=args.epochs, pairs=args.pairs)
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        for key, value in result.items():
+            sys.stdout.write(f"{key:>24}: {value}\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.bench_train", description=__doc__)
+    add_arguments(parser)
+    return cli_main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

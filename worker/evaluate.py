@@ -1,0 +1,593 @@
+"""Offline evaluation: replay a data set's stream through the worker's own trainer and compare procedures.
+
+Procedures, each scored on `Dataset.holdout` (pairs never replayed) per evaluation segment:
+- `worker`: the stream replayed in order through `train_shared` / `train_segment_adapter` as the worker
+  runs them: a shared run every `shared_every` events (new events + `shared_replay_frac` replay, gated on
+  pooled never-trained events), a segment run when its new events reach `min_new_events` (with
+  `min_positives` / `min_negatives`), replay and a holdout slice from the segment's own past events.
+  Served: zero-shot cosine until a shared model passes the gate, then shared + the segment's champion
+  adapter. Adapters are trained for evaluation segments only; other segments' adapters cannot change
+  these metrics (they feed the shared model through its own events either way).
+- `zero_shot`: cosine of mean-pooled pretrained embeddings, through a fixed logistic (see model.py).
+- `naive`: the pretrained encoder + fresh head fully fine-tuned on the segment's first k events only.
+- `batch`: an offline model trained from scratch on every replayed event up to a stream position. To stay
+  affordable it is trained at `batch_snapshots` evenly spaced positions; a checkpoint uses the latest
+  snapshot at or before its position (zero-shot before the first one). "end" is one model trained on
+  all replayed events.
+
+Checkpoints "0", "16", "64", "256": the number of the segment's labelled events seen so far in the
+stream; "end": after the whole stream. A segment that never reaches k gets null there (left out of the mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker.config import Settings, load_settings
+from worker.datasets import Dataset, load_dataset
+from worker.events import ClickEvent
+from worker.model import Backbone, ClickModel, SegmentAdapter, load_backbone, new_click_model
+from worker.train import (
+    Metrics,
+    fit,
+    is_holdout,
+    keep_adapter_after_shared_update,
+    labels_of,
+    metrics,
+    pairs_of,
+    sample_replay,
+    score_segment,
+    train_segment_adapter,
+    train_shared,
+)
+
+CHECKPOINTS = (0, 16, 64, 256)
+CHECKPOINT_NAMES = (*(str(k) for k in CHECKPOINTS), "end")
+PROCEDURES = ("worker", "zero_shot", "naive", "batch")
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """How much of the data set to replay, and the knobs of the reference procedures."""
+
+    segments: int | None = None
+    segment_cap: int | None = None
+    other_events: int | None = None
+    holdout_cap: int | None = None
+    batch_snapshots: int = 8
+    batch_epochs: int = 1
+    naive_epochs: int = 3
+    naive_lr: float = 3e-5
+    overrides: dict[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+def full_plan() -> EvalPlan:
+    return EvalPlan(notes=("full run: every evaluation segment, the whole stream; meant for a GPU",))
+
+
+def quick_plan() -> EvalPlan:
+    """Fits a 2-core CPU in well under 15 minutes; a smoke test of the procedure, not of quality."""
+    return EvalPlan(
+        segments=3,
+        segment_cap=300,
+        other_events=1200,
+        holdout_cap=80,
+        batch_snapshots=2,
+        overrides={"shared_every": 512, "shared_holdout_cap": 200, "shared_lr": 1e-4},
+        notes=(
+            "quick: the 3 evaluation segments with most events, at most 300 stream events each, "
+            "1,200 other events (evenly thinned), at most 80 held-out pairs per segment",
+            "quick: shared run every 512 events at lr 1e-4; 2 batch snapshots; "
+            "with this little pooled data the shared model rarely beats zero-shot, so figures are "
+            "not comparable with the full run",
+        ),
+    )
+
+
+def _pick_segments(dataset: Dataset, stream: Sequence[ClickEvent], limit: int | None) -> list[str]:
+    segments = dataset.eval_segments
+    if limit is None or limit >= len(segments):
+        return segments
+    counts = {s: 0 for s in segments}
+    for e in stream:
+        if e.segment in counts:
+            counts[e.segment] += 1
+    return sorted(sorted(segments, key=lambda s: (-counts[s], s))[:limit])
+
+
+def _thin_stream(stream: Sequence[ClickEvent], segments: Sequence[str], plan: EvalPlan) -> list[ClickEvent]:
+    wanted = set(segments)
+    n_other = sum(1 for e in stream if e.segment not in wanted)
+    every = 1 if plan.other_events is None else max(1, math.ceil(n_other / max(1, plan.other_events)))
+    kept: list[ClickEvent] = []
+    per_segment: dict[str, int] = {}
+    other_index = 0
+    for e in stream:
+        if e.segment in wanted:
+            seen = per_segment.get(e.segment, 0)
+            if plan.segment_cap is None or seen < plan.segment_cap:
+                kept.append(e)
+            per_segment[e.segment] = seen + 1
+        else:
+            if other_index % every == 0 and (
+                plan.other_events is None or other_index // every < plan.other_events
+            ):
+                kept.append(e)
+            other_index += 1
+    return kept
+
+
+def _checkpoint_positions(stream: Sequence[ClickEvent], segments: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Stream position (events processed) at which each segment's checkpoint is measured."""
+    positions: dict[str, dict[str, int]] = {s: {} for s in segments}
+    counts = dict.fromkeys(segments, 0)
+    for i, e in enumerate(stream):
+        if e.segment not in positions:
+            continue
+        if counts[e.segment] == 0:
+            positions[e.segment]["0"] = i
+        counts[e.segment] += 1
+        if counts[e.segment] in CHECKPOINTS:
+            positions[e.segment][str(counts[e.segment])] = i + 1
+    for s in segments:
+        positions[s].setdefault("0", len(stream))
+        positions[s]["end"] = len(stream)
+    return positions
+
+
+class _Progress:
+    """A rich progress bar on stderr, or nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(None, None, None)
+
+    def task(self, description: str, total: int) -> Callable[[int], None]:
+        if self._progress is None:
+            return lambda n: None
+        task_id = self._progress.add_task(description, total=total)
+        return lambda n: self._progress.advance(task_id, n)
+
+
+@dataclass
+class _WorkerSim:
+    """The worker's state while the stream replays: serving and training shared models, adapters, buffers."""
+
+    backbone: Backbone
+    settings: Settings
+    segments: set[str]
+    shared_serving: ClickModel | None = None
+    shared_train: ClickModel | None = None
+    adapters: dict[str, SegmentAdapter] = field(default_factory=dict)
+    seg_new: dict[str, list[ClickEvent]] = field(default_factory=dict)
+    seg_sample: dict[str, list[ClickEvent]] = field(default_factory=dict)
+    pool: list[ClickEvent] = field(default_factory=list)
+    pool_holdout: list[ClickEvent] = field(default_factory=list)
+    shared_new: list[ClickEvent] = field(default_factory=list)
+    since_shared: int = 0
+    decisions: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {
+            k: {"promoted": 0, "rejected": 0, "failed": 0} for k in ("shared", "segment")
+        }
+    )
+    promoted_worse: int = 0
+    adapters_dropped: int = 0
+    train_seconds: float = 0.0
+    shared_log: list[dict[str, Any]] = field(default_factory=list)
+
+    def observe(self, event: ClickEvent) -> None:
+        s = self.settings
+        if is_holdout(event.event_id, s.shared_holdout_frac):
+            self.pool_holdout.append(event)
+        else:
+            self.shared_new.append(event)
+        self.since_shared += 1
+        if event.segment in self.segments:
+            new = self.seg_new.setdefault(event.segment, [])
+            new.append(event)
+            del new[: max(0, len(new) - s.new_events_cap)]
+            sample = self.seg_sample.setdefault(event.segment, [])
+            sample.append(event)
+            del sample[: max(0, len(sample) - s.sample_cap)]
+            self._maybe_train_segment(event.segment)
+        if self.since_shared >= s.shared_every:
+            self.train_shared_now()
+
+    def _maybe_train_segment(self, segment: str) -> None:
+        s = self.settings
+        new = self.seg_new[segment]
+        positives = sum(e.clicked for e in new)
+        if (
+            self.shared_serving is None
+            or len(new) < s.min_new_events
+            or positives < s.min_positives
+            or len(new) - positives < s.min_negatives
+        ):
+            return
+        new_ids = {e.event_id for e in new}
+        sample = self.seg_sample[segment]
+        holdout = [e for e in sample if is_holdout(e.event_id, s.holdout_frac)]
+        train_new = [e for e in new if not is_holdout(e.event_id, s.holdout_frac)]
+        old = [e for e in sample if e.event_id not in new_ids and not is_holdout(e.event_id, s.holdout_frac)]
+        runs = sum(self.decisions["segment"].values())
+        replay = sample_replay(old, round(len(train_new) * s.replay_frac), s.seed + runs)
+        result = train_segment_adapter(
+            self.backbone, self.shared_serving, self.adapters.get(segment), train_new, replay, holdout, s
+        )
+        self.train_seconds += result.train_seconds
+        self.decisions["segment"][result.decision] += 1
+        if result.promoted and result.adapter is not None:
+            self._check_not_worse(result.challenger, result.champion)
+            self.adapters[segment] = result.adapter
+        self.seg_new[segment] = []
+
+    def _check_not_worse(self, challenger: Metrics | None, champion: Metrics | None) -> None:
+        if challenger is None or champion is None:
+            return
+        worse_auc = (
+            challenger.auc is not None and champion.auc is not None and challenger.auc < champion.auc - 1e-9
+        )
+        worse_loss = challenger.logloss > champion.logloss + self.settings.gate_logloss_margin + 1e-9
+        if worse_auc or worse_loss:
+            self.promoted_worse += 1
+
+    def train_shared_now(self) -> None:
+        s = self.settings
+        if not self.shared_new:
+            return
+        runs = sum(self.decisions["shared"].values())
+        replay = sample_replay(self.pool, round(len(self.shared_new) * s.shared_replay_frac), s.seed + runs)
+        holdout = sample_replay(self.pool_holdout, s.shared_holdout_cap, s.seed)
+        result = train_shared(
+            self.backbone,
+            self.shared_train,
+            self.shared_new,
+            replay,
+            holdout,
+            s.model_copy(update={"seed": s.seed + runs}),
+            champion=self.shared_serving,
+        )
+        self.train_seconds += result.train_seconds
+        self.decisions["shared"][result.decision] += 1
+        self.shared_log.append(
+            {
+                "events": len(self.pool) + len(self.shared_new),
+                "decision": result.decision,
+                "challenger": None if result.challenger is None else result.challenger.as_dict(),
+                "champion": None if result.champion is None else result.champion.as_dict(),
+            }
+        )
+        if result.shared is not None:
+            self.shared_train = result.shared
+        if result.promoted and result.shared is not None:
+            self._check_not_worse(result.challenger, result.champion)
+            self.shared_serving = result.shared
+            self._regate_adapters()
+        self.pool.extend(self.shared_new)
+        self.shared_new = []
+        self.since_shared = 0
+
+    def _regate_adapters(self) -> None:
+        """An adapter trained on the previous shared model serves on only if it still passes the gate."""
+        assert self.shared_serving is not None
+        for segment in list(self.adapters):
+            holdout = [
+                e
+                for e in self.seg_sample.get(segment, [])
+                if is_holdout(e.event_id, self.settings.holdout_frac)
+            ]
+            keep, _ = keep_adapter_after_shared_update(
+                self.backbone,
+                self.shared_serving,
+                self.adapters[segment],
+                holdout,
+                self.settings.gate_logloss_margin,
+            )
+            if not keep:
+                del self.adapters[segment]
+                self.adapters_dropped += 1
+
+    def score(self, segment: str, pairs: Sequence[tuple[str | None, str]]) -> np.ndarray:
+        return score_segment(self.backbone, self.shared_serving, self.adapters.get(segment), pairs)
+
+
+def _metric_dict(m: Metrics | None) -> dict[str, float | None] | None:
+    if m is None:
+        return None
+    return {"auc": m.auc, "logloss": m.logloss if math.isfinite(m.logloss) else None}
+
+
+def _mean(values: list[dict[str, float | None] | None]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key in ("auc", "logloss"):
+        xs = [float(v[key]) for v in values if v is not None and v.get(key) is not None]  # type: ignore[arg-type]
+        out[key] = float(np.mean(xs)) if xs else None
+    return out
+
+
+def run_evaluation(
+    dataset: Dataset,
+    settings: Settings,
+    quick: bool,
+    progress: bool = True,
+    plan: EvalPlan | None = None,
+) -> dict[str, Any]:
+    """Replay the stream and measure all procedures at every checkpoint; a JSON-ready dict."""
+    started = time.perf_counter()
+    plan = plan or (quick_plan() if quick else full_plan())
+    settings = settings.model_copy(update=plan.overrides)
+    full_stream = dataset.stream()
+    segments = _pick_segments(dataset, full_stream, plan.segments)
+    if not segments:
+        raise ValueError("the data set has no evaluation segments (no held-out pairs)")
+    stream = _thin_stream(full_stream, segments, plan)
+    holdout = {
+        s: (
+            sample_replay(dataset.holdout[s], plan.holdout_cap, settings.seed)
+            if plan.holdout_cap
+            else list(dataset.holdout[s])
+        )
+        for s in segments
+    }
+    labels = {s: labels_of(holdout[s]) for s in segments}
+    pairs = {s: pairs_of(holdout[s]) for s in segments}
+    positions = _checkpoint_positions(stream, segments)
+    backbone = load_backbone(settings)
+    results: dict[str, dict[str, dict[str, Any]]] = {s: {p: {} for p in PROCEDURES} for s in segments}
+
+    def measure(segment: str, probs: np.ndarray) -> dict[str, float | None] | None:
+        return _metric_dict(metrics(labels[segment], probs))
+
+    zero_shot = {s: score_segment(backbone, None, None, pairs[s]) for s in segments}
+    for s in segments:
+        for name in CHECKPOINT_NAMES:
+            reached = name in positions[s]
+            results[s]["zero_shot"][name] = measure(s, zero_shot[s]) if reached else None
+
+    by_position: dict[int, list[tuple[str, str]]] = {}
+    for s in segments:
+        for name in CHECKPOINT_NAMES:
+            if name in positions[s]:
+                by_position.setdefault(positions[s][name], []).append((s, name))
+
+    sim = _WorkerSim(backbone, settings, set(segments))
+    snapshots = [round(len(stream) * j / plan.batch_snapshots) for j in range(1, plan.batch_snapshots + 1)]
+    seg_events: dict[str, list[ClickEvent]] = {s: [e for e in stream if e.segment == s] for s in segments}
+    naive_ks = [k for k in CHECKPOINTS if k > 0]
+
+    with _Progress(progress) as bars:
+        advance = bars.task("replay (worker)", len(stream))
+        for i, event in enumerate(stream):
+            for s, name in by_position.get(i, []):
+                results[s]["worker"][name] = measure(s, sim.score(s, pairs[s]))
+            sim.observe(event)
+            advance(1)
+        sim.train_shared_now()
+        for s, name in by_position.get(len(stream), []):
+            results[s]["worker"][name] = measure(s, sim.score(s, pairs[s]))
+
+        due: dict[int, list[tuple[str, str]]] = {}
+        for s in segments:
+            for name, pos in positions[s].items():
+                j = len(snapshots) - 1 if name == "end" else bisect.bisect_right(snapshots, pos) - 1
+                if j < 0:
+                    results[s]["batch"][name] = measure(s, zero_shot[s])
+                else:
+                    due.setdefault(j, []).append((s, name))
+        advance = bars.task("batch snapshots", len(due))
+        for j in sorted(due):
+            model = new_click_model(backbone, settings.seed)
+            fit(
+                backbone,
+                model,
+                stream[: snapshots[j]],
+                lr=settings.shared_lr,
+                epochs=plan.batch_epochs,
+                batch_size=settings.shared_batch_size,
+                weight_decay=settings.weight_decay,
+                seed=settings.seed,
+                warmup_frac=settings.warmup_frac,
+            )
+            for s, name in due[j]:
+                results[s]["batch"][name] = measure(s, score_segment(backbone, model, None, pairs[s]))
+            del model
+            advance(1)
+
+        advance = bars.task("naive per-segment", len(segments) * (len(naive_ks) + 1))
+        for s in segments:
+            results[s]["naive"]["0"] = measure(s, zero_shot[s])
+            sizes = {str(k): k for k in naive_ks if len(seg_events[s]) >= k}
+            sizes["end"] = len(seg_events[s])
+            for name in CHECKPOINT_NAMES[1:]:
+                if name not in sizes:
+                    results[s]["naive"][name] = None
+                    advance(1)
+                    continue
+                model = new_click_model(backbone, settings.seed)
+                fit(
+                    backbone,
+                    model,
+                    seg_events[s][: sizes[name]],
+                    lr=plan.naive_lr,
+                    epochs=plan.naive_epochs,
+                    batch_size=settings.batch_size,
+                    weight_decay=settings.weight_decay,
+                    seed=settings.seed,
+                )
+                results[s]["naive"][name] = measure(s, score_segment(backbone, model, None, pairs[s]))
+                advance(1)
+
+    for s in segments:
+        for proc in PROCEDURES:
+            for name in CHECKPOINT_NAMES:
+                results[s][proc].setdefault(name, None)
+    mean = {
+        proc: {name: _mean([results[s][proc][name] for s in segments]) for name in CHECKPOINT_NAMES}
+        for proc in PROCEDURES
+    }
+    return {
+        "quick": quick,
+        "segments": segments,
+        "mean": mean,
+        "per_segment": results,
+        "worker": {
+            "decisions": sim.decisions,
+            "promoted_worse_than_parent": sim.promoted_worse,
+            "adapters_dropped_after_shared_update": sim.adapters_dropped,
+            "adapters_serving_at_end": len(sim.adapters),
+            "train_seconds": round(sim.train_seconds, 1),
+            "shared_runs": sim.shared_log,
+        },
+        "stream_events": len(stream),
+        "holdout_pairs": {s: len(holdout[s]) for s in segments},
+        "device": str(backbone.device),
+        "settings": {
+            k: getattr(settings, k)
+            for k in (
+                "max_seq_len",
+                "batch_size",
+                "shared_batch_size",
+                "lora_rank",
+                "lora_alpha",
+                "adapter_lr",
+                "adapter_epochs",
+                "calibration_lr",
+                "shared_lr",
+                "shared_epochs",
+                "shared_every",
+                "shared_replay_frac",
+                "shared_holdout_frac",
+                "replay_frac",
+                "holdout_frac",
+                "min_new_events",
+                "gate_logloss_margin",
+                "seed",
+            )
+        },
+        "plan": {
+            "batch_snapshots": plan.batch_snapshots,
+            "batch_epochs": plan.batch_epochs,
+            "naive_epochs": plan.naive_epochs,
+            "naive_lr": plan.naive_lr,
+        },
+        "notes": [
+            *plan.notes,
+            "zero_shot probability: sigmoid(10 * (cosine - 0.35)), fixed, not fitted",
+            "batch: trained from scratch at evenly spaced stream positions; a checkpoint uses the latest "
+            "snapshot at or before it (zero-shot before the first)",
+            "naive '0' is zero-shot; naive 'end' is trained on all of the segment's replayed events",
+        ],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def plot_curve(result: dict[str, Any], path: Path) -> Path:
+    """Mean AUC per checkpoint, one line per procedure (PNG, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = list(range(len(CHECKPOINT_NAMES)))
+    for proc in PROCEDURES:
+        ys = [result["mean"][proc][name]["auc"] for name in CHECKPOINT_NAMES]
+        ax.plot(x, [np.nan if y is None else y for y in ys], marker="o", label=proc)
+    ax.set_xticks(x, list(CHECKPOINT_NAMES))
+    ax.set_xlabel("labelled events of the segment seen")
+    ax.set_ylabel(f"mean holdout AUC ({len(result['segments'])} segments)")
+    ax.set_title("quick evaluation" if result.get("quick") else "evaluation")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="homedepot", help="homedepot, a Home Depot .csv.gz or a .jsonl")
+    parser.add_argument("--holdout-frac", type=float, default=0.3, help="held-out query share (JSONL)")
+    parser.add_argument("--quick", action="store_true", help="a CPU-sized subset (see the notes)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of mean AUC per checkpoint")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"mean holdout AUC / log loss over {len(result['segments'])} segments")
+    table.add_column("procedure")
+    for name in CHECKPOINT_NAMES:
+        table.add_column(name, justify="right")
+    for proc in PROCEDURES:
+        cells = []
+        for name in CHECKPOINT_NAMES:
+            m = result["mean"][proc][name]
+            auc = "-" if m["auc"] is None else f"{m['auc']:.3f}"
+            ll = "-" if m["logloss"] is None else f"{m['logloss']:.3f}"
+            cells.append(f"{auc} / {ll}")
+        table.add_row(proc, *cells)
+    Console().print(table)
+
+
+def cli_main(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    settings = settings or load_settings()
+    dataset = load_dataset(args.data, holdout_frac=args.holdout_frac)
+    result = run_evaluation(dataset, settings, quick=args.quick, progress=not args.no_progress)
+    if args.plot is not None:
+        plot_curve(result, args.plot)
+    text = json.dumps(result, default=str)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    if args.json:
+        sys.stdout.write(text + "\n")
+    else:
+        _print_table(result)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.evaluate", description=__doc__)
+    add_arguments(parser)
+    return cli_main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
