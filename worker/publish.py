@@ -47,9 +47,7 @@ class Publisher:
         """Produce, serving delivery reports when the local queue is full instead of failing."""
         while True:
             try:
-                self.producer.produce(
-                    topic, key=key, value=value, headers=headers, on_delivery=self._on_delivery
-                )
+                self.producer.produce(topic, key=key, value=value, on_delivery=self._on_delivery)
                 return
             except BufferError:
                 self.producer.poll(0.1)
