@@ -339,7 +339,7 @@ class Buffer:
 
     # Writes
 
-    def _script_call(self, w: PartitionWrite, now_ms: int) -> tuple[list[str], list[Any], list[str]]:
+    def _script_call(self, w: PartitionWrite, now_ms: int) -> _Call:
         s = self.settings
         tag = self._tag(w.partition, w.topic)
         keys = [f"{tag}:offsets", f"{tag}:dedup", f"{tag}:stats", f"{tag}:segs"]
@@ -382,42 +382,48 @@ class Buffer:
 
     def write(self, writes: Sequence[PartitionWrite]) -> WriteResult:
         """Apply each partition's batch atomically (one script per partition, one round trip for all)."""
+        return self.send(writes).wait()
+
+    def send(self, writes: Sequence[PartitionWrite]) -> InflightWrite:
+        """Send the scripts of `write` without waiting for Redis; `wait()` on the result to finish it.
+
+        The caller can decode its next batch while Redis runs this one. Until `wait()` returns nothing is
+        known to be stored; a failed or repeated send is harmless (the scripts skip stored offsets).
+        """
         now_ms = int(time.time() * 1000)
         calls = [self._script_call(w, now_ms) for w in writes]
-        try:
-            replies = self._run_scripts(calls)
-        except redis.exceptions.NoScriptError:
-            self._write_sha = self.redis.script_load(_WRITE_LUA)  # type: ignore[no-untyped-call]
-            replies = self._run_scripts(calls)
-        added = dups = stale = dead = 0
-        states: list[SegmentState] = []
-        for w, (_, _, names), reply in zip(writes, calls, replies, strict=True):
-            added += int(reply[0])
-            dups += int(reply[1])
-            stale += int(reply[2])
-            dead += int(reply[3])
-            for j in range(4, len(reply), 6):
-                states.append(
-                    SegmentState(
-                        w.partition,
-                        names[int(reply[j]) - 1],
-                        int(reply[j + 1]),
-                        int(reply[j + 2]),
-                        int(reply[j + 3]),
-                        int(reply[j + 4]),
-                        int(reply[j + 5]),
-                    )
-                )
-        return WriteResult(added, dups, stale, dead, states)
+        return InflightWrite(self, list(writes), calls)
 
-    def _run_scripts(self, calls: list[tuple[list[str], list[Any], list[str]]]) -> list[list[Any]]:
-        if len(calls) == 1:
-            keys, args, _ = calls[0]
-            return [self.redis.evalsha(self._write_sha, len(keys), *keys, *args)]  # type: ignore[no-untyped-call]
-        pipe = self.redis.pipeline(transaction=False)
-        for keys, args, _ in calls:
-            pipe.evalsha(self._write_sha, len(keys), *keys, *args)
-        return pipe.execute()
+    def _send_calls(self, calls: list[_Call]) -> Any:
+        pool = self.redis.connection_pool
+        conn = pool.get_connection("EVALSHA")
+        try:
+            conn.send_packed_command(
+                conn.pack_commands(
+                    [("EVALSHA", self._write_sha, len(keys), *keys, *args) for keys, args, _ in calls]
+                )
+            )
+        except BaseException:
+            conn.disconnect()
+            pool.release(conn)
+            raise
+        return conn
+
+    def _read_replies(self, conn: Any, n: int) -> list[Any]:
+        pool = self.redis.connection_pool
+        replies: list[Any] = []
+        try:
+            for _ in range(n):
+                try:
+                    replies.append(conn.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        return replies
 
     # Reads
 
@@ -537,6 +543,59 @@ class Buffer:
         if batch:
             removed += int(self.redis.unlink(*batch))
         return removed
+
+
+_Call = tuple[list[str], list[Any], list[str]]
+
+
+class InflightWrite:
+    """A `Buffer.send` whose replies have not been read yet."""
+
+    def __init__(self, buffer: Buffer, writes: list[PartitionWrite], calls: list[_Call]) -> None:
+        self._buffer = buffer
+        self._writes = writes
+        self._calls = calls
+        self._result: WriteResult | None = None
+        self._conn = buffer._send_calls(calls) if calls else None
+
+    def wait(self) -> WriteResult:
+        """Block until Redis has applied every script of the write; idempotent."""
+        if self._result is not None:
+            return self._result
+        b, calls = self._buffer, self._calls
+        replies: list[Any] = []
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            replies = b._read_replies(conn, len(calls))
+        if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+            # Redis lost the script (restart, SCRIPT FLUSH): load it and run again; scripts that did run
+            # skip their now-stored offsets, so nothing is applied twice.
+            b._write_sha = b.redis.script_load(_WRITE_LUA)  # type: ignore[no-untyped-call]
+            replies = b._read_replies(b._send_calls(calls), len(calls))
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        added = dups = stale = dead = 0
+        states: list[SegmentState] = []
+        for w, (_, _, names), reply in zip(self._writes, calls, replies, strict=True):
+            added += int(reply[0])
+            dups += int(reply[1])
+            stale += int(reply[2])
+            dead += int(reply[3])
+            for j in range(4, len(reply), 6):
+                states.append(
+                    SegmentState(
+                        w.partition,
+                        names[int(reply[j]) - 1],
+                        int(reply[j + 1]),
+                        int(reply[j + 2]),
+                        int(reply[j + 3]),
+                        int(reply[j + 4]),
+                        int(reply[j + 5]),
+                    )
+                )
+        self._result = WriteResult(added, dups, stale, dead, states)
+        return self._result
 
 
 def _events(raw: Sequence[bytes]) -> list[ClickEvent]:

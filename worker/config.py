@@ -97,6 +97,22 @@ class Settings(BaseSettings):
         0.05, gt=0, lt=1, description="Share of events no model trains on; they gate the shared model."
     )
 
+    max_resident_adapters: int = Field(
+        256, ge=1, description="Segment adapters kept in memory (LRU); others load lazily from the store."
+    )
+    gate_auc_tolerance: float = Field(
+        0.0, ge=0, le=1, description="A challenger may trail the champion's AUC by this much (0: never)."
+    )
+    shared_bootstrap_min_events: int = Field(
+        256, ge=16, description="Events needed before the first shared model is trained."
+    )
+
+    train_backoff_s: float = Field(
+        30.0,
+        gt=0,
+        description="First wait after a failed training of a segment; doubles per failure, max 1 h.",
+    )
+
     # Runtime
     cache_dir: Path = Path(".cache")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

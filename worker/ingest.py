@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import queue
+import re
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from types import FrameType
 
 import orjson
@@ -41,7 +42,7 @@ from confluent_kafka import (
 )
 from pydantic import ValidationError
 
-from worker.buffer import Buffer, PartitionWrite, Pending, WriteResult, pair_key
+from worker.buffer import Buffer, InflightWrite, PartitionWrite, Pending, WriteResult, pair_key
 from worker.config import Settings, load_settings
 from worker.events import SCHEMA_VERSION, ClickEvent
 from worker.kafka import ensure_topics, make_consumer, make_producer
@@ -114,11 +115,68 @@ def _diagnose(value: bytes, exc: ValidationError) -> Rejection:
     return Rejection("schema", errors[:1000])
 
 
+_TS = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})?"
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_FIELDS = frozenset(ClickEvent.model_fields)
+_REQUIRED = frozenset(n for n, f in ClickEvent.model_fields.items() if f.is_required())
+
+
+def _fast_decode(value: bytes, lo_s: float, hi_s: float) -> tuple[str, str, int, bytes] | None:
+    """(segment, event_id, clicked, pair key) of a plainly valid event, or None: ask `decode`.
+
+    A stricter subset of `ClickEvent`'s rules (orjson instead of pydantic: about 3x cheaper). Anything it
+    does not accept outright (odd timestamp forms, booleans, unknown keys, bad values, too old or too new)
+    goes through `decode`, which gives the same answer for what this accepts and the reason for the rest.
+    """
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if type(doc) is not dict or not _REQUIRED <= doc.keys() <= _FIELDS:
+        return None
+    event_id, segment, item_id = doc["event_id"], doc["segment"], doc["item_id"]
+    item_text, clicked, ts = doc["item_text"], doc["clicked"], doc["ts"]
+    query = doc.get("query")
+    if (
+        type(event_id) is not str
+        or type(segment) is not str
+        or type(item_id) is not str
+        or type(item_text) is not str
+        or type(ts) is not str
+        or type(clicked) is not int
+        or not 0 < len(event_id) <= 256
+        or not 0 < len(item_id) <= 256
+        or not 0 < len(item_text) <= 8_192
+        or not 0 < len(segment) <= 16_384
+        or (clicked != 0 and clicked != 1)
+        or (query is not None and (type(query) is not str or len(query) > 2_048))
+        or (
+            "schema_version" in doc and (type(doc["schema_version"]) is not int or doc["schema_version"] != 1)
+        )
+        or _TS.fullmatch(ts) is None
+        or _CONTROL.search(segment) is not None
+    ):
+        return None
+    try:
+        when = datetime.fromisoformat(ts)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    t = when.timestamp()
+    if t < lo_s or t > hi_s:
+        return None
+    return segment, event_id, clicked, orjson.dumps([query, item_id])
+
+
 @dataclass(slots=True)
 class _Slot:
     next_offset: int = 0
     events: list[Pending] = field(default_factory=list)
     dead: list[tuple[int, str]] = field(default_factory=list)
+    ndead: int = 0
 
 
 @dataclass
@@ -168,6 +226,7 @@ class Ingestor:
         self._last_progress = time.monotonic()
         self._subscribed = False
         self._block_s = min(30.0, settings.max_poll_interval_ms / 1000 / 10)
+        self._inflight: tuple[InflightWrite, list[tuple[tuple[str, int], int]]] | None = None
 
     # Ownership and rebalancing
 
@@ -185,6 +244,7 @@ class Ingestor:
         self._subscribed = True
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.flush()
         by_topic: dict[str, list[int]] = {}
         for tp in partitions:
             by_topic.setdefault(tp.topic, []).append(tp.partition)
@@ -205,10 +265,12 @@ class Ingestor:
             self.trigger.assigned(tp.partition for tp in positioned)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.flush()
         self._commit(force=True, partitions={(tp.topic, tp.partition) for tp in partitions})
         self._forget(partitions, "revoked")
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.flush()
         self._forget(partitions, "lost")
 
     def _forget(self, partitions: list[TopicPartition], why: str) -> None:
@@ -240,11 +302,17 @@ class Ingestor:
         return self.stats
 
     def poll_once(self) -> int:
-        """One consume batch end to end; returns how many messages it handled."""
+        """One consume batch end to end; returns how many messages it handled.
+
+        The batch's Redis write is left in flight: the next call decodes its batch while Redis works, then
+        waits for it before sending its own (`flush` waits too; so do rebalances and `close`).
+        """
         s = self.settings
         msgs = self.consumer.consume(s.consume_batch, s.consume_timeout_s)
         if msgs:
-            self.process(msgs)
+            self._send(self._prepare(msgs))
+        else:
+            self.flush()
         self.producer.poll(0)
         if self.trigger is not None:
             self.trigger.tick()
@@ -255,44 +323,18 @@ class Ingestor:
 
     def process(self, msgs: Sequence[Message]) -> WriteResult | None:
         """Decode a batch, dead-letter the bad messages, write the rest and the offsets to Redis."""
-        s = self.settings
-        now_s = time.time()
-        slots: dict[tuple[str, int], _Slot] = {}
-        dead = 0
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    log.error("consume_error", error=str(err))
-                continue
-            key: tuple[str, int] = (msg.topic(), msg.partition())  # type: ignore[assignment]
-            slot = slots.get(key)
-            if slot is None:
-                slot = slots[key] = _Slot()
-            offset: int = msg.offset()  # type: ignore[assignment]
-            slot.next_offset = offset + 1
-            value: bytes = msg.value()  # type: ignore[assignment]
-            decoded = decode(value, s, now_s)
-            if type(decoded) is ClickEvent:
-                pair = pair_key(decoded.query, decoded.item_id)
-                slot.events.append(
-                    Pending(offset, decoded.segment, decoded.event_id, decoded.clicked, pair, value)
-                )
-            else:
-                assert isinstance(decoded, Rejection)
-                self._dead_letter(msg, decoded)
-                slot.dead.append((offset, decoded.code))
-                dead += 1
-        self.stats.consumed += len(msgs)
-        if not slots:
+        self._send(self._prepare(msgs))
+        return self.flush()
+
+    def flush(self) -> WriteResult | None:
+        """Wait for the write in flight, if any, and account for it; returns its result."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
             return None
-        if dead:
-            self._confirm_dead_letters()
-        result = self.buffer.write(
-            [PartitionWrite(t, p, slot.next_offset, slot.events, slot.dead) for (t, p), slot in slots.items()]
-        )
-        for key, slot in slots.items():
-            self._to_commit[key] = slot.next_offset
+        write, slots = inflight
+        result = write.wait()
+        for key, next_offset in slots:
+            self._to_commit[key] = next_offset
         st = self.stats
         st.batches += 1
         st.added += result.added
@@ -304,6 +346,61 @@ class Ingestor:
         if self.on_write is not None:
             self.on_write(result)
         return result
+
+    def _prepare(self, msgs: Sequence[Message]) -> dict[tuple[str, int], _Slot]:
+        s = self.settings
+        now_s = time.time()
+        lo, hi = now_s - s.max_event_age_s, now_s + s.max_clock_skew_s
+        max_bytes = s.max_message_bytes
+        slots: dict[tuple[str, int], _Slot] = {}
+        key: tuple[str, int] | None = None
+        slot = _Slot()
+        events = slot.events
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.error("consume_error", error=str(err))
+                continue
+            k: tuple[str, int] = (msg.topic(), msg.partition())  # type: ignore[assignment]
+            if k != key:
+                key = k
+                got = slots.get(k)
+                if got is None:
+                    got = slots[k] = _Slot()
+                slot = got
+                events = slot.events
+            offset: int = msg.offset()  # type: ignore[assignment]
+            slot.next_offset = offset + 1
+            value: bytes = msg.value()  # type: ignore[assignment]
+            fast = _fast_decode(value, lo, hi) if value is not None and len(value) <= max_bytes else None
+            if fast is not None:
+                events.append(Pending(offset, fast[0], fast[1], fast[2], fast[3], value))
+                continue
+            decoded = decode(value, s, now_s)
+            if type(decoded) is ClickEvent:
+                pair = pair_key(decoded.query, decoded.item_id)
+                events.append(
+                    Pending(offset, decoded.segment, decoded.event_id, decoded.clicked, pair, value)
+                )
+            else:
+                assert isinstance(decoded, Rejection)
+                self._dead_letter(msg, decoded)
+                slot.dead.append((offset, decoded.code))
+                slot.ndead += 1
+        self.stats.consumed += len(msgs)
+        return slots
+
+    def _send(self, slots: dict[tuple[str, int], _Slot]) -> None:
+        self.flush()
+        if not slots:
+            return
+        if any(slot.ndead for slot in slots.values()):
+            self._confirm_dead_letters()
+        write = self.buffer.send(
+            [PartitionWrite(t, p, slot.next_offset, slot.events, slot.dead) for (t, p), slot in slots.items()]
+        )
+        self._inflight = (write, [(key, slot.next_offset) for key, slot in slots.items()])
 
     def _dead_letter(self, msg: Message, why: Rejection) -> None:
         headers: list[tuple[str, str | bytes | None]] = list(msg.headers() or [])  # type: ignore[arg-type]
@@ -404,7 +501,13 @@ class Ingestor:
             )
 
     def close(self) -> None:
-        """Commit, leave the group (revoking, which commits again) and flush the dead-letter producer."""
+        """Finish the write in flight, commit, leave the group (revoking commits again), flush the DLQ."""
+        try:
+            self.flush()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
         self._commit(force=True)
         try:
             self.consumer.close()

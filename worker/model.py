@@ -154,7 +154,9 @@ class ClickModel(nn.Module):
 
 def _load_encoder(path: Path) -> Any:
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     return AutoModel.from_pretrained(str(path), local_files_only=True)
 
 

@@ -71,6 +71,7 @@ class Trigger:
         self._pending: dict[tuple[int, str], DueSegment] = {}
         self._waiting: dict[tuple[int, str], SegmentState] = {}
         self._recheck: set[tuple[int, str]] = set()
+        self._backoff: dict[tuple[int, str], float] = {}
         self.queued_total = 0
 
     @property
@@ -97,7 +98,7 @@ class Trigger:
         recheck: list[tuple[int, str]] = []
         with self._lock:
             for key, state in list(self._waiting.items()):
-                if cooldown_over(state, self.settings, now):
+                if cooldown_over(state, self.settings, now) and self._backoff.get(key, 0.0) <= now:
                     del self._waiting[key]
                     self._consider(state, now)
             recheck, self._recheck = list(self._recheck), set()
@@ -120,7 +121,7 @@ class Trigger:
         parts = set(partitions)
         with self._lock:
             self._owned -= parts
-            for store in (self._pending, self._waiting):
+            for store in (self._pending, self._waiting, self._backoff):
                 for key in [k for k in store if k[0] in parts]:
                     del store[key]
             self._queued = {k for k in self._queued if k[0] not in parts}
@@ -131,11 +132,16 @@ class Trigger:
         with self._lock:
             return job.partition in self._owned and (job.partition, job.segment) in self._queued
 
-    def done(self, job: DueSegment) -> None:
-        """The trainer finished (or skipped or failed) `job`: the segment may be queued again."""
+    def done(self, job: DueSegment, backoff_s: float = 0.0) -> None:
+        """The trainer finished (or skipped or failed) `job`: the segment may be queued again, but not
+        before `backoff_s` seconds when the run failed or could not start."""
         key = (job.partition, job.segment)
         with self._lock:
             self._queued.discard(key)
+            if backoff_s > 0:
+                self._backoff[key] = self.clock() + backoff_s
+            else:
+                self._backoff.pop(key, None)
             if job.partition in self._owned:
                 self._recheck.add(key)
 
@@ -146,7 +152,7 @@ class Trigger:
         if not meets_thresholds(state, self.settings):
             self._waiting.pop(key, None)
             return
-        if not cooldown_over(state, self.settings, now):
+        if not cooldown_over(state, self.settings, now) or self._backoff.get(key, 0.0) > now:
             self._waiting[key] = state
             return
         self._waiting.pop(key, None)

@@ -1,0 +1,406 @@
+"""`python -m worker run`: ingest, train and publish, wired together. The thin orchestrator.
+
+Threads:
+- main: the input consumer's poll loop (via `Ingestor`), the score-request consumer, the producer's
+  `poll()`. It never waits for a training.
+- compute: owns the models (`Learner`); answers score requests first, then runs a due shared run, then
+  one due segment training from the bounded queue. When that queue is full, ingest pauses its partitions.
+
+Shutdown (SIGTERM or SIGINT): stop consuming, let the running training finish within the grace period
+(or abandon it: nothing is recorded before its adapter directory is complete), flush the producer, exit 0.
+A second signal exits at once; Redis writes are atomic scripts and adapters are renamed into place, so
+nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+import redis
+import structlog
+from confluent_kafka import KafkaError, KafkaException, Message
+from pydantic import ValidationError
+
+from worker.buffer import Buffer, WriteResult
+from worker.config import ConfigError, Settings, load_settings
+from worker.events import ClickEvent, ScoreRequest, ScoreUpdate
+from worker.ingest import Ingestor
+from worker.kafka import ensure_topics, make_consumer
+from worker.learner import Learner
+from worker.logs import configure_logging
+from worker.publish import Publisher
+from worker.registry import Registry, VersionRecord
+from worker.trigger import DueSegment
+
+log = structlog.get_logger(__name__)
+
+REQUEST_QUEUE = 256
+
+
+@dataclass
+class WorkerStats:
+    trainings: dict[str, int] = field(default_factory=lambda: {"promoted": 0, "rejected": 0, "failed": 0})
+    shared_runs: dict[str, int] = field(default_factory=lambda: {"promoted": 0, "rejected": 0, "failed": 0})
+    scores_published: int = 0
+    requests_answered: int = 0
+    requests_rejected: int = 0
+
+
+class StartupError(RuntimeError):
+    """A dependency (Kafka, Redis, the model store) is unusable; the message says which and why."""
+
+
+def check_dependencies(settings: Settings, client: redis.Redis[bytes]) -> None:
+    """Fail at start-up, with the setting to look at, rather than on the first event."""
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        raise StartupError(f"Redis refused the credentials in WORKER_REDIS_URL: {exc}") from None
+    except redis.RedisError as exc:
+        raise StartupError(f"Redis at WORKER_REDIS_URL is not reachable: {exc}") from None
+    from worker.kafka import make_admin
+
+    try:
+        make_admin(settings).list_topics(timeout=15)
+    except KafkaException as exc:
+        raise StartupError(
+            f"Kafka at WORKER_KAFKA_BOOTSTRAP={settings.kafka_bootstrap} did not answer (check it and the "
+            f"WORKER_KAFKA_SASL_* credentials): {exc}"
+        ) from None
+    try:
+        settings.model_store.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"WORKER_MODEL_STORE={settings.model_store} is not usable: {exc}") from None
+
+
+class Worker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis: redis.Redis[bytes] = redis.Redis.from_url(settings.redis_url, socket_timeout=30)
+        check_dependencies(settings, self.redis)
+        ensure_topics(
+            settings,
+            [
+                settings.input_topic,
+                settings.dlq_topic,
+                settings.scores_topic,
+                settings.versions_topic,
+                settings.requests_topic,
+            ],
+        )
+        self.buffer = Buffer(settings, self.redis)
+        self.registry = Registry.from_settings(settings, self.redis)
+        self.publisher = Publisher(settings)
+        self.train_jobs: queue.Queue[DueSegment] = queue.Queue(settings.train_queue_size)
+        self.requests: queue.Queue[Message] = queue.Queue(REQUEST_QUEUE)
+        self.ingestor = Ingestor(settings, buffer=self.buffer, jobs=self.train_jobs, on_write=self._on_write)
+        self.request_consumer = make_consumer(
+            settings,
+            **{
+                "group.id": f"{settings.group_id}-requests",
+                "enable.auto.commit": True,
+                "enable.auto.offset.store": False,
+            },
+        )
+        self.learner: Learner | None = None
+        self.stats = WorkerStats()
+        self.stop = threading.Event()
+        self._since_shared = 0
+        self._shared_runs = 0
+        self._shared_seen: dict[tuple[int, str], int] = {}
+        self._failures: dict[tuple[int, str], int] = {}
+        self._compute_done = threading.Event()
+        self._compute = threading.Thread(target=self._compute_loop, name="compute", daemon=True)
+        self._signals = 0
+
+    # ---------------------------------------------------------------- main thread
+
+    def _on_write(self, result: WriteResult) -> None:
+        self._since_shared += result.added
+
+    def _poll_requests(self) -> None:
+        if self.requests.full():
+            return
+        for msg in self.request_consumer.consume(min(64, REQUEST_QUEUE - self.requests.qsize()), 0):
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.error("request_consume_error", error=str(err))
+                continue
+            self.requests.put_nowait(msg)
+
+    def run(self) -> int:
+        """Serve until `stop` is set, then drain; returns the exit code."""
+        log.info("starting", group=self.settings.group_id, topic=self.settings.input_topic)
+        self.learner = Learner(self.settings, self.registry)
+        self._compute.start()
+        self.ingestor.subscribe()
+        self.request_consumer.subscribe([self.settings.requests_topic])
+        try:
+            while not self.stop.is_set():
+                self.ingestor.poll_once()
+                self._poll_requests()
+                self.publisher.poll(0)
+                if self._compute_done.is_set():
+                    log.error("compute thread stopped unexpectedly")
+                    break
+        finally:
+            self._drain()
+        return 0
+
+    def _drain(self) -> None:
+        started = time.monotonic()
+        grace = self.settings.drain_grace_s
+        log.info("draining", grace_s=grace)
+        self.ingestor.close()
+        self.stop.set()
+        self._compute.join(timeout=max(0.0, grace * 0.8 - (time.monotonic() - started)))
+        if self._compute.is_alive():
+            log.warning("abandoning the running training: grace period is over")
+        try:
+            self.request_consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("request consumer close failed", error=str(exc))
+        remaining = max(1.0, grace - (time.monotonic() - started))
+        try:
+            self.publisher.flush(remaining)
+        except Exception as exc:
+            log.error("flush failed", error=str(exc))
+        log.info("stopped", seconds=round(time.monotonic() - started, 3), **self.publisher.stats())
+
+    def handle_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal: exiting now", signal=signal.Signals(signum).name)
+            os._exit(130)
+        log.info("signal: draining", signal=signal.Signals(signum).name)
+        self.stop.set()
+
+    # ---------------------------------------------------------------- compute thread
+
+    def _compute_loop(self) -> None:
+        try:
+            while not self.stop.is_set():
+                try:
+                    self._answer(self.requests.get_nowait())
+                    continue
+                except queue.Empty:
+                    pass
+                if self._shared_due():
+                    self._run_shared()
+                    continue
+                try:
+                    job = self.train_jobs.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                self._run_segment(job)
+        except Exception:
+            log.exception("compute thread crashed")
+        finally:
+            self._compute_done.set()
+
+    def _shared_due(self) -> bool:
+        return self._since_shared >= self.settings.shared_every and bool(self.ingestor.owned_partitions())
+
+    def _pool(self) -> tuple[list[ClickEvent], list[ClickEvent]]:
+        """Events of every owned segment from the buffer: those new since the last shared run, and older."""
+        new: list[ClickEvent] = []
+        older: list[ClickEvent] = []
+        for partition in sorted(self.ingestor.owned_partitions()):
+            for segment in self.buffer.segments(partition):
+                snap = self.buffer.training_snapshot(partition, segment)
+                events = [*snap.sample_events, *snap.new_events]
+                seen = self._shared_seen.get((partition, segment), 0)
+                fresh = max(0, min(len(events), snap.seq_to - seen))
+                older.extend(events[: len(events) - fresh])
+                new.extend(events[len(events) - fresh :])
+                self._shared_seen[(partition, segment)] = snap.seq_to
+        return new, older
+
+    def _run_shared(self) -> VersionRecord | None:
+        assert self.learner is not None
+        self._since_shared = 0
+        new, older = self._pool()
+        if not new:
+            return None
+        self._shared_runs += 1
+        rec, _ = self.learner.train_shared(new, older, (0, len(new)), self._shared_runs)
+        self.stats.shared_runs[rec.decision] += 1
+        log.info(
+            "shared run",
+            model_version=rec.version,
+            decision=rec.decision,
+            reason=rec.reason,
+            events=len(new),
+            seconds=rec.train_seconds,
+        )
+        self.publisher.version(rec.event())
+        return rec
+
+    def _backoff_s(self, job: DueSegment, outcome: str) -> float:
+        """0 after a run that counted; a fixed wait while no shared model serves; after failures in a row,
+        twice as long each time."""
+        key = (job.partition, job.segment)
+        if outcome == "ok":
+            self._failures.pop(key, None)
+            return 0.0
+        if outcome == "wait":
+            return self.settings.train_backoff_s
+        self._failures[key] = self._failures.get(key, 0) + 1
+        return float(min(3600.0, self.settings.train_backoff_s * 2 ** (self._failures[key] - 1)))
+
+    def _run_segment(self, job: DueSegment) -> None:
+        assert self.learner is not None
+        bound = log.bind(segment=job.segment, partition=job.partition)
+        outcome = "failed"
+        try:
+            if not self.ingestor.trigger or not self.ingestor.trigger.still_owned(job):
+                bound.info("skipping training: partition no longer owned")
+                outcome = "ok"
+                return
+            snap = self.buffer.training_snapshot(job.partition, job.segment)
+            if not snap.new_events:
+                outcome = "ok"
+                return
+            seq = (snap.seq_from, snap.seq_to)
+            out = self.learner.train_segment(job.segment, snap.new_events, snap.sample_events, seq)
+            if out is None and self._bootstrap_shared():
+                out = self.learner.train_segment(job.segment, snap.new_events, snap.sample_events, seq)
+            if out is None:
+                bound.info("no shared model serves yet: segment waits")
+                outcome = "wait"
+                return
+            rec, _ = out
+            self.stats.trainings[rec.decision] += 1
+            bound.info(
+                "segment run",
+                model_version=rec.version,
+                decision=rec.decision,
+                reason=rec.reason,
+                events=len(snap.new_events),
+                seq_from=snap.seq_from,
+                seq_to=snap.seq_to,
+                seconds=rec.train_seconds,
+            )
+            self.publisher.version(rec.event())
+            if rec.decision == "promoted":
+                self._publish_scores(job.partition, job.segment)
+            if rec.decision != "failed":
+                self.buffer.mark_trained(job.partition, job.segment, snap.seq_to)
+                outcome = "ok"
+        except Exception:
+            bound.exception("training job failed")
+        finally:
+            if self.ingestor.trigger is not None:
+                backoff = self._backoff_s(job, outcome)
+                if backoff:
+                    bound.info("backing off", seconds=backoff)
+                self.ingestor.trigger.done(job, backoff_s=backoff)
+
+    def _bootstrap_shared(self) -> bool:
+        """The first segment run needs a shared model: train one now if enough events are buffered."""
+        assert self.learner is not None
+        if self.learner.shared is not None or self._shared_runs > 0:
+            return False
+        total = sum(
+            self.buffer.counts(p, s).events
+            for p in self.ingestor.owned_partitions()
+            for s in self.buffer.segments(p)
+        )
+        if total < self.settings.shared_bootstrap_min_events:
+            return False
+        rec = self._run_shared()
+        return rec is not None and rec.decision == "promoted"
+
+    def _publish_scores(self, partition: int, segment: str) -> None:
+        assert self.learner is not None
+        candidates = self.buffer.candidates(partition, segment)
+        if not candidates:
+            return
+        probs, version = self.learner.score(segment, [(c.query, c.item_text) for c in candidates])
+        now = datetime.now(UTC)
+        updates = [
+            ScoreUpdate(
+                segment=segment,
+                query=c.query,
+                item_id=c.item_id,
+                score=float(p),
+                model_version=version,
+                scored_at=now,
+            )
+            for c, p in zip(candidates, probs, strict=True)
+        ]
+        self.stats.scores_published += self.publisher.scores(updates)
+
+    def _answer(self, msg: Message) -> None:
+        assert self.learner is not None
+        try:
+            request = ScoreRequest.model_validate_json(msg.value() or b"")
+        except ValidationError as exc:
+            self.stats.requests_rejected += 1
+            log.warning("bad score request", offset=msg.offset(), error=str(exc)[:300])
+        else:
+            pairs = [(p.query, p.item_text) for p in request.pairs]
+            probs, version = self.learner.score(request.segment, pairs)
+            now = datetime.now(UTC)
+            self.publisher.scores(
+                [
+                    ScoreUpdate(
+                        segment=request.segment,
+                        query=p.query,
+                        item_id=p.item_id,
+                        score=float(prob),
+                        model_version=version,
+                        scored_at=now,
+                        request_id=request.request_id,
+                    )
+                    for p, prob in zip(request.pairs, probs, strict=True)
+                ]
+            )
+            self.stats.requests_answered += 1
+        self.request_consumer.store_offsets(message=msg)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "trainings": self.stats.trainings,
+            "shared_runs": self.stats.shared_runs,
+            "scores_published": self.stats.scores_published,
+            "requests_answered": self.stats.requests_answered,
+            "ingest": vars(self.ingestor.stats),
+        }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--exit-after", type=float, default=None, metavar="S", help="drain and exit after S seconds"
+    )
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        worker = Worker(settings)
+    except StartupError as exc:
+        log.error("start-up failed", error=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, worker.handle_signal)
+    signal.signal(signal.SIGINT, worker.handle_signal)
+    if args.exit_after is not None:
+        threading.Timer(args.exit_after, worker.stop.set).start()
+    return worker.run()

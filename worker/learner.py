@@ -1,0 +1,248 @@
+"""The compute side of the worker: which data a training run sees, and the models it serves from.
+
+`segment_training_data` and `shared_training_data` are the data policy; the offline evaluation calls the
+same functions, so what it measures is what the worker does. `Learner` holds the shared model and an LRU
+of segment adapters, runs trainings through `worker.train`, and records every decision in the registry.
+It is owned by one thread (the worker's compute thread), so it takes no locks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import structlog
+
+from worker.config import Settings
+from worker.events import ClickEvent, HoldoutMetrics
+from worker.model import (
+    ClickModel,
+    Pair,
+    SegmentAdapter,
+    base_model_path,
+    load_adapter,
+    load_backbone,
+    load_shared,
+    save_adapter,
+    save_shared,
+)
+from worker.registry import SHARED_SEGMENT, Registry, VersionRecord
+from worker.train import (
+    Metrics,
+    TrainResult,
+    is_holdout,
+    sample_replay,
+    score_segment,
+    train_segment_adapter,
+    train_shared,
+)
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    new: list[ClickEvent]
+    replay: list[ClickEvent]
+    holdout: list[ClickEvent]
+
+
+def segment_training_data(
+    new: Sequence[ClickEvent], older: Sequence[ClickEvent], settings: Settings, run: int
+) -> TrainingData:
+    """New events minus the segment's holdout slice, a replay sample of its older events, and the holdout.
+
+    Holdout membership is a hash of the event id, so an event is held out in every run and never trained on.
+    """
+    frac = settings.holdout_frac
+    train_new = [e for e in new if not is_holdout(e.event_id, frac)]
+    old = [e for e in older if not is_holdout(e.event_id, frac)]
+    holdout = [e for e in (*older, *new) if is_holdout(e.event_id, frac)]
+    replay = sample_replay(old, round(len(train_new) * settings.replay_frac), settings.seed + run)
+    return TrainingData(train_new, replay, holdout)
+
+
+def shared_training_data(
+    new: Sequence[ClickEvent], older: Sequence[ClickEvent], settings: Settings, run: int
+) -> TrainingData:
+    """All segments' new events and a replay of older ones, minus the pooled holdout no model trains on."""
+    frac = settings.shared_holdout_frac
+    train_new = [e for e in new if not is_holdout(e.event_id, frac)]
+    old = [e for e in older if not is_holdout(e.event_id, frac)]
+    held = [e for e in (*older, *new) if is_holdout(e.event_id, frac)]
+    replay = sample_replay(old, round(len(train_new) * settings.shared_replay_frac), settings.seed + run)
+    return TrainingData(train_new, replay, sample_replay(held, settings.shared_holdout_cap, settings.seed))
+
+
+def _wire_metrics(m: Metrics | None) -> HoldoutMetrics | None:
+    if m is None or m.n == 0:
+        return None
+    logloss = m.logloss if np.isfinite(m.logloss) else 1e9
+    return HoldoutMetrics(auc=m.auc, logloss=logloss, n=m.n)
+
+
+def clean_partial_dirs(store: Path) -> int:
+    """Remove temp directories a killed process left behind; the registry never points at them."""
+    removed = 0
+    if not store.exists():
+        return 0
+    for parent, dirs, _ in os.walk(store):
+        for name in list(dirs):
+            if name.startswith(".") and ".tmp-" in name:
+                shutil.rmtree(Path(parent) / name, ignore_errors=True)
+                dirs.remove(name)
+                removed += 1
+    return removed
+
+
+class Learner:
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.shared_registry = registry.shared()
+        self.backbone = load_backbone(settings)
+        self.base_model = str(base_model_path(settings))
+        self.shared: ClickModel | None = None
+        self.shared_version = 0
+        self._shared_next: ClickModel | None = None
+        self._adapters: OrderedDict[str, tuple[int, SegmentAdapter]] = OrderedDict()
+        clean_partial_dirs(settings.model_store)
+
+    @property
+    def device(self) -> str:
+        return str(self.backbone.device)
+
+    # Serving
+
+    def refresh_shared(self) -> None:
+        """Load the shared champion if the registry has a newer one (another worker may have promoted it)."""
+        champion = self.shared_registry.champion(SHARED_SEGMENT)
+        if champion is None or champion.version == self.shared_version or champion.adapter is None:
+            return
+        self.shared, _ = load_shared(Path(champion.adapter), self.backbone)
+        self.shared.eval()
+        self.shared_version = champion.version
+        self._shared_next = None
+        log.info("shared model loaded", model_version=champion.version)
+
+    def adapter(self, segment: str) -> tuple[int, SegmentAdapter | None]:
+        """The segment's champion version and adapter (loaded lazily, kept in an LRU); 0 and None if none."""
+        version = self.registry.champion_version(segment)
+        if version is None:
+            self._adapters.pop(segment, None)
+            return 0, None
+        cached = self._adapters.get(segment)
+        if cached is not None and cached[0] == version:
+            self._adapters.move_to_end(segment)
+            return cached
+        record = self.registry.get(segment, version)
+        if record is None or record.adapter is None:
+            return 0, None
+        adapter, _ = load_adapter(Path(record.adapter))
+        self._adapters[segment] = (version, adapter)
+        while len(self._adapters) > self.settings.max_resident_adapters:
+            self._adapters.popitem(last=False)
+        return version, adapter
+
+    def score(self, segment: str, pairs: Sequence[Pair]) -> tuple[np.ndarray, int]:
+        """Probabilities and the version that produced them (0: shared model or zero-shot)."""
+        self.refresh_shared()
+        version, adapter = self.adapter(segment) if self.shared is not None else (0, None)
+        return score_segment(self.backbone, self.shared, adapter, pairs), version
+
+    # Training
+
+    def _record(
+        self,
+        registry: Registry,
+        segment: str,
+        result: TrainResult,
+        parent: int | None,
+        events: tuple[int, int],
+        save: object | None,
+        scope: Literal["segment", "shared"],
+    ) -> VersionRecord:
+        version = registry.next_version(segment)
+        decision, reason, adapter_dir = result.decision, result.reason, None
+        if result.promoted and save is not None:
+            target = registry.adapter_dir(segment, version)
+            meta = {"segment": segment, "version": version, "base_model": self.base_model, "parent": parent}
+            try:
+                if isinstance(save, SegmentAdapter):
+                    save_adapter(target, save, meta)
+                else:
+                    assert isinstance(save, ClickModel)
+                    save_shared(target, save, meta)
+                adapter_dir = str(target)
+            except OSError as exc:
+                decision, reason = "failed", f"model store: {exc}"
+        rec = VersionRecord(
+            scope=scope,
+            segment=segment,
+            version=version,
+            parent_version=parent,
+            decision=decision,
+            reason=reason,
+            base_model=self.base_model,
+            events_from=events[0],
+            events_to=events[1],
+            challenger=_wire_metrics(result.challenger),
+            champion=_wire_metrics(result.champion),
+            device=result.device,
+            train_seconds=round(result.train_seconds, 4),
+            created_at=datetime.now(UTC),
+            adapter=adapter_dir,
+        )
+        registry.record(rec)
+        return rec
+
+    def train_segment(
+        self, segment: str, new: Sequence[ClickEvent], older: Sequence[ClickEvent], seq: tuple[int, int]
+    ) -> tuple[VersionRecord, TrainResult] | None:
+        """One incremental fine-tune of the segment's adapter; None when no shared model serves yet."""
+        self.refresh_shared()
+        if self.shared is None:
+            return None
+        data = segment_training_data(new, older, self.settings, seq[1])
+        parent, champion = self.adapter(segment)
+        result = train_segment_adapter(
+            self.backbone, self.shared, champion, data.new, data.replay, data.holdout, self.settings
+        )
+        rec = self._record(self.registry, segment, result, parent or None, seq, result.adapter, "segment")
+        if rec.decision == "promoted" and result.adapter is not None:
+            self._adapters[segment] = (rec.version, result.adapter)
+        return rec, result
+
+    def train_shared(
+        self, new: Sequence[ClickEvent], older: Sequence[ClickEvent], events: tuple[int, int], run: int
+    ) -> tuple[VersionRecord, TrainResult]:
+        """One shared run, continued from the last challenger (or champion), gated against the champion."""
+        self.refresh_shared()
+        data = shared_training_data(new, older, self.settings, run)
+        start = self._shared_next if self._shared_next is not None else self.shared
+        result = train_shared(
+            self.backbone,
+            start,
+            data.new,
+            data.replay,
+            data.holdout,
+            self.settings.model_copy(update={"seed": self.settings.seed + run}),
+            champion=self.shared,
+        )
+        parent = self.shared_version or None
+        rec = self._record(
+            self.shared_registry, SHARED_SEGMENT, result, parent, events, result.shared, "shared"
+        )
+        if result.shared is not None:
+            self._shared_next = result.shared
+        if rec.decision == "promoted" and result.shared is not None:
+            self.shared = result.shared.eval()
+            self.shared_version = rec.version
+        return rec, result
