@@ -295,3 +295,48 @@ def test_two_consumers_split_the_segments_and_a_rebalance_loses_and_doubles_noth
     assert len(ids) == n and set(ids) == {d["event_id"] for d in docs}
     assert b_only, "the second consumer stored segments of its own"
     buffer.purge()
+
+
+def test_fast_path_agrees_with_pydantic_on_valid_and_odd_events(settings: Settings) -> None:
+    """The orjson fast path accepts only what `decode` accepts, with the same fields; the rest falls back."""
+    from worker.buffer import pair_key
+    from worker.ingest import _fast_decode
+
+    now = time.time()
+    lo, hi = now - settings.max_event_age_s, now + settings.max_clock_skew_s
+    base = event_doc(1, "seg")
+    variants: list[object] = [
+        base,
+        {**base, "query": None},
+        {k: v for k, v in base.items() if k not in ("query", "schema_version")},
+        {**base, "ts": "2026-01-02T03:04:05"},
+        {**base, "ts": "2026-01-02T03:04:05.5+02:00"},
+        {**base, "ts": "2026-01-02 03:04:05Z"},
+        {**base, "ts": "2026-01-02"},
+        {**base, "ts": 1767000000},
+        {**base, "ts": "2026-13-02T03:04:05Z"},
+        {**base, "ts": "2001-01-01T00:00:00Z"},
+        {**base, "clicked": True},
+        {**base, "clicked": 1.0},
+        {**base, "clicked": 2},
+        {**base, "schema_version": 2},
+        {**base, "schema_version": True},
+        {**base, "extra": 1},
+        {**base, "segment": "a\nb"},
+        {**base, "segment": ""},
+        {**base, "segment": "é" * 16_384},
+        {**base, "segment": "é" * 16_385},
+        {**base, "event_id": 5},
+        {**base, "item_text": ""},
+        {**base, "query": "q" * 2_049},
+        [base],
+    ]
+    for doc in variants:
+        raw = orjson.dumps(doc)
+        fast = _fast_decode(raw, lo, hi)
+        slow = decode(raw, settings, now)
+        if fast is not None:
+            assert not isinstance(slow, Rejection), doc
+            assert fast == (slow.segment, slow.event_id, slow.clicked, pair_key(slow.query, slow.item_id))
+    assert _fast_decode(orjson.dumps(base), lo, hi) is not None
+    assert _fast_decode(b'{"event_id": "x', lo, hi) is None

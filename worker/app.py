@@ -234,6 +234,7 @@ class Worker:
         if not new:
             return None
         self._shared_runs += 1
+        log.info("shared training", events=len(new), older=len(older))
         rec, _ = self.learner.train_shared(new, older, (0, len(new)), self._shared_runs)
         self.stats.shared_runs[rec.decision] += 1
         log.info(
@@ -273,6 +274,7 @@ class Worker:
                 outcome = "ok"
                 return
             seq = (snap.seq_from, snap.seq_to)
+            bound.info("training", events=len(snap.new_events), seq_from=snap.seq_from, seq_to=snap.seq_to)
             out = self.learner.train_segment(job.segment, snap.new_events, snap.sample_events, seq)
             if out is None and self._bootstrap_shared():
                 out = self.learner.train_segment(job.segment, snap.new_events, snap.sample_events, seq)

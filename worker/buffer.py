@@ -23,6 +23,11 @@ and by size (`dedup_max_ids`) inside the same script, so memory is bounded, and 
 partition's slot, so the check and the write are one atomic step. Producers key by segment, so a
 redelivered event comes back on the same partition; dedup's scope is the partition.
 
+The write script gets the four partition keys in KEYS and builds the segment keys from the same prefix
+(one packed argument carries every segment's events, one string carries the reply: per-argument and
+per-element costs in redis-py were most of the Python time). All of them share the partition's hash tag,
+so on Redis Cluster they are in the script's slot, though not declared.
+
 The write script also skips any message whose offset is below the stored `next`: a replayed or zombie
 batch changes nothing, which is what makes results effectively-once on top of at-least-once delivery.
 """
@@ -53,6 +58,7 @@ local now = ARGV[1]
 local dedup_max, new_cap = tonumber(ARGV[3]), tonumber(ARGV[4])
 local sample_cap, cand_cap = tonumber(ARGV[5]), tonumber(ARGV[6])
 local nseg, ndead = tonumber(ARGV[8]), tonumber(ARGV[9])
+local tag = string.sub(KEYS[1], 1, -9)
 local stored = tonumber(redis.call('HGET', KEYS[1], 'next') or '-1')
 local check = stored > tonumber(ARGV[10])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2])
@@ -68,13 +74,17 @@ local function split(s)
     pos = e + 1
   end
 end
-local ids, segs = {}, {}
+local ids, segs, hs, names = {}, {}, {}, {}
+local blob = split(ARGV[11])
+local at = 1
 for i = 1, nseg do
-  local f = split(ARGV[10 + i * 4])
-  segs[i] = f
-  for b = 2, #f, 4 do ids[#ids + 1] = f[b] end
+  hs[i], names[i] = blob[at], blob[at + 1]
+  local first, last = at + 3, at + 2 + 4 * tonumber(blob[at + 2])
+  segs[i] = {first, last}
+  for b = first + 1, last, 4 do ids[#ids + 1] = blob[b] end
+  at = last + 1
 end
-local deadbase = 11 + nseg * 4
+local deadbase = 12
 local known = {}
 for s = 1, #ids, 4000 do
   local part = redis.call('ZMSCORE', KEYS[2], unpack(ids, s, math.min(s + 3999, #ids)))
@@ -84,10 +94,9 @@ local seen, fresh = {}, {}
 local idx, added, dups, stale = 0, 0, 0, 0
 local out = {0, 0, 0, 0}
 for i = 1, nseg do
-  local f = segs[i]
-  local base = 7 + i * 4
+  local f = blob
   local items, prs, pos, dup = {}, {}, 0, 0
-  for b = 1, #f, 4 do
+  for b = segs[i][1], segs[i][2], 4 do
     idx = idx + 1
     local id = f[b + 1]
     if check and tonumber(f[b]) < stored then
@@ -106,9 +115,9 @@ for i = 1, nseg do
   end
   local n = #items
   if n > 0 or dup > 0 then
-    local k0 = 4 + (i - 1) * 5
-    local meta, new, sample = KEYS[k0 + 1], KEYS[k0 + 2], KEYS[k0 + 3]
-    local cand, candz = KEYS[k0 + 4], KEYS[k0 + 5]
+    local k0 = tag .. ':seg:' .. hs[i] .. ':'
+    local meta, new, sample = k0 .. 'meta', k0 .. 'new', k0 .. 'sample'
+    local cand, candz = k0 .. 'cand', k0 .. 'candz'
     local m = redis.call('HMGET', meta, 'seq', 'pos', 'neg', 'new_pos', 'new_neg', 'dropped', 'duplicates',
       'ncand', 'last_trained_ms')
     local seq = tonumber(m[1] or '0')
@@ -117,8 +126,8 @@ for i = 1, nseg do
     local newlen = 0
     if n > 0 then
       if seq == 0 then
-        redis.call('HSET', meta, 'name', ARGV[base + 1])
-        redis.call('SADD', KEYS[4], ARGV[base])
+        redis.call('HSET', meta, 'name', names[i])
+        redis.call('SADD', KEYS[4], hs[i])
       end
       newlen = chunked('RPUSH', new, items, 4000)
       if newlen > new_cap then
@@ -190,7 +199,7 @@ if #fresh > 0 then
   if ndedup > dedup_max then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, ndedup - dedup_max - 1) end
 end
 out[1], out[2], out[3], out[4] = added, dups, stale, dead
-return out
+return table.concat(out, ',')
 """
 
 _MARK_TRAINED_LUA = r"""
@@ -342,7 +351,6 @@ class Buffer:
     def _script_call(self, w: PartitionWrite, now_ms: int) -> _Call:
         s = self.settings
         tag = self._tag(w.partition, w.topic)
-        keys = [f"{tag}:offsets", f"{tag}:dedup", f"{tag}:stats", f"{tag}:segs"]
         groups: dict[str, list[bytes]] = {}
         for e in w.events:
             group = groups.get(e.segment)
@@ -354,6 +362,14 @@ class Buffer:
                 (b"1" if e.clicked else b"0") + e.payload,
                 e.pair,
             )
+        blob: list[bytes] = []
+        for name, group in groups.items():
+            blob += (
+                self._hash(name).encode(),
+                name.encode("utf-8", "surrogatepass"),
+                b"%d" % (len(group) // 4),
+            )
+            blob += group
         args: list[Any] = [
             now_ms,
             now_ms - s.dedup_ttl_s * 1000,
@@ -365,19 +381,11 @@ class Buffer:
             len(groups),
             len(w.dead),
             min((e.offset for e in w.events), default=w.next_offset),
+            _SEP.join(blob),
         ]
-        for name, group in groups.items():
-            h = self._hash(name)
-            keys += (
-                f"{tag}:seg:{h}:meta",
-                f"{tag}:seg:{h}:new",
-                f"{tag}:seg:{h}:sample",
-                f"{tag}:seg:{h}:cand",
-                f"{tag}:seg:{h}:candz",
-            )
-            args += (h, name, len(group) // 4, _SEP.join(group))
         for offset, code in w.dead:
             args += (offset, code)
+        keys = [f"{tag}:offsets", f"{tag}:dedup", f"{tag}:stats", f"{tag}:segs"]
         return keys, args, list(groups)
 
     def write(self, writes: Sequence[PartitionWrite]) -> WriteResult:
@@ -396,12 +404,10 @@ class Buffer:
 
     def _send_calls(self, calls: list[_Call]) -> Any:
         pool = self.redis.connection_pool
-        conn = pool.get_connection("EVALSHA")
+        conn = pool.get_connection()
         try:
             conn.send_packed_command(
-                conn.pack_commands(
-                    [("EVALSHA", self._write_sha, len(keys), *keys, *args) for keys, args, _ in calls]
-                )
+                [b"".join(_resp(["EVALSHA", self._write_sha, len(k), *k, *a]) for k, a, _ in calls)]
             )
         except BaseException:
             conn.disconnect()
@@ -548,6 +554,15 @@ class Buffer:
 _Call = tuple[list[str], list[Any], list[str]]
 
 
+def _resp(parts: list[Any]) -> bytes:
+    """One command in RESP (bytes, str and int arguments): cheaper than redis-py's packer for big blobs."""
+    out = [b"*%d\r\n" % len(parts)]
+    for p in parts:
+        b = p if type(p) is bytes else str(p).encode()
+        out += (b"$%d\r\n" % len(b), b, b"\r\n")
+    return b"".join(out)
+
+
 class InflightWrite:
     """A `Buffer.send` whose replies have not been read yet."""
 
@@ -577,7 +592,8 @@ class InflightWrite:
                 raise r
         added = dups = stale = dead = 0
         states: list[SegmentState] = []
-        for w, (_, _, names), reply in zip(self._writes, calls, replies, strict=True):
+        for w, (_, _, names), raw in zip(self._writes, calls, replies, strict=True):
+            reply = raw.split(b",")
             added += int(reply[0])
             dups += int(reply[1])
             stale += int(reply[2])

@@ -6,9 +6,10 @@ assignment the consumer seeks to the offsets stored in Redis. A crash between th
 Kafka commit therefore neither loses nor doubles an event; Kafka commits are asynchronous and only feed
 lag monitoring.
 
-Nothing is held in memory between consume calls: a batch is fully written before the next `consume()`,
-and rebalance callbacks run inside `consume()`, so on revoke everything of the revoked partitions is
-already stored; the callback only commits to Kafka and forgets the partitions' trigger state.
+At most one batch's Redis write is in flight: `poll_once` sends it and returns, and the next call decodes
+its batch while Redis runs the scripts, then waits for them before sending its own. Rebalance callbacks
+(which run inside `consume()`) and `close` wait for the write in flight first, so on revoke everything of
+the revoked partitions is stored; Kafka offsets, stats and the trigger only see a write once it is done.
 
 Dead letters are produced, then confirmed by a producer flush, *before* the Redis write that covers their
 offsets. A crash between the two re-dead-letters the message after restart: the DLQ is at-least-once.

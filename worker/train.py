@@ -102,7 +102,9 @@ def metrics(labels: np.ndarray, probs: np.ndarray) -> Metrics:
     return Metrics(auc, logloss, n)
 
 
-def gate(challenger: Metrics | None, champion: Metrics | None, margin: float) -> tuple[bool, str]:
+def gate(
+    challenger: Metrics | None, champion: Metrics | None, margin: float, auc_tolerance: float = 0.0
+) -> tuple[bool, str]:
     """Promote only if holdout AUC is not lower and log loss not worse than the champion's by > margin."""
     if challenger is None or challenger.n == 0:
         return False, "no holdout events to judge the challenger"
@@ -110,7 +112,7 @@ def gate(challenger: Metrics | None, champion: Metrics | None, margin: float) ->
         return False, "challenger log loss is not finite"
     if champion is None or champion.n == 0 or not math.isfinite(champion.logloss):
         return True, "no comparable champion"
-    if challenger.auc is not None and champion.auc is not None and challenger.auc < champion.auc - AUC_TIE:
+    if challenger.auc is not None and champion.auc is not None and challenger.auc < champion.auc - AUC_TIE - auc_tolerance:
         return False, f"holdout AUC {challenger.auc:.4f} < champion {champion.auc:.4f}"
     if challenger.logloss > champion.logloss + margin:
         return False, (
@@ -288,7 +290,7 @@ def train_shared(
         challenger = evaluate_model(backbone, challenger_model, holdout_events)
     except Exception as exc:
         return _failed(f"{type(exc).__name__}: {exc}", started, backbone, champion_metrics, losses)
-    ok, reason = gate(challenger, champion_metrics, settings.gate_logloss_margin)
+    ok, reason = gate(challenger, champion_metrics, settings.gate_logloss_margin, settings.gate_auc_tolerance)
     return TrainResult(
         "promoted" if ok else "rejected",
         reason,
@@ -361,7 +363,7 @@ def train_segment_adapter(
         adapter = extract_adapter(seg)
     except Exception as exc:
         return _failed(f"{type(exc).__name__}: {exc}", started, backbone, champion, losses)
-    ok, reason = gate(challenger, champion, settings.gate_logloss_margin)
+    ok, reason = gate(challenger, champion, settings.gate_logloss_margin, settings.gate_auc_tolerance)
     return TrainResult(
         "promoted" if ok else "rejected",
         reason,

@@ -1,0 +1,233 @@
+"""The running worker end to end: real Kafka, real Redis, real `python -m worker run` processes.
+
+The gate is opened wide here (`WORKER_GATE_AUC_TOLERANCE=1`, a huge log-loss margin) so that every
+challenger is promoted and the publishing path is exercised on a small CPU budget; the gate's own
+decisions are tested in test_train.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from worker.buffer import Buffer
+from worker.config import Settings
+from worker.datasets import load_homedepot
+from worker.events import ClickEvent
+from worker.kafka import ensure_topics, partition_count
+from worker.replay import produce_events
+
+pytestmark = pytest.mark.integration
+
+SEGMENTS = ("Hampton Bay", "GE")
+
+
+@pytest.fixture(scope="module")
+def events() -> list[ClickEvent]:
+    """48 events of each test segment plus 160 events of others, so the shared model has pooled data."""
+    stream = load_homedepot().stream()
+    picked = [e for s in SEGMENTS for e in [x for x in stream if x.segment == s][:48]]
+    others = [e for e in stream if e.segment not in SEGMENTS][:160]
+    return sorted(picked + others, key=lambda e: int(e.event_id.split("-")[1]))
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "WORKER_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "WORKER_REDIS_URL": settings.redis_url,
+        "WORKER_REDIS_PREFIX": settings.redis_prefix,
+        "WORKER_INPUT_TOPIC": settings.input_topic,
+        "WORKER_DLQ_TOPIC": settings.dlq_topic,
+        "WORKER_SCORES_TOPIC": settings.scores_topic,
+        "WORKER_VERSIONS_TOPIC": settings.versions_topic,
+        "WORKER_REQUESTS_TOPIC": settings.requests_topic,
+        "WORKER_GROUP_ID": settings.group_id,
+        "WORKER_MODEL_STORE": str(settings.model_store),
+        "WORKER_MAX_SEQ_LEN": "16",
+        "WORKER_MIN_NEW_EVENTS": "16",
+        "WORKER_MIN_POSITIVES": "2",
+        "WORKER_MIN_NEGATIVES": "2",
+        "WORKER_TRAIN_COOLDOWN_S": "0",
+        "WORKER_SHARED_EVERY": "100000",
+        "WORKER_SHARED_BOOTSTRAP_MIN_EVENTS": "200",
+        "WORKER_ADAPTER_EPOCHS": "1",
+        "WORKER_GATE_AUC_TOLERANCE": "1",
+        "WORKER_GATE_LOGLOSS_MARGIN": "1000",
+        "WORKER_DRAIN_GRACE_S": "60",
+    }
+
+
+class Running:
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "run"],
+            env=_env(settings),
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("ab"),
+        )
+
+    def lines(self) -> list[dict[str, Any]]:
+        out = []
+        for raw in self.log.read_bytes().splitlines():
+            try:
+                out.append(orjson.loads(raw))
+            except orjson.JSONDecodeError:
+                continue
+        return out
+
+    def wait_for_log(self, event: str, timeout_s: float, after: int = 0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [rec for rec in self.lines()[after:] if rec.get("event") == event]
+            if found:
+                return found[0]
+            assert self.proc.poll() is None, f"worker exited early:\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        raise AssertionError(
+            f"no {event!r} in the worker log within {timeout_s} s:\n{self.log.read_text()[-3000:]}"
+        )
+
+    def terminate(self, timeout_s: float = 90) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout_s)
+
+
+@pytest.fixture
+def running(settings: Settings, tmp_path: Path) -> Iterator[list[Running]]:
+    started: list[Running] = []
+    yield started
+    for r in started:
+        if r.proc.poll() is None:
+            r.proc.kill()
+            r.proc.wait()
+
+
+class Reader:
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "group.id": f"read-{uuid.uuid4().hex[:8]}",
+                "auto.offset.reset": "earliest",
+            }
+        )
+        self.consumer.subscribe([topic])
+        self.seen: list[dict[str, Any]] = []
+
+    def until(self, done: Any, timeout_s: float) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout_s
+        while not done(self.seen) and time.monotonic() < deadline:
+            for msg in self.consumer.consume(500, 0.5):
+                if msg.error() is None:
+                    self.seen.append(orjson.loads(msg.value()))
+        return self.seen
+
+
+def _promoted(versions: list[dict[str, Any]], segment: str) -> list[dict[str, Any]]:
+    return [
+        v
+        for v in versions
+        if v["segment"] == segment and v["scope"] == "segment" and v["decision"] == "promoted"
+    ]
+
+
+def test_end_to_end_versions_scores_and_requests(
+    settings: Settings, events: list[ClickEvent], running: list[Running], tmp_path: Path
+) -> None:
+    ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
+    worker = Running(settings, tmp_path / "worker.log")
+    running.append(worker)
+    versions = Reader(settings, settings.versions_topic)
+    scores = Reader(settings, settings.scores_topic)
+    assert produce_events(settings, events, restamp=True) == len(events)
+
+    versions.until(lambda seen: all(_promoted(seen, s) for s in SEGMENTS), 300)
+    for segment in SEGMENTS:
+        promoted = _promoted(versions.seen, segment)
+        assert promoted, f"no promoted version for {segment}: {versions.seen}"
+        numbers = [v["version"] for v in versions.seen if v["segment"] == segment and v["scope"] == "segment"]
+        assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+    shared = [v for v in versions.seen if v["scope"] == "shared"]
+    assert shared and shared[0]["decision"] == "promoted"
+
+    promoted_by_segment = {s: {v["version"] for v in _promoted(versions.seen, s)} for s in SEGMENTS}
+    items = {s: {e.item_id for e in events if e.segment == s} for s in SEGMENTS}
+    scores.until(lambda seen: {x["segment"] for x in seen} >= set(SEGMENTS), 60)
+    for segment in SEGMENTS:
+        mine = [x for x in scores.seen if x["segment"] == segment]
+        assert mine, f"no scores for {segment}"
+        assert all(0.0 <= x["score"] <= 1.0 for x in mine)
+        assert {x["item_id"] for x in mine} <= items[segment]
+        assert {x["model_version"] for x in mine} <= promoted_by_segment[segment]
+
+    request_id = f"req-{uuid.uuid4().hex[:6]}"
+    pairs = [
+        {"query": "ceiling fan", "item_id": "x1", "item_text": "Hampton Bay 52 in. ceiling fan"},
+        {"query": "ceiling fan", "item_id": "x2", "item_text": "GE light bulb"},
+    ]
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    producer.produce(
+        settings.requests_topic,
+        key=b"Hampton Bay",
+        value=orjson.dumps({"request_id": request_id, "segment": "Hampton Bay", "pairs": pairs}),
+    )
+    producer.produce(
+        settings.requests_topic,
+        key=b"new",
+        value=orjson.dumps({"request_id": request_id + "-new", "segment": "never seen", "pairs": pairs[:1]}),
+    )
+    producer.flush(10)
+    answered = scores.until(lambda seen: len([x for x in seen if x.get("request_id")]) >= 3, 60)
+    answers = [x for x in answered if x.get("request_id") == request_id]
+    assert sorted(x["item_id"] for x in answers) == ["x1", "x2"]
+    assert all(x["model_version"] in promoted_by_segment["Hampton Bay"] for x in answers)
+    new_segment = [x for x in answered if x.get("request_id") == request_id + "-new"]
+    assert len(new_segment) == 1 and new_segment[0]["model_version"] == 0
+
+    assert worker.terminate() == 0
+    assert worker.wait_for_log("stopped", 5) is not None
+
+
+def test_sigterm_during_training_then_restart(
+    settings: Settings, events: list[ClickEvent], running: list[Running], tmp_path: Path
+) -> None:
+    ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
+    log = tmp_path / "worker.log"
+    first = Running(settings, log)
+    running.append(first)
+    assert produce_events(settings, events, restamp=True) == len(events)
+    first.wait_for_log("shared training", 120)
+    started = time.monotonic()
+    assert first.terminate() == 0
+    assert time.monotonic() - started < 60
+
+    second = Running(settings, log)
+    running.append(second)
+    versions = Reader(settings, settings.versions_topic)
+    versions.until(lambda seen: all(_promoted(seen, s) for s in SEGMENTS), 300)
+    assert second.terminate() == 0
+
+    for scope_segment in [("segment", s) for s in SEGMENTS] + [("shared", "shared")]:
+        numbers = [v["version"] for v in versions.seen if (v["scope"], v["segment"]) == scope_segment]
+        assert numbers, scope_segment
+        assert len(set(numbers)) == len(numbers), f"a version was reused: {numbers}"
+        assert numbers == sorted(numbers)
+
+    buffer = Buffer(settings)
+    partitions = range(partition_count(settings, settings.input_topic))
+    counted = sum(buffer.partition_stats(p).get("events", 0) for p in partitions)
+    assert counted == len(events), "every event counted exactly once across the restart"

@@ -1,0 +1,201 @@
+"""`python -m worker demo`: the whole job on the local stack, sized for 2 CPU cores and 15 minutes.
+
+It starts `python -m worker run` as a separate process on topics and Redis keys of its own (so repeated
+demos do not mix), replays the first events of the Home Depot stream into it, waits until the worker has
+been quiet for a while (or the time budget is spent), stops it with SIGTERM, and then reads `scores` and
+`model-versions` back from Kafka to print what happened, per segment, and plot holdout AUC over events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, TopicPartition
+
+from worker.config import Settings, load_settings
+from worker.kafka import client_config, ensure_topics
+from worker.replay import replay
+
+# Sized for a 2-core CPU: shorter sequences and earlier shared runs than the defaults.
+DEMO_ENV = {
+    "WORKER_MAX_SEQ_LEN": "32",
+    "WORKER_MIN_NEW_EVENTS": "32",
+    "WORKER_TRAIN_COOLDOWN_S": "5",
+    "WORKER_SHARED_EVERY": "1500",
+    "WORKER_SHARED_BOOTSTRAP_MIN_EVENTS": "1000",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", default="homedepot", help="`homedepot`, a .csv.gz or a .jsonl of click events"
+    )
+    parser.add_argument("--events", type=int, default=4000, help="replay the first N events of the stream")
+    parser.add_argument("--budget-s", type=float, default=780.0, help="stop the worker after this long")
+    parser.add_argument(
+        "--quiet-s", type=float, default=60.0, help="stop once no decision came for this long"
+    )
+    parser.add_argument(
+        "--plot", type=Path, default=Path("demo-auc.png"), help="PNG of holdout AUC over events"
+    )
+
+
+def _read_all(settings: Settings, topic: str) -> list[dict[str, Any]]:
+    """Everything on `topic` from the beginning up to its current end."""
+    consumer = Consumer({**client_config(settings), "group.id": f"demo-read-{uuid.uuid4().hex[:8]}"})
+    meta = consumer.list_topics(topic, timeout=10).topics[topic]
+    ends = {}
+    for p in meta.partitions:
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+        if high > low:
+            ends[p] = high
+    consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+    out: list[dict[str, Any]] = []
+    done: set[int] = set()
+    deadline = time.monotonic() + 60
+    while len(done) < len(ends) and time.monotonic() < deadline:
+        for msg in consumer.consume(1000, 0.5):
+            value, offset, partition = msg.value(), msg.offset(), msg.partition()
+            if msg.error() is not None or value is None or offset is None or partition is None:
+                continue
+            out.append(orjson.loads(value))
+            if offset + 1 >= ends[partition]:
+                done.add(partition)
+    consumer.close()
+    return out
+
+
+def _versions_seen(settings: Settings) -> int:
+    consumer = Consumer({**client_config(settings), "group.id": f"demo-probe-{uuid.uuid4().hex[:8]}"})
+    topic = settings.versions_topic
+    meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+    total = 0
+    for p in meta.partitions if meta else []:
+        total += consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+    consumer.close()
+    return total
+
+
+def _plot(versions: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    by_segment: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for v in versions:
+        if (
+            v["scope"] == "segment"
+            and v["decision"] == "promoted"
+            and v["challenger"]
+            and v["challenger"]["auc"]
+        ):
+            by_segment[v["segment"]].append((v["events_to"], v["challenger"]["auc"]))
+    for segment, points in sorted(by_segment.items(), key=lambda kv: -len(kv[1]))[:12]:
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, marker="o", label=segment)
+    ax.set_xlabel("segment events seen (buffer sequence number)")
+    ax.set_ylabel("holdout AUC of the promoted version")
+    ax.set_title("ctr-worker demo: promoted versions per segment")
+    if by_segment:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    base = load_settings()
+    run_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    names = {
+        "WORKER_INPUT_TOPIC": f"{run_id}-clicks",
+        "WORKER_DLQ_TOPIC": f"{run_id}-clicks-dlq",
+        "WORKER_SCORES_TOPIC": f"{run_id}-scores",
+        "WORKER_VERSIONS_TOPIC": f"{run_id}-model-versions",
+        "WORKER_REQUESTS_TOPIC": f"{run_id}-score-requests",
+        "WORKER_GROUP_ID": run_id,
+        "WORKER_REDIS_PREFIX": run_id,
+        "WORKER_MODEL_STORE": str(base.cache_dir / "demo" / run_id / "models"),
+    }
+    env = {**os.environ, **DEMO_ENV, **{k: v for k, v in names.items()}}
+    settings = load_settings(
+        **{k.removeprefix("WORKER_").lower(): v for k, v in {**DEMO_ENV, **names}.items()}
+    )
+    print(f"demo run {run_id}: {args.events} events of {args.data}, worker settings {DEMO_ENV}")
+    ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
+
+    log_path = base.cache_dir / "demo" / run_id / "worker.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with log_path.open("wb") as log_file:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "worker", "run"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+        try:
+            produced = replay(settings, args.data, limit=args.events, progress=True)
+            print(f"replayed {produced} events into {settings.input_topic}; worker log: {log_path}")
+            last_count, last_change = -1, time.monotonic()
+            while time.monotonic() - started < args.budget_s and worker.poll() is None:
+                count = _versions_seen(settings)
+                if count != last_count:
+                    last_count, last_change = count, time.monotonic()
+                    print(f"  {time.monotonic() - started:6.0f} s: {count} model-version events", flush=True)
+                elif count > 0 and time.monotonic() - last_change > args.quiet_s:
+                    break
+                time.sleep(5)
+        finally:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+            code = worker.wait(timeout=120)
+    print(f"worker stopped with exit code {code} after {time.monotonic() - started:.0f} s")
+
+    versions = _read_all(settings, settings.versions_topic)
+    scores = _read_all(settings, settings.scores_topic)
+    _report(versions, scores)
+    _plot(versions, args.plot)
+    print(f"plot: {args.plot.resolve()}")
+    return 0 if code == 0 else 1
+
+
+def _report(versions: list[dict[str, Any]], scores: list[dict[str, Any]]) -> None:
+    shared = [v for v in versions if v["scope"] == "shared"]
+    for v in shared:
+        auc = v["challenger"]["auc"] if v["challenger"] else None
+        champ = v["champion"]["auc"] if v["champion"] else None
+        print(f"shared model v{v['version']}: {v['decision']} (AUC {auc}, champion {champ}) {v['reason']}")
+    per: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"promoted": 0, "rejected": 0, "failed": 0, "auc": None}
+    )
+    for v in versions:
+        if v["scope"] != "segment":
+            continue
+        row = per[v["segment"]]
+        row[v["decision"]] += 1
+        if v["decision"] == "promoted" and v["challenger"]:
+            row["auc"] = v["challenger"]["auc"]
+    published: dict[str, int] = defaultdict(int)
+    for s in scores:
+        published[s["segment"]] += 1
+    print(f"\n{'segment':<32} {'promoted':>8} {'rejected':>8} {'failed':>6} {'last AUC':>8} {'scores':>7}")
+    for segment, row in sorted(per.items(), key=lambda kv: -kv[1]["promoted"]):
+        auc = f"{row['auc']:.3f}" if row["auc"] is not None else "-"
+        print(
+            f"{segment[:32]:<32} {row['promoted']:>8} {row['rejected']:>8} {row['failed']:>6} {auc:>8}"
+            f" {published.get(segment, 0):>7}"
+        )
+    print(f"\n{len(versions)} model-version events, {len(scores)} scores read back from Kafka")
+    for s in scores[:3]:
+        print("  score sample:", orjson.dumps(s).decode())
+    for v in versions[:2]:
+        print("  version sample:", orjson.dumps(v).decode()[:300])
