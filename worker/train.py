@@ -112,7 +112,8 @@ def gate(
         return False, "challenger log loss is not finite"
     if champion is None or champion.n == 0 or not math.isfinite(champion.logloss):
         return True, "no comparable champion"
-    if challenger.auc is not None and champion.auc is not None and challenger.auc < champion.auc - AUC_TIE - auc_tolerance:
+    floor = None if champion.auc is None else champion.auc - AUC_TIE - auc_tolerance
+    if challenger.auc is not None and floor is not None and challenger.auc < floor:
         return False, f"holdout AUC {challenger.auc:.4f} < champion {champion.auc:.4f}"
     if challenger.logloss > champion.logloss + margin:
         return False, (
