@@ -19,7 +19,7 @@ class _Command(Protocol):
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "stack": ("worker.stack", "start, stop or check the local Kafka and Redis"),
-    "schemas": ("worker.schemas_cli", "write the JSON Schemas of the wire types into schemas/"),
+    "schemas": ("worker.schemas_cli", "regenerate schemas/ and the README settings table from the code"),
     "replay": ("worker.replay", "produce a data set's click events into the input topic"),
     "ingest": ("worker.ingest", "consume click events into the Redis buffers (no training)"),
     "run": ("worker.app", "run the worker: ingest, train, publish"),

