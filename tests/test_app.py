@@ -231,3 +231,31 @@ def test_sigterm_during_training_then_restart(
     partitions = range(partition_count(settings, settings.input_topic))
     counted = sum(buffer.partition_stats(p).get("events", 0) for p in partitions)
     assert counted == len(events), "every event counted exactly once across the restart"
+
+
+def test_second_signal_exits_at_once_and_leaves_nothing_half_written(
+    settings: Settings, events: list[ClickEvent], running: list[Running], tmp_path: Path
+) -> None:
+    from worker.learner import clean_partial_dirs
+    from worker.registry import SHARED_SEGMENT, Registry
+
+    ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
+    worker = Running(settings, tmp_path / "worker.log")
+    running.append(worker)
+    assert produce_events(settings, events, restamp=True) == len(events)
+    worker.wait_for_log("shared training", 120)
+    worker.proc.send_signal(signal.SIGTERM)
+    worker.wait_for_log("signal: draining", 10)
+    started = time.monotonic()
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(timeout=10) == 130
+    assert time.monotonic() - started < 5
+
+    registry = Registry.from_settings(settings)
+    for reg, segment in [(registry.shared(), SHARED_SEGMENT), *[(registry, s) for s in SEGMENTS]]:
+        for rec in reg.versions(segment):
+            if rec.adapter is not None:
+                assert any(Path(rec.adapter).iterdir()), f"registry points at an empty dir: {rec.adapter}"
+    clean_partial_dirs(settings.model_store)
+    leftovers = [p for p in settings.model_store.rglob("*") if ".tmp-" in p.name]
+    assert leftovers == []

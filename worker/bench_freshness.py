@@ -72,9 +72,8 @@ def raw_round(
     candidates: list[tuple[str | None, str]],
 ) -> tuple[float, Any]:
     """One training + scoring as plain calls; returns seconds and the new adapter."""
-    from worker.learner import segment_training_data
     from worker.model import score_pairs, with_adapter
-    from worker.train import train_segment_adapter
+    from worker.train import segment_training_data, train_segment_adapter
 
     start = time.perf_counter()
     data = segment_training_data(new, older, settings, len(older) + len(new))

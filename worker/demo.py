@@ -26,9 +26,11 @@ from worker.config import Settings, load_settings
 from worker.kafka import client_config, ensure_topics
 from worker.replay import replay
 
-# Sized for a 2-core CPU: shorter sequences and earlier shared runs than the defaults.
+# Sized for a 2-core CPU: shorter sequences and earlier shared runs than the defaults, and the shared
+# learning rate that measured best on a few thousand pooled events (docs/learning.md).
 DEMO_ENV = {
     "WORKER_MAX_SEQ_LEN": "32",
+    "WORKER_SHARED_LR": "2e-4",
     "WORKER_MIN_NEW_EVENTS": "32",
     "WORKER_TRAIN_COOLDOWN_S": "5",
     "WORKER_SHARED_EVERY": "1500",

@@ -1,7 +1,7 @@
-"""The compute side of the worker: which data a training run sees, and the models it serves from.
+"""The compute side of the worker: the models it serves from and the trainings it records.
 
-`segment_training_data` and `shared_training_data` are the data policy; the offline evaluation calls the
-same functions, so what it measures is what the worker does. `Learner` holds the shared model and an LRU
+The data policy (`train.segment_training_data`, `train.shared_training_data`) is shared with the offline
+evaluation, so what it measures is what the worker does. `Learner` holds the shared model and an LRU
 of segment adapters, runs trainings through `worker.train`, and records every decision in the registry.
 It is owned by one thread (the worker's compute thread), so it takes no locks.
 """
@@ -12,7 +12,6 @@ import os
 import shutil
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -37,48 +36,14 @@ from worker.registry import SHARED_SEGMENT, Registry, VersionRecord
 from worker.train import (
     Metrics,
     TrainResult,
-    is_holdout,
-    sample_replay,
     score_segment,
+    segment_training_data,
+    shared_training_data,
     train_segment_adapter,
     train_shared,
 )
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainingData:
-    new: list[ClickEvent]
-    replay: list[ClickEvent]
-    holdout: list[ClickEvent]
-
-
-def segment_training_data(
-    new: Sequence[ClickEvent], older: Sequence[ClickEvent], settings: Settings, run: int
-) -> TrainingData:
-    """New events minus the segment's holdout slice, a replay sample of its older events, and the holdout.
-
-    Holdout membership is a hash of the event id, so an event is held out in every run and never trained on.
-    """
-    frac = settings.holdout_frac
-    train_new = [e for e in new if not is_holdout(e.event_id, frac)]
-    old = [e for e in older if not is_holdout(e.event_id, frac)]
-    holdout = [e for e in (*older, *new) if is_holdout(e.event_id, frac)]
-    replay = sample_replay(old, round(len(train_new) * settings.replay_frac), settings.seed + run)
-    return TrainingData(train_new, replay, holdout)
-
-
-def shared_training_data(
-    new: Sequence[ClickEvent], older: Sequence[ClickEvent], settings: Settings, run: int
-) -> TrainingData:
-    """All segments' new events and a replay of older ones, minus the pooled holdout no model trains on."""
-    frac = settings.shared_holdout_frac
-    train_new = [e for e in new if not is_holdout(e.event_id, frac)]
-    old = [e for e in older if not is_holdout(e.event_id, frac)]
-    held = [e for e in (*older, *new) if is_holdout(e.event_id, frac)]
-    replay = sample_replay(old, round(len(train_new) * settings.shared_replay_frac), settings.seed + run)
-    return TrainingData(train_new, replay, sample_replay(held, settings.shared_holdout_cap, settings.seed))
 
 
 def _wire_metrics(m: Metrics | None) -> HoldoutMetrics | None:

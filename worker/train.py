@@ -145,6 +145,40 @@ def sample_replay(events: Sequence[ClickEvent], n: int, seed: int) -> list[Click
     return [events[int(i)] for i in idx]
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    new: list[ClickEvent]
+    replay: list[ClickEvent]
+    holdout: list[ClickEvent]
+
+
+def segment_training_data(
+    new: Sequence[ClickEvent], older: Sequence[ClickEvent], settings: Settings, run: int
+) -> TrainingData:
+    """New events minus the segment's holdout slice, a replay sample of its older events, and the holdout.
+
+    Holdout membership is a hash of the event id, so an event is held out in every run and never trained on.
+    """
+    frac = settings.holdout_frac
+    train_new = [e for e in new if not is_holdout(e.event_id, frac)]
+    old = [e for e in older if not is_holdout(e.event_id, frac)]
+    holdout = [e for e in (*older, *new) if is_holdout(e.event_id, frac)]
+    replay = sample_replay(old, round(len(train_new) * settings.replay_frac), settings.seed + run)
+    return TrainingData(train_new, replay, holdout)
+
+
+def shared_training_data(
+    new: Sequence[ClickEvent], older: Sequence[ClickEvent], settings: Settings, run: int
+) -> TrainingData:
+    """All segments' new events and a replay of older ones, minus the pooled holdout no model trains on."""
+    frac = settings.shared_holdout_frac
+    train_new = [e for e in new if not is_holdout(e.event_id, frac)]
+    old = [e for e in older if not is_holdout(e.event_id, frac)]
+    held = [e for e in (*older, *new) if is_holdout(e.event_id, frac)]
+    replay = sample_replay(old, round(len(train_new) * settings.shared_replay_frac), settings.seed + run)
+    return TrainingData(train_new, replay, sample_replay(held, settings.shared_holdout_cap, settings.seed))
+
+
 def _param_groups(
     model: ClickModel, lr: float, weight_decay: float, calibration_lr: float
 ) -> list[dict[str, Any]]:
