@@ -178,6 +178,9 @@ class Worker:
             log.error("flush failed", error=str(exc))
         log.info("stopped", seconds=round(time.monotonic() - started, 3), **self.publisher.stats())
 
+    def compute_busy(self) -> bool:
+        return self._compute.is_alive()
+
     def handle_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
         if self._signals > 1:
@@ -405,4 +408,11 @@ def cli_main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, worker.handle_signal)
     if args.exit_after is not None:
         threading.Timer(args.exit_after, worker.stop.set).start()
-    return worker.run()
+    code = worker.run()
+    if worker.compute_busy():
+        # Abandon the training still running: nothing of it is recorded yet. Exiting the interpreter
+        # under a running torch thread would abort the process instead of exiting cleanly.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

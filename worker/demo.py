@@ -33,16 +33,19 @@ DEMO_ENV = {
     "WORKER_SHARED_LR": "2e-4",
     "WORKER_MIN_NEW_EVENTS": "32",
     "WORKER_TRAIN_COOLDOWN_S": "5",
-    "WORKER_SHARED_EVERY": "1500",
-    "WORKER_SHARED_BOOTSTRAP_MIN_EVENTS": "1000",
+    "WORKER_SHARED_EVERY": "2000",
+    "WORKER_SHARED_BOOTSTRAP_MIN_EVENTS": "2000",
+    "WORKER_SHARED_HOLDOUT_FRAC": "0.1",
 }
+STARTS = {"training", "shared training"}
+ENDS = {"segment run", "shared run", "no shared model serves yet: segment waits", "training job failed"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", default="homedepot", help="`homedepot`, a .csv.gz or a .jsonl of click events"
     )
-    parser.add_argument("--events", type=int, default=4000, help="replay the first N events of the stream")
+    parser.add_argument("--events", type=int, default=8000, help="replay the first N events of the stream")
     parser.add_argument("--budget-s", type=float, default=780.0, help="stop the worker after this long")
     parser.add_argument(
         "--quiet-s", type=float, default=60.0, help="stop once no decision came for this long"
@@ -86,6 +89,51 @@ def _versions_seen(settings: Settings) -> int:
         total += consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
     consumer.close()
     return total
+
+
+def _request_scores(settings: Settings, data: str, limit: int) -> None:
+    """Ask the running worker for scores of a few pairs of the two busiest segments; wait for the answers."""
+    from collections import Counter
+
+    from confluent_kafka import Producer
+
+    from worker.replay import dataset_events
+
+    events, _ = dataset_events(data, limit)
+    top = [s for s, _ in Counter(e.segment for e in events).most_common(2)]
+    producer = Producer(client_config(settings))
+    wanted = 0
+    for segment in top:
+        pairs = [
+            {"query": e.query, "item_id": e.item_id, "item_text": e.item_text}
+            for e in events
+            if e.segment == segment
+        ][:5]
+        request = {"request_id": f"demo-{segment}", "segment": segment, "pairs": pairs}
+        producer.produce(settings.requests_topic, key=segment.encode(), value=orjson.dumps(request))
+        wanted += len(pairs)
+    producer.flush(10)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        answers = [s for s in _read_all(settings, settings.scores_topic) if s.get("request_id")]
+        if len(answers) >= wanted:
+            print(f"score requests for {top} answered: {len(answers)} scores")
+            return
+        time.sleep(2)
+    print("score requests: no complete answer within 120 s")
+
+
+def _busy(log_path: Path) -> bool:
+    """A training has started and not ended, judging by the worker's JSON log."""
+    started = ended = 0
+    for raw in log_path.read_bytes().splitlines():
+        try:
+            event = orjson.loads(raw).get("event")
+        except (orjson.JSONDecodeError, AttributeError):
+            continue
+        started += event in STARTS
+        ended += event in ENDS
+    return started > ended
 
 
 def _plot(versions: list[dict[str, Any]], path: Path) -> None:
@@ -150,12 +198,18 @@ def cli_main(args: argparse.Namespace) -> int:
             last_count, last_change = -1, time.monotonic()
             while time.monotonic() - started < args.budget_s and worker.poll() is None:
                 count = _versions_seen(settings)
-                if count != last_count:
+                if count != last_count or _busy(log_path):
+                    if count != last_count:
+                        print(
+                            f"  {time.monotonic() - started:6.0f} s: {count} model-version events", flush=True
+                        )
                     last_count, last_change = count, time.monotonic()
-                    print(f"  {time.monotonic() - started:6.0f} s: {count} model-version events", flush=True)
                 elif count > 0 and time.monotonic() - last_change > args.quiet_s:
+                    print(f"  worker idle for {args.quiet_s:.0f} s: stopping it")
                     break
                 time.sleep(5)
+            if worker.poll() is None:
+                _request_scores(settings, args.data, args.events)
         finally:
             if worker.poll() is None:
                 worker.send_signal(signal.SIGTERM)
