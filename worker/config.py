@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -190,6 +191,13 @@ class Settings(BaseSettings):
         return self
 
 
+def _redact(value: object) -> object:
+    """Hide the password of a `scheme://user:password@host` value before it is echoed in an error."""
+    if isinstance(value, str):
+        return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", value)
+    return value
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build settings from the environment, turning validation errors into one readable ConfigError."""
     try:
@@ -202,7 +210,7 @@ def load_settings(**overrides: object) -> Settings:
                 lines.append(f"settings: {err['msg']}")
                 continue
             name = f"WORKER_{str(loc[0]).upper()}"
-            shown = "***" if "password" in name.lower() else repr(err.get("input"))
+            shown = "***" if "password" in name.lower() else repr(_redact(err.get("input")))
             lines.append(f"{name}: {err['msg']} (got {shown})")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 

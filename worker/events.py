@@ -24,11 +24,25 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    """Naive times are UTC; an aware time whose UTC form falls outside datetime's range is invalid."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("timestamp outside the representable range") from None
 
 
 class _Wire(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
+
+    @field_validator("schema_version", mode="before", check_fields=False)
+    @classmethod
+    def _exact_version(cls, value: object) -> object:
+        """`true` or `1.0` would pass `Literal[1]`; a version is the integer itself or it is unknown."""
+        if type(value) is not int:
+            raise ValueError("schema_version must be an integer")
+        return value
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"))

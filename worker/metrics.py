@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
@@ -282,6 +282,14 @@ class _Event(Protocol):
     def clicked(self) -> int: ...
 
 
+@dataclass
+class TrainingRun:
+    """Handle of `Metrics.training`: set `decision` to promoted, rejected or failed."""
+
+    started: float
+    decision: str | None = None
+
+
 class Metrics:
     """All of the worker's metrics, in a registry of their own."""
 
@@ -295,6 +303,7 @@ class Metrics:
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r, p = self.registry, PREFIX
+        ProcessCollector(registry=r)  # process_resident_memory_bytes etc.: the first thing to look at on OOM
         self.events_consumed = Counter(f"{p}events_consumed", "Input messages consumed.", registry=r)
         self.events_buffered = Counter(
             f"{p}events_buffered", "Valid new events written to Redis.", registry=r
@@ -397,6 +406,21 @@ class Metrics:
         counter.labels(scope=scope).inc()
         if started is not None:
             self.training_duration.labels(scope=scope).observe(time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def training(self, scope: str) -> Iterator[TrainingRun]:
+        """`with metrics.training("segment") as run: ...; run.decision = rec.decision`.
+
+        Counts the start on entry; on exit the decision (failed when an exception escapes or none was
+        set) and the duration. Enter it only when a training will really run.
+        """
+        run = TrainingRun(self.training_started(scope))
+        try:
+            yield run
+        except BaseException:
+            self.training_finished(scope, "failed", run.started)
+            raise
+        self.training_finished(scope, run.decision or "failed", run.started)
 
     # Ingest
 
@@ -507,12 +531,16 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def consumer_lag(consumer: Any, partitions: Iterable[int], buffer: Any = None) -> dict[int, int]:
+def consumer_lag(
+    consumer: Any, partitions: Iterable[int], buffer: Any = None, fallback_budget_s: float = 1.0
+) -> dict[int, int]:
     """Lag per owned input partition: high watermark minus the next offset this worker will read.
 
-    Uses confluent-kafka's cached watermarks (updated by every fetch response, no broker call; a paused
-    partition keeps its last value). Before the first message since assignment the consumer's position
-    is unknown; the next offset stored in Redis (where ingest resumes) stands in, else the low watermark.
+    Uses confluent-kafka's cached watermarks (updated by every fetch response, no broker call). A
+    partition with no fetch yet (just assigned, or paused from the start by backpressure) is asked from
+    the broker instead, within `fallback_budget_s` in all, so the poll loop is never held for long.
+    Before the first message since assignment the consumer's position is unknown; the next offset stored
+    in Redis (where ingest resumes) stands in, else the low watermark.
     """
     wanted = set(partitions)
     tps = [tp for tp in consumer.assignment() if tp.partition in wanted]
@@ -520,13 +548,20 @@ def consumer_lag(consumer: Any, partitions: Iterable[int], buffer: Any = None) -
         return {}
     stored: Mapping[int, int | None] = {}
     lags: dict[int, int] = {}
+    deadline = time.monotonic() + fallback_budget_s
     for tp in consumer.position(tps):
         wm = consumer.get_watermark_offsets(tp, cached=True)
-        if not wm:
-            continue
+        if not wm or wm[1] < 0:
+            left = deadline - time.monotonic()
+            if left <= 0.05:
+                continue
+            try:
+                wm = consumer.get_watermark_offsets(tp, timeout=left, cached=False)
+            except Exception:
+                continue
+            if not wm or wm[1] < 0:
+                continue
         low, high = wm
-        if high < 0:
-            continue
         pos = tp.offset
         if pos < 0:
             if buffer is not None and not stored:

@@ -152,11 +152,15 @@ class ClickModel(nn.Module):
         return logit * self.calibration[0] + self.calibration[1]
 
 
-def _load_encoder(path: Path) -> Any:
+def _load_encoder(path: Path, safetensors_only: bool = False) -> Any:
+    """`safetensors_only` for what the worker wrote itself (shared models): only safetensors are read there.
+    The base model is the operator's own choice and may be in either format."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    if safetensors_only:
+        return AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
     return AutoModel.from_pretrained(str(path), local_files_only=True)
 
 
@@ -409,7 +413,7 @@ def load_shared(directory: Path, backbone: Backbone) -> tuple[ClickModel, dict[s
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    encoder = _load_encoder(directory / "encoder")
+    encoder = _load_encoder(directory / "encoder", safetensors_only=True)
     model = ClickModel(encoder, int(encoder.config.hidden_size))
     head = load_file(str(directory / "head.safetensors"))
     model.head.load_state_dict({k.removeprefix("head."): v for k, v in head.items()})

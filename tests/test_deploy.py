@@ -1,0 +1,198 @@
+"""deploy/: the Kubernetes manifests validate against the API schemas (offline), agree with Settings and
+the metrics endpoint; the Grafana dashboard shows every metric; the compose observability profile is valid."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from worker.config import Settings
+from worker.metrics import METRIC_NAMES
+
+REPO = Path(__file__).resolve().parent.parent
+K8S = REPO / "deploy" / "k8s"
+GRAFANA = REPO / "deploy" / "grafana"
+# The oldest Kubernetes minor still commonly run; the manifests use nothing newer. kubernetes-validate
+# ships the schemas of every version it knows inside the package, so this needs no network.
+K8S_VERSION = "1.29"
+
+
+def _docs() -> list[tuple[Path, dict[str, Any]]]:
+    out = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        out += [(path, d) for d in yaml.safe_load_all(path.read_text()) if d]
+    return out
+
+
+def _one(kind: str) -> dict[str, Any]:
+    found = [d for _, d in _docs() if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def _container() -> dict[str, Any]:
+    containers = _one("Deployment")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]  # type: ignore[no-any-return]
+
+
+def _env() -> dict[str, str]:
+    """The worker's environment as Kubernetes builds it: ConfigMap, then Secret, then `env`."""
+    env: dict[str, str] = {}
+    env.update(_one("ConfigMap")["data"])
+    env.update(_one("Secret")["stringData"])
+    for item in _container().get("env", []):
+        env[item["name"]] = item.get("value", "")
+    return env
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"))
+def test_manifest_validates(path: str) -> None:
+    docs = [d for d in yaml.safe_load_all((K8S / path).read_text()) if d]
+    assert docs
+    for doc in docs:
+        # strict: unknown fields (typos such as `livenesProbe`) fail too.
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_validator_rejects_a_broken_manifest() -> None:
+    """Guards against a validator that silently accepts anything (e.g. a schema it could not load)."""
+    broken = json.loads(json.dumps(_one("Deployment")))
+    broken["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+    broken = json.loads(json.dumps(_one("Deployment")))
+    broken["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kust["resources"]) == files
+
+
+def test_probes_point_at_health_endpoints() -> None:
+    c = _container()
+    port = int(_env()["WORKER_METRICS_PORT"])
+    named = {p["name"]: p["containerPort"] for p in c["ports"]}
+    expected = {"livenessProbe": "/healthz", "readinessProbe": "/readyz", "startupProbe": "/healthz"}
+    for probe, path in expected.items():
+        get = c[probe]["httpGet"]
+        assert get["path"] == path, probe
+        assert named.get(get["port"], get["port"]) == port, probe
+
+
+def test_grace_period_covers_the_drain() -> None:
+    grace = _one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    drain = float(_env().get("WORKER_DRAIN_GRACE_S", Settings.model_fields["drain_grace_s"].default))
+    assert drain >= Settings.model_fields["drain_grace_s"].default
+    assert grace >= drain + 10, "leave a margin for the producer flush after the drain"
+
+
+def test_gpu_cpu_resources_and_security() -> None:
+    c = _container()
+    res = c["resources"]
+    assert int(res["limits"]["nvidia.com/gpu"]) == 1
+    assert res["requests"]["cpu"] and res["limits"]["cpu"]
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    store = _env()["WORKER_MODEL_STORE"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert store in mounts, "WORKER_MODEL_STORE needs a volume"
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[store])
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    pvc = _one("PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == claim and "ReadWriteMany" in pvc["spec"]["accessModes"]
+
+
+def test_env_names_are_settings_and_parse() -> None:
+    env = _env()
+    fields = set(Settings.model_fields)
+    worker_env = {k: v for k, v in env.items() if k.startswith("WORKER_")}
+    for name in worker_env:
+        assert name.removeprefix("WORKER_").lower() in fields, f"{name} is not a setting"
+    secret = _one("Secret")["stringData"]
+    assert {"WORKER_KAFKA_SASL_PASSWORD", "WORKER_REDIS_URL"} <= set(secret)
+    assert all("CHANGE-ME" in v for v in secret.values()), "the Secret holds placeholders only"
+    assert re.match(r"^rediss?://:[^@]+@", secret["WORKER_REDIS_URL"]), "Redis URL carries a password"
+    assert not set(secret) & set(_one("ConfigMap")["data"]), "a secret value is also in the ConfigMap"
+    Settings(**{k.removeprefix("WORKER_").lower(): v for k, v in worker_env.items()})
+
+
+def test_pdb_and_service_select_the_pods() -> None:
+    labels = _one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    pdb = _one("PodDisruptionBudget")
+    svc = _one("Service")
+    for selector in (pdb["spec"]["selector"]["matchLabels"], svc["spec"]["selector"]):
+        assert selector.items() <= labels.items()
+    assert svc["spec"]["ports"][0]["port"] == int(_env()["WORKER_METRICS_PORT"])
+    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
+
+
+def test_grafana_dashboard_references_every_metric() -> None:
+    text = (GRAFANA / "ctr-worker.json").read_text()
+    dash = json.loads(text)
+    exprs = " ".join(
+        t["expr"] for p in dash["panels"] if p.get("type") != "row" for t in p.get("targets", [])
+    )
+    for name in METRIC_NAMES:
+        assert name in exprs, f"no panel shows {name}"
+    ds_vars = [v for v in dash["templating"]["list"] if v["type"] == "datasource"]
+    assert ds_vars and ds_vars[0]["query"] == "prometheus"
+    for panel in dash["panels"]:
+        if panel.get("type") != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_grafana_provisioning_and_prometheus_config() -> None:
+    ds = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yaml").read_text())
+    assert ds["datasources"][0]["type"] == "prometheus"
+    assert ds["datasources"][0]["url"] == "http://prometheus:9090"
+    prov = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "ctr-worker.yaml").read_text())
+    assert prov["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    prom = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+    targets = [t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert "worker:9400" in targets
+
+
+def test_compose_observability_profile() -> None:
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    services = compose["services"]
+    for name, image in (("prometheus", "prom/prometheus:"), ("grafana", "grafana/grafana:")):
+        assert services[name]["profiles"] == ["observability"]
+        assert services[name]["image"].startswith(image)
+        assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"])
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (REPO / source).exists(), volume
+    exe = shutil.which("docker-compose")
+    assert exe, "docker-compose missing: `make test` installs it (apt-get install docker-compose)"
+    proc = subprocess.run(
+        [exe, "-f", str(REPO / "compose.yaml"), "--profile", "observability", "config", "-q"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_operations_doc_lists_every_metric() -> None:
+    text = (REPO / "docs" / "operations.md").read_text()
+    for name in METRIC_NAMES:
+        assert f"`{name}`" in text, name

@@ -1,0 +1,349 @@
+"""worker.metrics: the endpoints over real HTTP, the counters, prequential AUC, the cardinality cap."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sklearn.metrics import log_loss as sk_log_loss
+from sklearn.metrics import roc_auc_score
+
+from worker.config import Settings
+from worker.metrics import (
+    METRIC_NAMES,
+    OTHER,
+    Metrics,
+    Prequential,
+    Readiness,
+    consumer_lag,
+    log_loss,
+    rank_auc,
+    start,
+)
+
+
+def _get(port: int, path: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.delenv("WORKER_METRICS_HOST", raising=False)
+    return Settings(metrics_port=0)
+
+
+def test_default_bind_is_loopback(settings: Settings) -> None:
+    fields = Settings.model_fields
+    assert fields["metrics_host"].default == "127.0.0.1"
+    assert fields["metrics_port"].default == 9400
+    server = start(settings, lambda: {})
+    try:
+        assert server._server.server_address[0] == "127.0.0.1"
+    finally:
+        server.close()
+
+
+def test_endpoints_over_http(settings: Settings) -> None:
+    state = {"partitions_assigned": False, "kafka": True, "redis": True, "model_loaded": False}
+    server = start(settings, lambda: dict(state))
+    try:
+        assert server.host == "127.0.0.1" and server.port > 0
+        assert _get(server.port, "/healthz")[0] == 200
+        code, ctype, body = _get(server.port, "/readyz")
+        assert code == 503 and ctype == "application/json"
+        doc = json.loads(body)
+        assert doc["ready"] is False and doc["missing"] == ["model_loaded", "partitions_assigned"]
+        state.update(partitions_assigned=True, model_loaded=True)
+        code, _, body = _get(server.port, "/readyz")
+        assert code == 200 and json.loads(body) == {"ready": True, "missing": [], "checks": state}
+        code, ctype, body = _get(server.port, "/metrics")
+        assert code == 200 and ctype.startswith("text/plain")
+        assert "ctr_worker_events_consumed_total" in body
+        assert _get(server.port, "/nope")[0] == 404
+    finally:
+        server.close()
+    server.close()  # idempotent
+
+
+def test_readyz_503_when_callback_raises(settings: Settings) -> None:
+    def broken() -> dict[str, bool]:
+        raise RuntimeError("boom")
+
+    server = start(settings, broken)
+    try:
+        code, _, body = _get(server.port, "/readyz")
+        assert code == 503 and "boom" in json.loads(body)["error"]
+    finally:
+        server.close()
+
+
+def test_two_servers_two_registries() -> None:
+    a = start(Settings(metrics_port=0), lambda: {})
+    b = start(Settings(metrics_port=0), lambda: {})
+    try:
+        a.metrics.events_consumed.inc(3)
+        assert a.port != b.port
+        sa, sb = _samples(_get(a.port, "/metrics")[2]), _samples(_get(b.port, "/metrics")[2])
+        assert sa[("ctr_worker_events_consumed_total", ())] == 3
+        assert sb[("ctr_worker_events_consumed_total", ())] == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_bind_error_names_the_settings(settings: Settings) -> None:
+    first = start(settings, lambda: {})
+    try:
+        with pytest.raises(OSError, match="WORKER_METRICS_PORT"):
+            start(Settings(metrics_port=first.port), lambda: {})
+    finally:
+        first.close()
+
+
+def test_every_declared_name_is_exported() -> None:
+    m = Metrics()
+    m.prequential.record("s", [0.2, 0.8], [0, 1])
+    m.sync_ingest(FakeStats(by_code={"schema": 1}))
+    m.set_partitions({0: 1}, {0: 1})
+    names = {s.name for fam in m.registry.collect() for s in fam.samples}
+    for name in METRIC_NAMES:
+        assert name in names or f"{name}_bucket" in names, name
+    families = {fam.name for fam in m.registry.collect() if fam.name.startswith("ctr_worker_")}
+    assert {n.removesuffix("_total") for n in METRIC_NAMES} == families
+
+
+@dataclass
+class FakeStats:
+    consumed: int = 0
+    added: int = 0
+    duplicates: int = 0
+    stale: int = 0
+    by_code: dict[str, int] = field(default_factory=dict)
+
+
+def test_counters_after_increments() -> None:
+    m = Metrics()
+    stats = FakeStats(consumed=10, added=7, duplicates=2, by_code={"invalid_json": 1})
+    m.sync_ingest(stats)
+    stats.consumed, stats.by_code["invalid_json"], stats.by_code["oversize"] = 15, 2, 1
+    m.sync_ingest(stats)
+    started = m.training_started("segment")
+    m.training_finished("segment", "promoted", started)
+    m.training_finished("shared", "rejected", m.training_started("shared"))
+    m.training_finished("segment", "failed")
+    m.scores_published.labels(kind="refresh").inc(40)
+    m.set_partitions({0: 5, 3: 0}, {0: 12, 3: 1})
+    s = _samples(m.render().decode())
+    assert s[("ctr_worker_events_consumed_total", ())] == 15
+    assert s[("ctr_worker_events_buffered_total", ())] == 7
+    assert s[("ctr_worker_events_deduplicated_total", ())] == 2
+    assert s[("ctr_worker_events_dead_lettered_total", (("reason", "invalid_json"),))] == 2
+    assert s[("ctr_worker_events_dead_lettered_total", (("reason", "oversize"),))] == 1
+    assert s[("ctr_worker_trainings_started_total", (("scope", "segment"),))] == 1
+    assert s[("ctr_worker_trainings_promoted_total", (("scope", "segment"),))] == 1
+    assert s[("ctr_worker_trainings_rejected_total", (("scope", "shared"),))] == 1
+    assert s[("ctr_worker_trainings_failed_total", (("scope", "segment"),))] == 1
+    assert s[("ctr_worker_training_duration_seconds_count", (("scope", "segment"),))] == 1
+    assert s[("ctr_worker_scores_published_total", (("kind", "refresh"),))] == 40
+    assert s[("ctr_worker_consumer_lag", (("partition", "0"),))] == 5
+    assert s[("ctr_worker_buffer_new_events", (("partition", "0"),))] == 12
+    m.set_partitions({3: 2}, {3: 1})  # partition 0 revoked: its series go
+    s = _samples(m.render().decode())
+    assert ("ctr_worker_consumer_lag", (("partition", "0"),)) not in s
+    assert s[("ctr_worker_consumer_lag", (("partition", "3"),))] == 2
+
+
+def test_dlq_reason_cardinality_capped() -> None:
+    m = Metrics()
+    m.sync_ingest(FakeStats(by_code={f"code{i}": 1 for i in range(100)}))
+    reasons = {
+        s.labels["reason"]
+        for fam in m.registry.collect()
+        for s in fam.samples
+        if s.name == "ctr_worker_events_dead_lettered_total"
+    }
+    assert len(reasons) <= 33 and "other" in reasons
+
+
+def test_rank_auc_and_logloss_match_sklearn() -> None:
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 400)
+    p = np.clip(0.3 * y + rng.random(400) * 0.7, 0, 1)
+    p = np.round(p, 2)  # ties, which rank AUC must average like sklearn does
+    auc = rank_auc(p, y)
+    assert auc is not None and auc == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert log_loss(p, y) == pytest.approx(sk_log_loss(y, np.clip(p, 1e-7, 1 - 1e-7)), rel=1e-9)
+    assert rank_auc([0.1, 0.9], [1, 1]) is None
+
+
+def test_prequential_window_matches_sklearn_on_last_events() -> None:
+    rng = np.random.default_rng(1)
+    pq = Prequential(window=100)
+    y = rng.integers(0, 2, 250)
+    p = rng.random(250) * 0.5 + 0.5 * y
+    for i in range(0, 250, 50):
+        pq.record("a", p[i : i + 50], y[i : i + 50])
+    auc, loss, n = pq.snapshot()["a"]
+    assert n == 100
+    assert auc == pytest.approx(roc_auc_score(y[-100:], p[-100:]))
+    assert loss == pytest.approx(sk_log_loss(y[-100:], p[-100:]))
+
+
+def test_prequential_skips_ids_already_recorded() -> None:
+    pq = Prequential(window=10)
+    assert pq.record("a", [0.1, 0.9], [0, 1], ["e1", "e2"]) == 2
+    assert pq.record("a", [0.5, 0.5, 0.7], [0, 1, 1], ["e1", "e2", "e3"]) == 1
+    assert pq.snapshot()["a"][2] == 3
+
+
+def test_segment_cardinality_cap() -> None:
+    m = Metrics(max_segments=5)
+    for i in range(40):  # traffic falls with i: the first five are the busiest
+        m.prequential.record(f"seg{i}", [0.2, 0.8] * (40 - i), [0, 1] * (40 - i))
+    m.prequential.record("seg39", [0.3, 0.7] * 100, [0, 1] * 100)  # now the busiest: takes a label
+    labels = {
+        s.labels["segment"]
+        for fam in m.registry.collect()
+        for s in fam.samples
+        if s.name.startswith("ctr_worker_online_")
+    }
+    assert len(labels) == 6 and OTHER in labels
+    # the busiest five keep their own label
+    assert labels - {OTHER} == {"seg0", "seg1", "seg2", "seg3", "seg39"}
+
+
+def test_score_before_learning_groups_by_segment() -> None:
+    m = Metrics(window=3)
+    calls: list[tuple[str, int]] = []
+
+    def score(segment: str, pairs: list[tuple[str | None, str]]) -> tuple[Any, int]:
+        calls.append((segment, len(pairs)))
+        return np.linspace(0.1, 0.9, len(pairs)), 0
+
+    events = [
+        SimpleNamespace(event_id=f"e{i}", segment="ab"[i % 2], query="q", item_text="t", clicked=i % 3 == 0)
+        for i in range(10)
+    ]
+    assert m.score_before_learning(score, events) == 6
+    assert sorted(calls) == [("a", 3), ("b", 3)]
+    s = _samples(m.render().decode())
+    assert s[("ctr_worker_scoring_duration_seconds_count", (("kind", "prequential"),))] == 2
+
+
+def test_readiness_caches_and_treats_errors_as_not_ready() -> None:
+    calls = {"n": 0}
+
+    def counted() -> bool:
+        calls["n"] += 1
+        return True
+
+    def broken() -> bool:
+        raise AttributeError("not built yet")
+
+    ready = Readiness({"redis": counted, "model_loaded": broken}, ttl_s=60)
+    assert ready() == {"redis": True, "model_loaded": False}
+    ready()
+    assert calls["n"] == 1
+
+
+@dataclass
+class TP:
+    topic: str
+    partition: int
+    offset: int
+
+
+class FakeConsumer:
+    def __init__(self, positions: dict[int, int], high: dict[int, int], unfetched: set[int]) -> None:
+        self.positions, self.high, self.unfetched = positions, high, unfetched
+
+    def assignment(self) -> list[TP]:
+        return [TP("clicks", p, -1001) for p in self.positions]
+
+    def position(self, tps: list[TP]) -> list[TP]:
+        return [TP(tp.topic, tp.partition, self.positions[tp.partition]) for tp in tps]
+
+    def get_watermark_offsets(
+        self, tp: TP, timeout: float | None = None, cached: bool = False
+    ) -> tuple[int, int]:
+        if not cached:  # the broker is asked only when nothing is cached, and with a timeout
+            assert timeout is not None and tp.partition in self.unfetched
+            return 0, self.high[tp.partition]
+        return (-1001, -1001) if tp.partition in self.unfetched else (0, self.high[tp.partition])
+
+
+class FakeBuffer:
+    def stored_offsets(self, partitions: list[int], topic: str) -> dict[int, int | None]:
+        return {p: 40 if p == 1 else None for p in partitions}
+
+
+def test_consumer_lag() -> None:
+    consumer = FakeConsumer({0: 90, 1: -1001, 2: -1001}, {0: 100, 1: 50, 2: 7}, unfetched={2})
+    assert consumer_lag(consumer, [0, 1, 2], FakeBuffer()) == {0: 10, 1: 10, 2: 7}
+    assert consumer_lag(consumer, [0]) == {0: 10}
+    assert consumer_lag(consumer, [2], fallback_budget_s=0) == {}
+
+
+class FakeIngestBuffer(FakeBuffer):
+    def segment_states(self, partition: int) -> list[SimpleNamespace]:
+        return [SimpleNamespace(new=partition + 1), SimpleNamespace(new=10)]
+
+
+class FakeIngestor:
+    def __init__(self) -> None:
+        self.consumer = FakeConsumer({0: 90, 1: -1001}, {0: 100, 1: 50}, unfetched=set())
+        self.buffer = FakeIngestBuffer()
+        self.stats = FakeStats(consumed=5)
+        self.paused = True
+
+    def owned_partitions(self) -> frozenset[int]:
+        return frozenset({0, 1})
+
+
+def test_refresh_reads_the_ingestor() -> None:
+    m = Metrics(slow_refresh_s=3600)
+    ing = FakeIngestor()
+    m.refresh(ing, queue_depth=4)
+    s = _samples(m.render().decode())
+    assert s[("ctr_worker_events_consumed_total", ())] == 5
+    assert s[("ctr_worker_ingest_paused", ())] == 1
+    assert s[("ctr_worker_train_queue_depth", ())] == 4
+    assert s[("ctr_worker_consumer_lag", (("partition", "1"),))] == 10
+    assert s[("ctr_worker_buffer_new_events", (("partition", "0"),))] == 11
+    ing.consumer.positions[0] = 100
+    m.refresh(ing)  # within slow_refresh_s: lag is not re-read
+    assert _samples(m.render().decode())[("ctr_worker_consumer_lag", (("partition", "0"),))] == 10
+    m.refresh(ing, force=True)
+    assert _samples(m.render().decode())[("ctr_worker_consumer_lag", (("partition", "0"),))] == 0
+
+
+def test_training_context_counts_decision_and_failure() -> None:
+    m = Metrics()
+    with m.training("segment") as run:
+        run.decision = "rejected"
+    with pytest.raises(RuntimeError), m.training("shared"):
+        raise RuntimeError("oom")
+    s = _samples(m.render().decode())
+    assert s[("ctr_worker_trainings_started_total", (("scope", "segment"),))] == 1
+    assert s[("ctr_worker_trainings_rejected_total", (("scope", "segment"),))] == 1
+    assert s[("ctr_worker_trainings_failed_total", (("scope", "shared"),))] == 1
+    assert s[("ctr_worker_training_duration_seconds_count", (("scope", "shared"),))] == 1
