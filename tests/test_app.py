@@ -66,6 +66,7 @@ def _env(settings: Settings) -> dict[str, str]:
         "WORKER_GATE_AUC_TOLERANCE": "1",
         "WORKER_GATE_LOGLOSS_MARGIN": "1000",
         "WORKER_DRAIN_GRACE_S": "60",
+        "WORKER_METRICS_PORT": "0",
     }
 
 
@@ -259,3 +260,34 @@ def test_second_signal_exits_at_once_and_leaves_nothing_half_written(
     clean_partial_dirs(settings.model_store)
     leftovers = [p for p in settings.model_store.rglob("*") if ".tmp-" in p.name]
     assert leftovers == []
+
+
+def test_health_ready_and_metrics_of_a_running_worker(
+    settings: Settings, events: list[ClickEvent], running: list[Running], tmp_path: Path
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
+    worker = Running(settings, tmp_path / "worker.log")
+    running.append(worker)
+    port = worker.wait_for_log("metrics endpoint", 60)["port"]
+    base = f"http://127.0.0.1:{port}"
+    assert urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200
+    deadline = time.monotonic() + 60
+    ready = 503
+    while ready != 200 and time.monotonic() < deadline:
+        try:
+            ready = urllib.request.urlopen(f"{base}/readyz", timeout=5).status
+        except urllib.error.HTTPError as exc:
+            ready = exc.code
+            time.sleep(0.5)
+    assert ready == 200
+    assert produce_events(settings, events[:50], restamp=True) == 50
+    deadline = time.monotonic() + 60
+    text = ""
+    while "ctr_worker_events_consumed_total 50.0" not in text and time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+        time.sleep(0.5)
+    assert "ctr_worker_events_consumed_total 50.0" in text
+    assert worker.terminate() == 0

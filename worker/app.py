@@ -38,6 +38,8 @@ from worker.ingest import Ingestor
 from worker.kafka import ensure_topics, make_consumer
 from worker.learner import Learner
 from worker.logs import configure_logging
+from worker.metrics import Metrics, Readiness
+from worker.metrics import start as start_metrics
 from worker.publish import Publisher
 from worker.registry import Registry, VersionRecord
 from worker.trigger import DueSegment
@@ -86,8 +88,27 @@ def check_dependencies(settings: Settings, client: redis.Redis[bytes]) -> None:
 class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.metrics = Metrics()
+        self._health_redis = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=1, socket_connect_timeout=1
+        )
+        self.readiness = Readiness(
+            {
+                "partitions_assigned": lambda: bool(self.ingestor.owned_partitions()),
+                "kafka": lambda: bool(
+                    self.publisher.producer.list_topics(settings.input_topic, timeout=2).topics
+                ),
+                "redis": lambda: bool(self._health_redis.ping()),
+                "model_loaded": lambda: self.learner is not None,
+            }
+        )
         self.redis: redis.Redis[bytes] = redis.Redis.from_url(settings.redis_url, socket_timeout=30)
         check_dependencies(settings, self.redis)
+        try:
+            self.metrics_server = start_metrics(settings, self.readiness, metrics=self.metrics)
+        except OSError as exc:
+            raise StartupError(str(exc)) from None
+        log.info("metrics endpoint", host=self.metrics_server.host, port=self.metrics_server.port)
         ensure_topics(
             settings,
             [
@@ -149,6 +170,7 @@ class Worker:
         try:
             while not self.stop.is_set():
                 self.ingestor.poll_once()
+                self.metrics.refresh(self.ingestor, queue_depth=self.train_jobs.qsize())
                 self._poll_requests()
                 self.publisher.poll(0)
                 if self._compute_done.is_set():
@@ -177,6 +199,7 @@ class Worker:
         except Exception as exc:
             log.error("flush failed", error=str(exc))
         log.info("stopped", seconds=round(time.monotonic() - started, 3), **self.publisher.stats())
+        self.metrics_server.close()
 
     def compute_busy(self) -> bool:
         return self._compute.is_alive()
@@ -238,7 +261,9 @@ class Worker:
             return None
         self._shared_runs += 1
         log.info("shared training", events=len(new), older=len(older))
-        rec, _ = self.learner.train_shared(new, older, (0, len(new)), self._shared_runs)
+        with self.metrics.training("shared") as run:
+            rec, _ = self.learner.train_shared(new, older, (0, len(new)), self._shared_runs)
+            run.decision = rec.decision
         self.stats.shared_runs[rec.decision] += 1
         log.info(
             "shared run",
@@ -278,9 +303,15 @@ class Worker:
                 return
             seq = (snap.seq_from, snap.seq_to)
             bound.info("training", events=len(snap.new_events), seq_from=snap.seq_from, seq_to=snap.seq_to)
-            out = self.learner.train_segment(job.segment, snap.new_events, snap.sample_events, seq)
-            if out is None and self._bootstrap_shared():
+            self.learner.refresh_shared()
+            if self.learner.shared is None and not self._bootstrap_shared():
+                bound.info("no shared model serves yet: segment waits")
+                outcome = "wait"
+                return
+            self.metrics.score_before_learning(self.learner.score, snap.new_events)
+            with self.metrics.training("segment") as run:
                 out = self.learner.train_segment(job.segment, snap.new_events, snap.sample_events, seq)
+                run.decision = out[0].decision if out is not None else "failed"
             if out is None:
                 bound.info("no shared model serves yet: segment waits")
                 outcome = "wait"
@@ -332,7 +363,8 @@ class Worker:
         candidates = self.buffer.candidates(partition, segment)
         if not candidates:
             return
-        probs, version = self.learner.score(segment, [(c.query, c.item_text) for c in candidates])
+        with self.metrics.scoring_duration.labels(kind="refresh").time():
+            probs, version = self.learner.score(segment, [(c.query, c.item_text) for c in candidates])
         now = datetime.now(UTC)
         updates = [
             ScoreUpdate(
@@ -345,7 +377,9 @@ class Worker:
             )
             for c, p in zip(candidates, probs, strict=True)
         ]
-        self.stats.scores_published += self.publisher.scores(updates)
+        published = self.publisher.scores(updates)
+        self.stats.scores_published += published
+        self.metrics.scores_published.labels(kind="refresh").inc(published)
 
     def _answer(self, msg: Message) -> None:
         assert self.learner is not None
@@ -353,10 +387,12 @@ class Worker:
             request = ScoreRequest.model_validate_json(msg.value() or b"")
         except ValidationError as exc:
             self.stats.requests_rejected += 1
+            self.metrics.score_requests.labels(outcome="rejected").inc()
             log.warning("bad score request", offset=msg.offset(), error=str(exc)[:300])
         else:
             pairs = [(p.query, p.item_text) for p in request.pairs]
-            probs, version = self.learner.score(request.segment, pairs)
+            with self.metrics.scoring_duration.labels(kind="request").time():
+                probs, version = self.learner.score(request.segment, pairs)
             now = datetime.now(UTC)
             self.publisher.scores(
                 [
@@ -373,6 +409,8 @@ class Worker:
                 ]
             )
             self.stats.requests_answered += 1
+            self.metrics.score_requests.labels(outcome="answered").inc()
+            self.metrics.scores_published.labels(kind="request").inc(len(request.pairs))
         self.request_consumer.store_offsets(message=msg)
 
     def summary(self) -> dict[str, Any]:

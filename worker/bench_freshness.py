@@ -186,6 +186,7 @@ def _e2e(args: argparse.Namespace) -> dict[str, Any]:
         "gate_auc_tolerance": "1",
         "gate_logloss_margin": "1000",
         "consume_timeout_s": "0.05",
+        "metrics_port": "0",
     }
     env = {**os.environ, **{f"WORKER_{k.upper()}": v for k, v in overrides.items()}}
     settings = load_settings(**overrides)

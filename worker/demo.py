@@ -36,6 +36,7 @@ DEMO_ENV = {
     "WORKER_SHARED_EVERY": "2000",
     "WORKER_SHARED_BOOTSTRAP_MIN_EVENTS": "2000",
     "WORKER_SHARED_HOLDOUT_FRAC": "0.1",
+    "WORKER_METRICS_PORT": "0",
 }
 STARTS = {"training", "shared training"}
 ENDS = {"segment run", "shared run", "no shared model serves yet: segment waits", "training job failed"}
