@@ -65,3 +65,21 @@ def test_cli_reports_bad_setting_and_exits_2(
     clean_env.setenv("WORKER_REDIS_URL", "nope")
     assert main(["stack", "status"]) == 2
     assert "WORKER_REDIS_URL" in capsys.readouterr().err
+
+
+def test_secrets_come_from_files_too(clean_env: pytest.MonkeyPatch, tmp_path: pytest.TempPathFactory) -> None:
+    from pathlib import Path
+
+    secrets = Path(str(tmp_path))
+    (secrets / "worker_kafka_sasl_password").write_text("from-a-file")
+    clean_env.setenv("WORKER_SECRETS_DIR", str(secrets))
+    clean_env.setenv("WORKER_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    clean_env.setenv("WORKER_KAFKA_SASL_USERNAME", "worker")
+    s = load_settings()
+    assert s.kafka_sasl_password.get_secret_value() == "from-a-file"
+    assert "from-a-file" not in repr(s)
+    clean_env.setenv("WORKER_KAFKA_SASL_PASSWORD", "from-env")
+    assert load_settings().kafka_sasl_password.get_secret_value() == "from-env"
+    clean_env.setenv("WORKER_SECRETS_DIR", str(secrets / "missing"))
+    with pytest.raises(ConfigError, match="WORKER_SECRETS_DIR"):
+        load_settings()

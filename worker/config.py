@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -199,9 +200,19 @@ def _redact(value: object) -> object:
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Build settings from the environment, turning validation errors into one readable ConfigError."""
+    """Build settings from the environment, turning validation errors into one readable ConfigError.
+
+    Secrets may also come from files: with `WORKER_SECRETS_DIR` set, a file named like the variable in
+    lower case (`worker_kafka_sasl_password`, `worker_redis_url`) supplies that setting, as Kubernetes
+    and Docker secrets are mounted. The environment wins over a file.
+    """
+    secrets_dir = os.environ.get("WORKER_SECRETS_DIR") or None
+    if secrets_dir is not None and not Path(secrets_dir).is_dir():
+        raise ConfigError(
+            f"invalid configuration:\n  WORKER_SECRETS_DIR: not a directory (got {secrets_dir!r})"
+        )
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[arg-type,call-arg]
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
