@@ -83,3 +83,19 @@ def test_secrets_come_from_files_too(clean_env: pytest.MonkeyPatch, tmp_path: py
     clean_env.setenv("WORKER_SECRETS_DIR", str(secrets / "missing"))
     with pytest.raises(ConfigError, match="WORKER_SECRETS_DIR"):
         load_settings()
+
+
+def test_settings_env_round_trips(clean_env: pytest.MonkeyPatch) -> None:
+    from worker.config import settings_env
+
+    original = Settings(
+        kafka_security_protocol="SASL_PLAINTEXT",
+        kafka_sasl_username="u",
+        kafka_sasl_password="pw",
+        min_new_events=40,
+    )
+    for key, value in settings_env(original, input_topic="other").items():
+        clean_env.setenv(key, value)
+    again = load_settings()
+    assert again.input_topic == "other"
+    assert again.model_copy(update={"input_topic": original.input_topic}) == original

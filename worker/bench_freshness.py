@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from worker.config import Settings, load_settings
+from worker.config import Settings, isolated, load_settings, settings_env
 from worker.datasets import load_homedepot
 from worker.events import ClickEvent
 
@@ -165,36 +165,28 @@ def _e2e(args: argparse.Namespace) -> dict[str, Any]:
 
     from worker.kafka import ensure_topics, producer_config
 
-    base = load_settings()
     run_id = f"bench-fresh-{uuid.uuid4().hex[:8]}"
-    overrides = {
-        "input_topic": f"{run_id}-clicks",
-        "dlq_topic": f"{run_id}-dlq",
-        "scores_topic": f"{run_id}-scores",
-        "versions_topic": f"{run_id}-versions",
-        "requests_topic": f"{run_id}-requests",
-        "group_id": run_id,
-        "redis_prefix": run_id,
-        "model_store": str(base.cache_dir / "bench" / run_id),
-        "min_new_events": str(args.events),
-        "min_positives": "1",
-        "min_negatives": "1",
-        "train_cooldown_s": "0",
-        "shared_every": "1000000",
-        "shared_bootstrap_min_events": "200",
-        "gate_auc_tolerance": "1",
-        "gate_logloss_margin": "1000",
-        "consume_timeout_s": "0.05",
-        "metrics_port": "0",
-    }
-    env = {**os.environ, **{f"WORKER_{k.upper()}": v for k, v in overrides.items()}}
-    settings = load_settings(**overrides)
+    settings = isolated(
+        load_settings(),
+        run_id,
+        min_new_events=args.events,
+        min_positives=1,
+        min_negatives=1,
+        train_cooldown_s=0.0,
+        shared_every=1_000_000,
+        shared_bootstrap_min_events=200,
+        gate_auc_tolerance=1.0,
+        gate_logloss_margin=1000.0,
+        consume_timeout_s=0.05,
+        metrics_port=0,
+    )
+    env = {**os.environ, **settings_env(settings)}
     ensure_topics(settings, [settings.input_topic, settings.scores_topic, settings.versions_topic])
     versions = _TopicLog(settings, settings.versions_topic)
     scores = _TopicLog(settings, settings.scores_topic)
     versions.start()
     scores.start()
-    log_path = Path(str(settings.model_store)) / "worker.log"
+    log_path = settings.model_store.parent / "worker.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     worker = subprocess.Popen(
         [sys.executable, "-m", "worker", "run"],

@@ -22,21 +22,21 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
-from worker.config import Settings, load_settings
+from worker.config import Settings, isolated, load_settings, settings_env
 from worker.kafka import client_config, ensure_topics
 from worker.replay import replay
 
 # Sized for a 2-core CPU: shorter sequences and earlier shared runs than the defaults, and the shared
 # learning rate that measured best on a few thousand pooled events (docs/learning.md).
-DEMO_ENV = {
-    "WORKER_MAX_SEQ_LEN": "32",
-    "WORKER_SHARED_LR": "2e-4",
-    "WORKER_MIN_NEW_EVENTS": "32",
-    "WORKER_TRAIN_COOLDOWN_S": "5",
-    "WORKER_SHARED_EVERY": "2000",
-    "WORKER_SHARED_BOOTSTRAP_MIN_EVENTS": "2000",
-    "WORKER_SHARED_HOLDOUT_FRAC": "0.1",
-    "WORKER_METRICS_PORT": "0",
+DEMO_SETTINGS: dict[str, object] = {
+    "max_seq_len": 32,
+    "shared_lr": 2e-4,
+    "min_new_events": 32,
+    "train_cooldown_s": 5.0,
+    "shared_every": 2000,
+    "shared_bootstrap_min_events": 2000,
+    "shared_holdout_frac": 0.1,
+    "metrics_port": 0,
 }
 STARTS = {"training", "shared training"}
 ENDS = {"segment run", "shared run", "no shared model serves yet: segment waits", "training job failed"}
@@ -167,26 +167,13 @@ def _plot(versions: list[dict[str, Any]], path: Path) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    base = load_settings()
     run_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    names = {
-        "WORKER_INPUT_TOPIC": f"{run_id}-clicks",
-        "WORKER_DLQ_TOPIC": f"{run_id}-clicks-dlq",
-        "WORKER_SCORES_TOPIC": f"{run_id}-scores",
-        "WORKER_VERSIONS_TOPIC": f"{run_id}-model-versions",
-        "WORKER_REQUESTS_TOPIC": f"{run_id}-score-requests",
-        "WORKER_GROUP_ID": run_id,
-        "WORKER_REDIS_PREFIX": run_id,
-        "WORKER_MODEL_STORE": str(base.cache_dir / "demo" / run_id / "models"),
-    }
-    env = {**os.environ, **DEMO_ENV, **{k: v for k, v in names.items()}}
-    settings = load_settings(
-        **{k.removeprefix("WORKER_").lower(): v for k, v in {**DEMO_ENV, **names}.items()}
-    )
-    print(f"demo run {run_id}: {args.events} events of {args.data}, worker settings {DEMO_ENV}")
+    settings = isolated(load_settings(), run_id, **DEMO_SETTINGS)
+    env = {**os.environ, **settings_env(settings)}
+    print(f"demo run {run_id}: {args.events} events of {args.data}, worker settings {DEMO_SETTINGS}")
     ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
 
-    log_path = base.cache_dir / "demo" / run_id / "worker.log"
+    log_path = settings.model_store.parent / "worker.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with log_path.open("wb") as log_file:
