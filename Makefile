@@ -50,3 +50,11 @@ stack-down: install
 
 clean:
 	rm -rf .cache .mypy_cache .ruff_cache .pytest_cache
+
+# A worker under a steady load for SOAK_MINUTES (lag, memory, no event lost); not part of `make test`.
+SOAK_MINUTES ?= 10
+SOAK_RATE    ?= 50
+.PHONY: soak
+soak: install system-deps
+	$(BIN)/python -m worker stack up
+	$(BIN)/python -m worker soak --minutes $(SOAK_MINUTES) --rate $(SOAK_RATE)

@@ -70,19 +70,45 @@ def check_dependencies(settings: Settings, client: redis.Redis[bytes]) -> None:
         raise StartupError(f"Redis refused the credentials in WORKER_REDIS_URL: {exc}") from None
     except redis.RedisError as exc:
         raise StartupError(f"Redis at WORKER_REDIS_URL is not reachable: {exc}") from None
-    from worker.kafka import make_admin
-
-    try:
-        make_admin(settings).list_topics(timeout=15)
-    except KafkaException as exc:
-        raise StartupError(
-            f"Kafka at WORKER_KAFKA_BOOTSTRAP={settings.kafka_bootstrap} did not answer (check it and the "
-            f"WORKER_KAFKA_SASL_* credentials): {exc}"
-        ) from None
+    check_kafka(settings)
     try:
         settings.model_store.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StartupError(f"WORKER_MODEL_STORE={settings.model_store} is not usable: {exc}") from None
+
+
+def check_kafka(settings: Settings, timeout_s: float = 15.0) -> None:
+    """A metadata request, failing at once on refused credentials instead of waiting out the timeout."""
+    from confluent_kafka.admin import AdminClient
+
+    from worker.kafka import client_config
+
+    refused: list[str] = []
+
+    def on_error(err: KafkaError) -> None:
+        if err.code() == KafkaError._AUTHENTICATION:
+            refused.append(err.str())
+
+    conf: dict[str, Any] = {**client_config(settings), "error_cb": on_error}
+    admin = AdminClient(conf)
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            admin.list_topics(timeout=1.0)
+            return
+        except KafkaException as exc:
+            last = exc
+        admin.poll(0)
+        if refused:
+            raise StartupError(
+                "Kafka refused the credentials of WORKER_KAFKA_SASL_USERNAME / WORKER_KAFKA_SASL_PASSWORD "
+                f"({settings.kafka_sasl_mechanism}): {refused[0]}"
+            )
+    raise StartupError(
+        f"Kafka at WORKER_KAFKA_BOOTSTRAP={settings.kafka_bootstrap} did not answer within "
+        f"{timeout_s:.0f} s: {last}"
+    )
 
 
 class Worker:
@@ -169,7 +195,11 @@ class Worker:
         self.request_consumer.subscribe([self.settings.requests_topic])
         try:
             while not self.stop.is_set():
-                self.ingestor.poll_once()
+                try:
+                    self.ingestor.poll_once()
+                except redis.RedisError as exc:
+                    self.ingestor.recover(self.stop, exc)
+                    continue
                 self.metrics.refresh(self.ingestor, queue_depth=self.train_jobs.qsize())
                 self._poll_requests()
                 self.publisher.poll(0)
@@ -215,25 +245,31 @@ class Worker:
     # ---------------------------------------------------------------- compute thread
 
     def _compute_loop(self) -> None:
+        """One job per turn; a failing job (Redis down, a bad request) is logged and the loop goes on."""
         try:
             while not self.stop.is_set():
                 try:
-                    self._answer(self.requests.get_nowait())
-                    continue
-                except queue.Empty:
-                    pass
-                if self._shared_due():
-                    self._run_shared()
-                    continue
-                try:
-                    job = self.train_jobs.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                self._run_segment(job)
-        except Exception:
-            log.exception("compute thread crashed")
+                    self._compute_once()
+                except Exception:
+                    log.exception("compute job failed; continuing")
+                    self.stop.wait(1.0)
         finally:
             self._compute_done.set()
+
+    def _compute_once(self) -> None:
+        try:
+            self._answer(self.requests.get_nowait())
+            return
+        except queue.Empty:
+            pass
+        if self._shared_due():
+            self._run_shared()
+            return
+        try:
+            job = self.train_jobs.get(timeout=0.1)
+        except queue.Empty:
+            return
+        self._run_segment(job)
 
     def _shared_due(self) -> bool:
         return self._since_shared >= self.settings.shared_every and bool(self.ingestor.owned_partitions())
@@ -346,7 +382,9 @@ class Worker:
     def _bootstrap_shared(self) -> bool:
         """The first segment run needs a shared model: train one now if enough events are buffered."""
         assert self.learner is not None
-        if self.learner.shared is not None or self._shared_runs > 0:
+        if self.learner.shared is not None:
+            return False
+        if self._shared_runs > 0 and self._since_shared < self.settings.shared_bootstrap_min_events:
             return False
         total = sum(
             self.buffer.counts(p, s).events

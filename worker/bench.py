@@ -10,6 +10,8 @@ BENCHES = {
     "ingest": "worker.bench_ingest",
     "train": "worker.bench_train",
     "freshness": "worker.bench_freshness",
+    "scale": "worker.bench_scale",
+    "capacity": "worker.bench_capacity",
 }
 
 

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("worker.evaluate", "offline evaluation on real data, no Kafka needed"),
     "models": ("worker.registry", "list, show or roll back model versions"),
     "bench": ("worker.bench", "benchmarks against raw baselines, JSON output"),
+    "soak": ("worker.soak", "a worker under steady load: lag, memory, no event lost"),
     "demo": ("worker.demo", "the whole job on the local stack with a Home Depot replay"),
 }
 

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from types import FrameType
 
 import orjson
+import redis
 import structlog
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -292,7 +293,11 @@ class Ingestor:
         last_message = time.monotonic()
         try:
             while not stop.is_set():
-                n = self.poll_once()
+                try:
+                    n = self.poll_once()
+                except redis.RedisError as exc:
+                    self.recover(stop, exc)
+                    continue
                 now = time.monotonic()
                 if n:
                     last_message = now
@@ -500,6 +505,42 @@ class Ingestor:
                 dead=st.dead,
                 paused=self._paused,
             )
+
+    def recover(self, stop: threading.Event, error: Exception) -> None:
+        """After a failed Redis call: wait for Redis, then rewind every owned partition to its stored offset.
+
+        The write in flight is dropped and what was consumed but not stored is read again (the write
+        script skips offsets already stored, so nothing doubles). Meanwhile the consumer stays paused but
+        keeps polling, so this worker keeps its group membership and its partitions.
+        """
+        self._inflight = None
+        assignment = self.consumer.assignment()
+        if assignment:
+            self.consumer.pause(assignment)
+        delay = 0.5
+        log.warning("redis_unavailable", error=str(error)[:300])
+        while not stop.is_set():
+            try:
+                self.buffer.redis.ping()
+                break
+            except redis.RedisError as exc:
+                log.warning("redis_unavailable", error=str(exc)[:300], retry_in_s=delay)
+                self.consumer.consume(1, delay)
+                self.producer.poll(0)
+                delay = min(delay * 2, 10.0)
+        if stop.is_set():
+            return
+        assignment = self.consumer.assignment()
+        by_topic: dict[str, list[int]] = {}
+        for tp in assignment:
+            by_topic.setdefault(tp.topic, []).append(tp.partition)
+        for topic, parts in by_topic.items():
+            stored = self.buffer.stored_offsets(parts, topic)
+            for p in parts:
+                self.consumer.seek(TopicPartition(topic, p, _or_beginning(stored[p])))
+        if assignment and not self._paused:
+            self.consumer.resume(assignment)
+        log.info("redis_back", partitions=sorted(tp.partition for tp in assignment))
 
     def close(self) -> None:
         """Finish the write in flight, commit, leave the group (revoking commits again), flush the DLQ."""

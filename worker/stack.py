@@ -18,6 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from worker.config import Settings, load_settings
@@ -405,8 +406,12 @@ def down(settings: Settings) -> dict[str, str]:
 
 
 def status(settings: Settings) -> dict[str, dict[str, object]]:
+    if secure_marker(settings).exists():
+        healthy = _kafka_healthy_conf(secure_admin_config(settings), timeout=3.0)
+    else:
+        healthy = kafka_healthy(settings.kafka_bootstrap)
     return {
-        "kafka": {"endpoint": settings.kafka_bootstrap, "healthy": kafka_healthy(settings.kafka_bootstrap)},
+        "kafka": {"endpoint": settings.kafka_bootstrap, "healthy": healthy},
         "redis": {"endpoint": settings.redis_url, "healthy": redis_healthy(settings.redis_url)},
     }
 
@@ -428,13 +433,18 @@ def started_pids(settings: Settings) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="up: Kafka with SASL/PLAIN and ACLs; the worker user is WORKER_KAFKA_SASL_USERNAME/PASSWORD",
+    )
 
 
 def cli_main(args: argparse.Namespace) -> int:
     settings = load_settings()
     if args.action == "up":
         try:
-            started = up(settings)
+            started = up_secure(settings) if getattr(args, "secure", False) else up(settings)
         except StackError as exc:
             print(f"stack up failed: {exc}", file=sys.stderr)
             return 1
@@ -450,3 +460,310 @@ def cli_main(args: argparse.Namespace) -> int:
         state = "healthy" if info["healthy"] else "DOWN"
         print(f"{name}: {info['endpoint']} {state}")
     return 0 if all(info["healthy"] for info in report.values()) else 1
+
+
+# ---------------------------------------------------------------- one service at a time (fault tests)
+
+SERVICES = ("kafka", "redis")
+
+
+def _service_files(settings: Settings, name: str) -> tuple[Path, tuple[str, ...]]:
+    ep = Endpoints.from_settings(settings)
+    root = stack_dir(settings)
+    if name == "kafka":
+        return root / "kafka" / "kafka.pid", (str(root / "kafka" / "server.properties"),)
+    if name == "redis":
+        return root / "redis" / "redis.pid", _redis_markers(root / "redis", ep)
+    raise ValueError(f"unknown service {name!r}: expected one of {SERVICES}")
+
+
+def stop_service(settings: Settings, name: str, *, kill: bool = False) -> str:
+    """Stop one service of this stack (SIGTERM, or SIGKILL with `kill`), keeping its data for a restart.
+
+    Only the pid `up` recorded is signalled, after checking its command line, as `down` does.
+    """
+    pidfile, markers = _service_files(settings, name)
+    if not kill:
+        return _stop(pidfile, markers)
+    pid = _read_pid(pidfile)
+    if pid is None or not _pid_alive(pid, *markers):
+        pidfile.unlink(missing_ok=True)
+        return "not running"
+    os.kill(pid, signal.SIGKILL)
+    while _pid_alive(pid, *markers):
+        time.sleep(0.05)
+    pidfile.unlink(missing_ok=True)
+    return f"killed (pid {pid})"
+
+
+def start_service(settings: Settings, name: str) -> str:
+    """Start one service again on its port and data directory (a secured Kafka stays secured)."""
+    ep = Endpoints.from_settings(settings)
+    if name == "redis":
+        return start_redis(settings, ep)
+    if name == "kafka":
+        if secure_marker(settings).exists():
+            return start_kafka_secure(settings, ep)
+        return start_kafka(settings, ep)
+    raise ValueError(f"unknown service {name!r}: expected one of {SERVICES}")
+
+
+# ---------------------------------------------------------------- secured Kafka: SASL/PLAIN and ACLs
+
+ADMIN_USER = "admin"
+
+
+def secure_marker(settings: Settings) -> Path:
+    """Present while this stack's Kafka runs in secured mode; holds the admin password (mode 0600)."""
+    return stack_dir(settings) / "kafka" / "admin.secret"
+
+
+def admin_password(settings: Settings) -> str:
+    """The secured broker's admin password: generated once per stack directory, kept in a 0600 file."""
+    path = secure_marker(settings)
+    try:
+        return path.read_text().strip()
+    except OSError:
+        pass
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secret)
+    return secret
+
+
+def _jaas_quote(value: str) -> str:
+    if '"' in value or "\\" in value or ";" in value:
+        raise StackError('SASL user names and passwords of the local stack may not contain " \\ or ;')
+    return value
+
+
+def _kafka_secure_properties(data: Path, host: str, port: int, users: dict[str, str]) -> str:
+    """KRaft broker+controller: a SASL_PLAINTEXT client listener (SASL/PLAIN), ACLs (StandardAuthorizer).
+
+    The controller listener uses SASL/PLAIN too, as `admin`: the broker reaches its controller over it, and
+    a PLAINTEXT controller listener would make its ANONYMOUS principal a super user.
+    """
+    controller = port + 1
+    admin = _jaas_quote(users[ADMIN_USER])
+    user_entries = " ".join(f'user_{_jaas_quote(u)}="{_jaas_quote(p)}"' for u, p in users.items())
+    jaas = (
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        f'username="{ADMIN_USER}" password="{admin}" {user_entries};'
+    )
+    base = _kafka_properties(data, host, port).splitlines()
+    replaced = {
+        "listeners": f"listeners=SASL_PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller}",
+        "advertised.listeners": f"advertised.listeners=SASL_PLAINTEXT://{host}:{port}",
+        "inter.broker.listener.name": "inter.broker.listener.name=SASL_PLAINTEXT",
+        "listener.security.protocol.map": (
+            "listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT"
+        ),
+        "auto.create.topics.enable": "auto.create.topics.enable=false",
+    }
+    lines = [replaced.get(line.split("=", 1)[0], line) for line in base if line]
+    lines += [
+        "sasl.enabled.mechanisms=PLAIN",
+        "sasl.mechanism.inter.broker.protocol=PLAIN",
+        "sasl.mechanism.controller.protocol=PLAIN",
+        f"listener.name.sasl_plaintext.plain.sasl.jaas.config={jaas}",
+        f"listener.name.controller.plain.sasl.jaas.config={jaas}",
+        "listener.name.controller.sasl.enabled.mechanisms=PLAIN",
+        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        f"super.users=User:{ADMIN_USER}",
+        "allow.everyone.if.no.acl.found=false",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _secure_users(settings: Settings) -> dict[str, str]:
+    users = {ADMIN_USER: admin_password(settings)}
+    worker_user = settings.kafka_sasl_username
+    worker_password = settings.kafka_sasl_password.get_secret_value()
+    if worker_user and worker_user != ADMIN_USER:
+        if not worker_password:
+            raise StackError("WORKER_KAFKA_SASL_PASSWORD is required for the secured stack's worker user")
+        users[worker_user] = worker_password
+    return users
+
+
+def start_kafka_secure(settings: Settings, ep: Endpoints) -> str:
+    """Like `start_kafka`, with SASL/PLAIN and ACLs; users: `admin` and WORKER_KAFKA_SASL_USERNAME."""
+    users = _secure_users(settings)
+    root = stack_dir(settings) / "kafka"
+    config = root / "server.properties"
+    pid = _read_pid(root / "kafka.pid")
+    if pid and _pid_alive(pid, str(config)):
+        return f"already running (pid {pid})"
+    data = root / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    # start_kafka writes the plain config; write the secured one first and have it reused.
+    secured = _kafka_secure_properties(data, ep.kafka_host, ep.kafka_port, users)
+    return _start_kafka_with(settings, ep, secured)
+
+
+def _start_kafka_with(settings: Settings, ep: Endpoints, properties: str) -> str:
+    """`start_kafka` with another server.properties (and a health probe that can authenticate)."""
+    root = stack_dir(settings) / "kafka"
+    pidfile = root / "kafka.pid"
+    config = root / "server.properties"
+    libs = kafka_libs(settings.cache_dir)
+    java = _java()
+    data = root / "data"
+    config.write_text(properties)
+    os.chmod(config, 0o600)
+    (root / "log4j2.properties").write_text(_LOG4J2)
+    classpath = f"{libs}/*"
+    log4j = f"-Dlog4j2.configurationFile={root / 'log4j2.properties'}"
+    if not (data / "meta.properties").exists():
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        fmt = subprocess.run(
+            [
+                java,
+                log4j,
+                "-cp",
+                classpath,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(config),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if fmt.returncode != 0:
+            raise StackError(f"formatting Kafka storage failed:\n{fmt.stdout}\n{fmt.stderr}")
+    log = root / "kafka.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [
+                java,
+                "-Xms256m",
+                "-Xmx768m",
+                "-XX:+UseG1GC",
+                "-Djava.awt.headless=true",
+                log4j,
+                f"-Dkafka.logs.dir={root}",
+                "-cp",
+                classpath,
+                "kafka.Kafka",
+                str(config),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    pidfile.write_text(str(proc.pid))
+    admin_conf = secure_admin_config(settings)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"Kafka exited with code {proc.returncode}; last lines of {log}:\n{_tail(log)}")
+        if _kafka_healthy_conf(admin_conf, timeout=2.0):
+            return f"started, SASL_PLAINTEXT with ACLs (pid {proc.pid})"
+        time.sleep(0.5)
+    raise StackError(
+        f"Kafka did not answer a metadata request within {START_TIMEOUT_S:.0f} s; "
+        f"last lines of {log}:\n{_tail(log)}"
+    )
+
+
+def secure_admin_config(settings: Settings) -> dict[str, Any]:
+    """librdkafka settings of the secured stack's super user (for topics and ACLs)."""
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "security.protocol": "SASL_PLAINTEXT",
+        "sasl.mechanism": "PLAIN",
+        "sasl.username": ADMIN_USER,
+        "sasl.password": admin_password(settings),
+    }
+
+
+def _kafka_healthy_conf(conf: dict[str, Any], timeout: float) -> bool:
+    from confluent_kafka.admin import AdminClient
+
+    host, _, port = conf["bootstrap.servers"].split(",")[0].strip().rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError:
+        return False
+    try:
+        AdminClient({**conf, "log_level": 0}).list_topics(timeout=timeout)
+    except Exception:
+        return False
+    return True
+
+
+def grant_worker_acls(settings: Settings, timeout_s: float = 30.0) -> list[str]:
+    """Create the worker's topics and ACLs as admin: the worker user may read its inputs (`clicks`,
+    `score-requests`) in its consumer groups (prefix WORKER_GROUP_ID) and write its outputs (scores,
+    model-versions, clicks-dlq); nothing else. Returns the bindings created, readable."""
+    from confluent_kafka.admin import (  # type: ignore[attr-defined]
+        AclBinding,
+        AclOperation,
+        AclPermissionType,
+        AdminClient,
+        NewTopic,
+        ResourcePatternType,
+        ResourceType,
+    )
+
+    user = settings.kafka_sasl_username
+    if not user or user == ADMIN_USER:
+        raise StackError("set WORKER_KAFKA_SASL_USERNAME to the worker user (not admin) to grant its ACLs")
+    admin = AdminClient(secure_admin_config(settings))
+    topics = [
+        settings.input_topic,
+        settings.requests_topic,
+        settings.scores_topic,
+        settings.versions_topic,
+        settings.dlq_topic,
+    ]
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    missing = [
+        NewTopic(t, num_partitions=settings.topic_partitions, replication_factor=1)
+        for t in topics
+        if t not in existing
+    ]
+    if missing:
+        for future in admin.create_topics(missing, request_timeout=timeout_s).values():
+            future.result(timeout=timeout_s)
+    principal = f"User:{user}"
+    allow = AclPermissionType.ALLOW
+    lit, pre = ResourcePatternType.LITERAL, ResourcePatternType.PREFIXED
+    wanted: list[tuple[ResourceType, str, ResourcePatternType, AclOperation]] = []
+    for topic in (settings.input_topic, settings.requests_topic):
+        wanted += [
+            (ResourceType.TOPIC, topic, lit, AclOperation.READ),
+            (ResourceType.TOPIC, topic, lit, AclOperation.DESCRIBE),
+        ]
+    for topic in (settings.scores_topic, settings.versions_topic, settings.dlq_topic):
+        wanted += [
+            (ResourceType.TOPIC, topic, lit, AclOperation.WRITE),
+            (ResourceType.TOPIC, topic, lit, AclOperation.DESCRIBE),
+        ]
+    wanted.append((ResourceType.GROUP, settings.group_id, pre, AclOperation.READ))
+    bindings = [AclBinding(rt, name, pt, principal, "*", op, allow) for rt, name, pt, op in wanted]
+    for future in admin.create_acls(bindings, request_timeout=timeout_s).values():
+        future.result(timeout=timeout_s)
+    return [f"{principal} {op.name} {rt.name}:{name} ({pt.name})" for rt, name, pt, op in wanted]
+
+
+def up_secure(settings: Settings) -> dict[str, str]:
+    """`stack up --secure`: Redis as usual; Kafka with SASL/PLAIN and ACLs for the worker user."""
+    ep = Endpoints.from_settings(settings)
+    if not ep.kafka_local:
+        raise StackError("--secure starts a local Kafka: WORKER_KAFKA_BOOTSTRAP must be a loopback address")
+    result = {"redis": start_redis(settings, ep) if ep.redis_local else "external, not started"}
+    result["kafka"] = start_kafka_secure(settings, ep)
+    acls = grant_worker_acls(settings)
+    result["acls"] = f"{len(acls)} bindings for User:{settings.kafka_sasl_username}"
+    return result
