@@ -36,7 +36,7 @@ from worker.config import ConfigError, Settings, load_settings
 from worker.events import ClickEvent, ScoreRequest, ScoreUpdate
 from worker.ingest import Ingestor
 from worker.kafka import ensure_topics, make_consumer
-from worker.learner import Learner
+from worker.learner import Abandoned, Learner
 from worker.logs import configure_logging
 from worker.metrics import Metrics, Readiness
 from worker.metrics import start as start_metrics
@@ -150,7 +150,16 @@ class Worker:
         self.publisher = Publisher(settings)
         self.train_jobs: queue.Queue[DueSegment] = queue.Queue(settings.train_queue_size)
         self.requests: queue.Queue[Message] = queue.Queue(REQUEST_QUEUE)
-        self.ingestor = Ingestor(settings, buffer=self.buffer, jobs=self.train_jobs, on_write=self._on_write)
+        self.ingestor = Ingestor(
+            settings,
+            buffer=self.buffer,
+            jobs=self.train_jobs,
+            on_write=self._on_write,
+            before_revoke=self._before_revoke,
+        )
+        self._training_partition: int | None = None
+        self._training_done = threading.Event()
+        self._training_done.set()
         self.request_consumer = make_consumer(
             settings,
             **{
@@ -174,6 +183,17 @@ class Worker:
 
     def _on_write(self, result: WriteResult) -> None:
         self._since_shared += result.added
+
+    def _before_revoke(self, partitions: set[int]) -> None:
+        """A rebalance takes partitions away: let a training of one of them finish and be recorded first,
+        so the next owner starts from its result and never trains the same segment at the same time."""
+        if self._training_partition in partitions and not self._training_done.wait(
+            self.settings.drain_grace_s
+        ):
+            log.warning(
+                "revoking while a training still runs; its result will be dropped",
+                partitions=sorted(partitions),
+            )
 
     def _poll_requests(self) -> None:
         if self.requests.full():
@@ -345,9 +365,23 @@ class Worker:
                 outcome = "wait"
                 return
             self.metrics.score_before_learning(self.learner.score, snap.new_events)
-            with self.metrics.training("segment") as run:
-                out = self.learner.train_segment(job.segment, snap.new_events, snap.sample_events, seq)
-                run.decision = out[0].decision if out is not None else "failed"
+            trigger = self.ingestor.trigger
+            self._training_partition = job.partition
+            self._training_done.clear()
+            try:
+                with self.metrics.training("segment") as run:
+                    out = self.learner.train_segment(
+                        job.segment,
+                        snap.new_events,
+                        snap.sample_events,
+                        seq,
+                        lambda: trigger.still_owned(job),
+                    )
+                    run.decision = out[0].decision if out is not None else "failed"
+            except Abandoned as exc:
+                bound.warning("training abandoned", reason=str(exc))
+                outcome = "ok"
+                return
             if out is None:
                 bound.info("no shared model serves yet: segment waits")
                 outcome = "wait"
@@ -373,6 +407,8 @@ class Worker:
         except Exception:
             bound.exception("training job failed")
         finally:
+            self._training_partition = None
+            self._training_done.set()
             if self.ingestor.trigger is not None:
                 backoff = self._backoff_s(job, outcome)
                 if backoff:

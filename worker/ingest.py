@@ -212,6 +212,7 @@ class Ingestor:
         consumer: Consumer | None = None,
         producer: Producer | None = None,
         on_write: Callable[[WriteResult], None] | None = None,
+        before_revoke: Callable[[set[int]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.buffer = buffer or Buffer(settings)
@@ -219,6 +220,7 @@ class Ingestor:
         self.consumer = consumer or make_consumer(settings)
         self.producer = producer or make_producer(settings)
         self.on_write = on_write
+        self.before_revoke = before_revoke
         self.stats = IngestStats()
         self._owned: frozenset[int] = frozenset()
         self._paused = False
@@ -267,6 +269,8 @@ class Ingestor:
             self.trigger.assigned(tp.partition for tp in positioned)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.before_revoke is not None:
+            self.before_revoke({tp.partition for tp in partitions})
         self.flush()
         self._commit(force=True, partitions={(tp.topic, tp.partition) for tp in partitions})
         self._forget(partitions, "revoked")

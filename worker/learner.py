@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -65,6 +65,10 @@ def clean_partial_dirs(store: Path) -> int:
                 dirs.remove(name)
                 removed += 1
     return removed
+
+
+class Abandoned(RuntimeError):
+    """A training whose result must not be recorded: its segment now belongs to another worker."""
 
 
 class Learner:
@@ -169,9 +173,17 @@ class Learner:
         return rec
 
     def train_segment(
-        self, segment: str, new: Sequence[ClickEvent], older: Sequence[ClickEvent], seq: tuple[int, int]
+        self,
+        segment: str,
+        new: Sequence[ClickEvent],
+        older: Sequence[ClickEvent],
+        seq: tuple[int, int],
+        still_owned: Callable[[], bool] = lambda: True,
     ) -> tuple[VersionRecord, TrainResult] | None:
-        """One incremental fine-tune of the segment's adapter; None when no shared model serves yet."""
+        """One incremental fine-tune of the segment's adapter; None when no shared model serves yet.
+
+        Raises `Abandoned`, recording nothing, when `still_owned()` turns false during the training (the
+        partition was lost to another worker, which trains the same events from the same champion)."""
         self.refresh_shared()
         if self.shared is None:
             return None
@@ -180,6 +192,8 @@ class Learner:
         result = train_segment_adapter(
             self.backbone, self.shared, champion, data.new, data.replay, data.holdout, self.settings
         )
+        if not still_owned():
+            raise Abandoned(f"{segment!r}: partition lost during training")
         rec = self._record(self.registry, segment, result, parent or None, seq, result.adapter, "segment")
         if rec.decision == "promoted" and result.adapter is not None:
             self._adapters[segment] = (rec.version, result.adapter)

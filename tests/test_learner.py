@@ -1,0 +1,72 @@
+"""The learner against the real Redis registry: what it records, and what it refuses to record."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from worker.config import Settings
+from worker.datasets import load_homedepot
+from worker.learner import Abandoned, Learner, clean_partial_dirs
+from worker.model import new_click_model, save_shared
+from worker.registry import SHARED_SEGMENT, Registry, VersionRecord
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def learner(settings: Settings) -> Learner:
+    small = settings.model_copy(
+        update={
+            "max_seq_len": 16,
+            "adapter_epochs": 1,
+            "gate_auc_tolerance": 1.0,
+            "gate_logloss_margin": 1000.0,
+        }
+    )
+    registry = Registry.from_settings(small)
+    learner = Learner(small, registry)
+    shared = registry.shared()
+    version = shared.next_version(SHARED_SEGMENT)
+    path = save_shared(shared.adapter_dir(SHARED_SEGMENT, version), new_click_model(learner.backbone, 0))
+    shared.record(
+        VersionRecord(
+            scope="shared",
+            segment=SHARED_SEGMENT,
+            version=version,
+            parent_version=None,
+            decision="promoted",
+            base_model="test",
+            events_from=0,
+            events_to=0,
+            challenger=None,
+            champion=None,
+            device="cpu",
+            train_seconds=0.0,
+            created_at=datetime.now(UTC),
+            adapter=str(path),
+        )
+    )
+    return learner
+
+
+def test_a_training_of_a_lost_partition_records_nothing(learner: Learner) -> None:
+    events = [e for e in load_homedepot().stream() if e.segment == "GE"][:40]
+    with pytest.raises(Abandoned):
+        learner.train_segment("GE", events[20:], events[:20], (21, 40), still_owned=lambda: False)
+    assert learner.registry.versions("GE") == []
+    out = learner.train_segment("GE", events[20:], events[:20], (21, 40), still_owned=lambda: True)
+    assert out is not None
+    rec, _ = out
+    assert rec.version == 1 and rec.decision == "promoted" and learner.registry.champion_version("GE") == 1
+    probs, version = learner.score("GE", [(events[0].query, events[0].item_text)])
+    assert version == 1 and 0.0 <= float(probs[0]) <= 1.0
+
+
+def test_partial_dirs_left_by_a_crash_are_removed(settings: Settings) -> None:
+    store = settings.model_store
+    (store / "abc" / ".00000003.tmp-deadbeef").mkdir(parents=True)
+    (store / "abc" / "00000002").mkdir(parents=True)
+    assert clean_partial_dirs(store) == 1
+    assert [p.name for p in (store / "abc").iterdir()] == ["00000002"]
