@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,17 +228,26 @@ def kafka_healthy(bootstrap: str, timeout: float = 3.0) -> bool:
 
 def start_kafka(settings: Settings, ep: Endpoints) -> str:
     root = stack_dir(settings) / "kafka"
-    pidfile = root / "kafka.pid"
-    config = root / "server.properties"
-    marker = str(config)
-    pid = _read_pid(pidfile)
-    if pid and _pid_alive(pid, marker):
+    pid = _read_pid(root / "kafka.pid")
+    if pid and _pid_alive(pid, str(root / "server.properties")):
         return f"already running (pid {pid})"
+    bootstrap = f"{ep.kafka_host}:{ep.kafka_port}"
+    properties = _kafka_properties(root / "data", ep.kafka_host, ep.kafka_port)
+    pid = _launch_kafka(settings, properties, lambda: kafka_healthy(bootstrap, timeout=2.0))
+    return f"started (pid {pid})"
+
+
+def _launch_kafka(settings: Settings, properties: str, healthy: Callable[[], bool]) -> int:
+    """Write `properties`, format storage on first start, start the broker in its own session and wait
+    until `healthy()`; fails with the tail of the broker's log. Returns the broker's pid."""
+    root = stack_dir(settings) / "kafka"
+    config = root / "server.properties"
+    data = root / "data"
     libs = kafka_libs(settings.cache_dir)
     java = _java()
-    data = root / "data"
     root.mkdir(parents=True, exist_ok=True)
-    config.write_text(_kafka_properties(data, ep.kafka_host, ep.kafka_port))
+    config.write_text(properties)
+    os.chmod(config, 0o600)
     (root / "log4j2.properties").write_text(_LOG4J2)
     classpath = f"{libs}/*"
     log4j = f"-Dlog4j2.configurationFile={root / 'log4j2.properties'}"
@@ -283,14 +293,13 @@ def start_kafka(settings: Settings, ep: Endpoints) -> str:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    pidfile.write_text(str(proc.pid))
-    bootstrap = f"{ep.kafka_host}:{ep.kafka_port}"
+    (root / "kafka.pid").write_text(str(proc.pid))
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise StackError(f"Kafka exited with code {proc.returncode}; last lines of {log}:\n{_tail(log)}")
-        if kafka_healthy(bootstrap, timeout=2.0):
-            return f"started (pid {proc.pid})"
+        if healthy():
+            return proc.pid
         time.sleep(0.5)
     raise StackError(
         f"Kafka did not answer a metadata request within {START_TIMEOUT_S:.0f} s; "
@@ -608,72 +617,9 @@ def start_kafka_secure(settings: Settings, ep: Endpoints) -> str:
 
 def _start_kafka_with(settings: Settings, ep: Endpoints, properties: str) -> str:
     """`start_kafka` with another server.properties (and a health probe that can authenticate)."""
-    root = stack_dir(settings) / "kafka"
-    pidfile = root / "kafka.pid"
-    config = root / "server.properties"
-    libs = kafka_libs(settings.cache_dir)
-    java = _java()
-    data = root / "data"
-    config.write_text(properties)
-    os.chmod(config, 0o600)
-    (root / "log4j2.properties").write_text(_LOG4J2)
-    classpath = f"{libs}/*"
-    log4j = f"-Dlog4j2.configurationFile={root / 'log4j2.properties'}"
-    if not (data / "meta.properties").exists():
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        fmt = subprocess.run(
-            [
-                java,
-                log4j,
-                "-cp",
-                classpath,
-                "kafka.tools.StorageTool",
-                "format",
-                "-t",
-                cluster_id,
-                "-c",
-                str(config),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if fmt.returncode != 0:
-            raise StackError(f"formatting Kafka storage failed:\n{fmt.stdout}\n{fmt.stderr}")
-    log = root / "kafka.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [
-                java,
-                "-Xms256m",
-                "-Xmx768m",
-                "-XX:+UseG1GC",
-                "-Djava.awt.headless=true",
-                log4j,
-                f"-Dkafka.logs.dir={root}",
-                "-cp",
-                classpath,
-                "kafka.Kafka",
-                str(config),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    pidfile.write_text(str(proc.pid))
     admin_conf = secure_admin_config(settings)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise StackError(f"Kafka exited with code {proc.returncode}; last lines of {log}:\n{_tail(log)}")
-        if _kafka_healthy_conf(admin_conf, timeout=2.0):
-            return f"started, SASL_PLAINTEXT with ACLs (pid {proc.pid})"
-        time.sleep(0.5)
-    raise StackError(
-        f"Kafka did not answer a metadata request within {START_TIMEOUT_S:.0f} s; "
-        f"last lines of {log}:\n{_tail(log)}"
-    )
+    pid = _launch_kafka(settings, properties, lambda: _kafka_healthy_conf(admin_conf, timeout=2.0))
+    return f"started, SASL_PLAINTEXT with ACLs (pid {pid})"
 
 
 def secure_admin_config(settings: Settings) -> dict[str, Any]:
