@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import numpy as np
 import pytest
 
 from worker.config import Settings
@@ -60,8 +61,15 @@ def test_a_training_of_a_lost_partition_records_nothing(learner: Learner) -> Non
     assert out is not None
     rec, _ = out
     assert rec.version == 1 and rec.decision == "promoted" and learner.registry.champion_version("GE") == 1
-    probs, version = learner.score("GE", [(events[0].query, events[0].item_text)])
-    assert version == 1 and 0.0 <= float(probs[0]) <= 1.0
+    pairs = [(e.query, e.item_text) for e in events[:5]]
+    probs, version = learner.score("GE", pairs)
+    assert version == 1 and all(0.0 <= float(p) <= 1.0 for p in probs)
+    again, _ = learner.score("GE", pairs)
+    assert list(learner._composed) == [("GE", 1, learner.shared_version)]
+    from worker.train import score_segment
+
+    uncached = score_segment(learner.backbone, learner.shared, learner.adapter("GE")[1], pairs)
+    assert np.allclose(again, probs) and np.allclose(uncached, probs, atol=1e-6)
 
 
 def test_partial_dirs_left_by_a_crash_are_removed(settings: Settings) -> None:

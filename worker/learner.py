@@ -31,6 +31,8 @@ from worker.model import (
     load_shared,
     save_adapter,
     save_shared,
+    score_pairs,
+    with_adapter,
 )
 from worker.registry import SHARED_SEGMENT, Registry, VersionRecord
 from worker.train import (
@@ -67,6 +69,10 @@ def clean_partial_dirs(store: Path) -> int:
     return removed
 
 
+SCORING_MODELS = 4
+"""Composed (shared + adapter) models kept for scoring; each is a full copy of the encoder."""
+
+
 class Abandoned(RuntimeError):
     """A training whose result must not be recorded: its segment now belongs to another worker."""
 
@@ -82,6 +88,7 @@ class Learner:
         self.shared_version = 0
         self._shared_next: ClickModel | None = None
         self._adapters: OrderedDict[str, tuple[int, SegmentAdapter]] = OrderedDict()
+        self._composed: OrderedDict[tuple[str, int, int], ClickModel] = OrderedDict()
         clean_partial_dirs(settings.model_store)
 
     @property
@@ -121,10 +128,26 @@ class Learner:
         return version, adapter
 
     def score(self, segment: str, pairs: Sequence[Pair]) -> tuple[np.ndarray, int]:
-        """Probabilities and the version that produced them (0: shared model or zero-shot)."""
+        """Probabilities and the version that produced them (0: shared model or zero-shot).
+
+        Composing shared model + adapter copies the whole encoder, so the last few composed models are
+        kept (`SCORING_MODELS`): repeated score requests for a busy segment skip that copy."""
         self.refresh_shared()
-        version, adapter = self.adapter(segment) if self.shared is not None else (0, None)
-        return score_segment(self.backbone, self.shared, adapter, pairs), version
+        if self.shared is None:
+            return score_segment(self.backbone, None, None, pairs), 0
+        version, adapter = self.adapter(segment)
+        if adapter is None:
+            return score_pairs(self.backbone, self.shared, pairs), 0
+        key = (segment, version, self.shared_version)
+        model = self._composed.get(key)
+        if model is None:
+            model = with_adapter(self.shared, adapter).eval()
+            self._composed[key] = model
+            while len(self._composed) > SCORING_MODELS:
+                self._composed.popitem(last=False)
+        else:
+            self._composed.move_to_end(key)
+        return score_pairs(self.backbone, model, pairs), version
 
     # Training
 
