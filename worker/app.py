@@ -186,7 +186,10 @@ class Worker:
 
     def _before_revoke(self, partitions: set[int]) -> None:
         """A rebalance takes partitions away: let a training of one of them finish and be recorded first,
-        so the next owner starts from its result and never trains the same segment at the same time."""
+        so the next owner starts from its result and never trains the same segment at the same time.
+        While draining, the drain itself has already waited out its share of the grace period."""
+        if self.stop.is_set():
+            return
         if self._training_partition in partitions and not self._training_done.wait(
             self.settings.drain_grace_s
         ):
@@ -234,11 +237,11 @@ class Worker:
         started = time.monotonic()
         grace = self.settings.drain_grace_s
         log.info("draining", grace_s=grace)
-        self.ingestor.close()
         self.stop.set()
         self._compute.join(timeout=max(0.0, grace * 0.8 - (time.monotonic() - started)))
         if self._compute.is_alive():
             log.warning("abandoning the running training: grace period is over")
+        self.ingestor.close()
         try:
             self.request_consumer.close()
         except (KafkaException, RuntimeError) as exc:
