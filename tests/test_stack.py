@@ -112,3 +112,9 @@ def test_up_then_down_leaves_no_process_behind(tmp_path: Path, stack: Settings) 
     assert after.returncode == 1 and after.stdout.count("DOWN") == 2
     assert stack_mod.kafka_healthy(stack.kafka_bootstrap), "the main stack must be untouched"
     assert stack_mod.redis_healthy(stack.redis_url)
+
+
+def test_cluster_ids_never_look_like_an_option() -> None:
+    ids = [stack_mod._cluster_id() for _ in range(2000)]
+    assert not any(i.startswith("-") for i in ids)
+    assert all(len(i) == 22 for i in ids) and len(set(ids)) == len(ids)

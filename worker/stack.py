@@ -181,6 +181,14 @@ def _java() -> str:
     return java
 
 
+def _cluster_id() -> str:
+    """A random Kafka cluster id; like Kafka's own, never starting with '-' (the CLI would read an option)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 def _kafka_properties(data: Path, host: str, port: int) -> str:
     controller = port + 1
     return "\n".join(
@@ -252,7 +260,7 @@ def _launch_kafka(settings: Settings, properties: str, healthy: Callable[[], boo
     classpath = f"{libs}/*"
     log4j = f"-Dlog4j2.configurationFile={root / 'log4j2.properties'}"
     if not (data / "meta.properties").exists():
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = _cluster_id()
         fmt = subprocess.run(
             [
                 java,
