@@ -339,21 +339,6 @@ def train_shared(
     )
 
 
-def keep_adapter_after_shared_update(
-    backbone: Backbone,
-    shared: ClickModel,
-    adapter: SegmentAdapter,
-    holdout_events: Sequence[ClickEvent],
-    margin: float,
-) -> tuple[bool, str]:
-    """After the shared model moved on, does the old adapter still pass the gate against shared alone?"""
-    if not holdout_events:
-        return True, "no holdout to judge; kept"
-    with_it = evaluate_model(backbone, with_adapter(shared, adapter), holdout_events)
-    without = evaluate_model(backbone, shared, holdout_events)
-    return gate(with_it, without, margin)
-
-
 def train_segment_adapter(
     backbone: Backbone,
     shared: ClickModel,
