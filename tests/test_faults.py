@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, KafkaError, Producer
 
 from worker import stack as stack_mod
 from worker.buffer import Buffer
-from worker.config import Settings, load_settings
+from worker.config import Settings, load_settings, settings_env
 from worker.datasets import load_homedepot
 from worker.events import ClickEvent
 from worker.kafka import ensure_topics, partition_count
@@ -64,44 +64,29 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Tiny and fast on a CPU, the gate opened so every challenger is promoted, every version kept.
+SMALL: dict[str, object] = {
+    "max_seq_len": 16,
+    "min_new_events": 16,
+    "min_positives": 2,
+    "min_negatives": 2,
+    "train_cooldown_s": 0,
+    "shared_every": 100000,
+    "shared_bootstrap_min_events": 200,
+    "adapter_epochs": 1,
+    "gate_auc_tolerance": 1,
+    "gate_logloss_margin": 1000,
+    "drain_grace_s": 60,
+    "metrics_port": 0,
+    "keep_versions": 1000,
+    "train_backoff_s": 2,
+}
+
+
 def _env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Exactly `settings` (plus SMALL) for the child, then `extra` variables on top."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-    env.update(
-        {
-            "WORKER_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "WORKER_REDIS_URL": settings.redis_url,
-            "WORKER_REDIS_PREFIX": settings.redis_prefix,
-            "WORKER_INPUT_TOPIC": settings.input_topic,
-            "WORKER_DLQ_TOPIC": settings.dlq_topic,
-            "WORKER_SCORES_TOPIC": settings.scores_topic,
-            "WORKER_VERSIONS_TOPIC": settings.versions_topic,
-            "WORKER_REQUESTS_TOPIC": settings.requests_topic,
-            "WORKER_GROUP_ID": settings.group_id,
-            "WORKER_MODEL_STORE": str(settings.model_store),
-            "WORKER_CACHE_DIR": str(settings.cache_dir),
-            "WORKER_MAX_SEQ_LEN": "16",
-            "WORKER_MIN_NEW_EVENTS": "16",
-            "WORKER_MIN_POSITIVES": "2",
-            "WORKER_MIN_NEGATIVES": "2",
-            "WORKER_TRAIN_COOLDOWN_S": "0",
-            "WORKER_SHARED_EVERY": "100000",
-            "WORKER_SHARED_BOOTSTRAP_MIN_EVENTS": "200",
-            "WORKER_ADAPTER_EPOCHS": "1",
-            "WORKER_GATE_AUC_TOLERANCE": "1",
-            "WORKER_GATE_LOGLOSS_MARGIN": "1000",
-            "WORKER_DRAIN_GRACE_S": "60",
-            "WORKER_METRICS_PORT": "0",
-            "WORKER_KEEP_VERSIONS": "1000",
-            "WORKER_TRAIN_BACKOFF_S": "2",
-        }
-    )
-    if settings.kafka_security_protocol != "PLAINTEXT":
-        env["WORKER_KAFKA_SECURITY_PROTOCOL"] = settings.kafka_security_protocol
-        env["WORKER_KAFKA_SASL_MECHANISM"] = settings.kafka_sasl_mechanism
-        env["WORKER_KAFKA_SASL_USERNAME"] = settings.kafka_sasl_username
-        env["WORKER_KAFKA_SASL_PASSWORD"] = settings.kafka_sasl_password.get_secret_value()
-    env.update(extra)
-    return env
+    return {**env, **settings_env(settings, **SMALL), **extra}
 
 
 class Proc:

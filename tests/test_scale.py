@@ -27,7 +27,7 @@ import pytest
 from confluent_kafka import Consumer
 
 from worker.buffer import Buffer
-from worker.config import Settings
+from worker.config import Settings, settings_env
 from worker.datasets import load_homedepot
 from worker.events import ClickEvent
 from worker.kafka import ensure_topics
@@ -44,37 +44,29 @@ OTHERS = 200  # events of other segments, so every worker has pooled data for th
 TERMINAL = {"segment run", "no shared model serves yet: segment waits", "training job failed"}
 
 
+SMALL: dict[str, object] = {
+    "topic_partitions": PARTITIONS,
+    "session_timeout_ms": 6000,
+    "max_seq_len": 16,
+    "min_new_events": 16,
+    "min_positives": 2,
+    "min_negatives": 2,
+    "train_cooldown_s": 0,
+    "train_backoff_s": 1,
+    "shared_every": 1000000,
+    "shared_bootstrap_min_events": 40,
+    "adapter_epochs": 1,
+    "shared_epochs": 1,
+    "gate_auc_tolerance": 1,
+    "gate_logloss_margin": 1000,
+    "drain_grace_s": 30,
+    "metrics_port": 0,
+    "torch_threads": 1,
+}
+
+
 def _env(settings: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "WORKER_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "WORKER_REDIS_URL": settings.redis_url,
-        "WORKER_REDIS_PREFIX": settings.redis_prefix,
-        "WORKER_INPUT_TOPIC": settings.input_topic,
-        "WORKER_DLQ_TOPIC": settings.dlq_topic,
-        "WORKER_SCORES_TOPIC": settings.scores_topic,
-        "WORKER_VERSIONS_TOPIC": settings.versions_topic,
-        "WORKER_REQUESTS_TOPIC": settings.requests_topic,
-        "WORKER_GROUP_ID": settings.group_id,
-        "WORKER_MODEL_STORE": str(settings.model_store),
-        "WORKER_TOPIC_PARTITIONS": str(PARTITIONS),
-        "WORKER_SESSION_TIMEOUT_MS": "6000",
-        "WORKER_MAX_SEQ_LEN": "16",
-        "WORKER_MIN_NEW_EVENTS": "16",
-        "WORKER_MIN_POSITIVES": "2",
-        "WORKER_MIN_NEGATIVES": "2",
-        "WORKER_TRAIN_COOLDOWN_S": "0",
-        "WORKER_TRAIN_BACKOFF_S": "1",
-        "WORKER_SHARED_EVERY": "1000000",
-        "WORKER_SHARED_BOOTSTRAP_MIN_EVENTS": "40",
-        "WORKER_ADAPTER_EPOCHS": "1",
-        "WORKER_SHARED_EPOCHS": "1",
-        "WORKER_GATE_AUC_TOLERANCE": "1",
-        "WORKER_GATE_LOGLOSS_MARGIN": "1000",
-        "WORKER_DRAIN_GRACE_S": "30",
-        "WORKER_METRICS_PORT": "0",
-        "WORKER_TORCH_THREADS": "1",
-    }
+    return {**os.environ, **settings_env(settings, **SMALL)}
 
 
 class Proc:
