@@ -307,12 +307,15 @@ def test_three_workers_one_killed_segments_move_without_overlap(
             if seg == seg2 and name != name2:
                 assert end <= start2 or end2 <= start, f"{seg!r} trained at once by {name} and {name2}"
 
-    # No version reused: per segment (and the shared model), unique and increasing across all workers.
+    # No version reused: per segment (and the shared model), unique across all workers. A segment is
+    # trained by one worker at a time, so its versions also arrive in order; every worker may train the
+    # shared model at once (each on its own partitions), so shared decisions can arrive out of order.
     keys = {(v["scope"], v["segment"]) for v in versions.seen}
     for scope, seg in keys:
         numbers = [v["version"] for v in versions.seen if (v["scope"], v["segment"]) == (scope, seg)]
         assert len(set(numbers)) == len(numbers), f"{scope} {seg!r} reused a version: {numbers}"
-        assert numbers == sorted(numbers), f"{scope} {seg!r} versions out of order: {numbers}"
+        if scope == "segment":
+            assert numbers == sorted(numbers), f"{scope} {seg!r} versions out of order: {numbers}"
     for s in segments:
         recorded = [r.version for r in registry.versions(s)]
         published = [v["version"] for v in _segment_versions(versions.seen, s)]
