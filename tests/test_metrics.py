@@ -347,3 +347,17 @@ def test_training_context_counts_decision_and_failure() -> None:
     assert s[("ctr_worker_trainings_rejected_total", (("scope", "segment"),))] == 1
     assert s[("ctr_worker_trainings_failed_total", (("scope", "shared"),))] == 1
     assert s[("ctr_worker_training_duration_seconds_count", (("scope", "shared"),))] == 1
+
+
+def test_dependency_errors_follow_the_ingestor() -> None:
+    """Broker trouble (librdkafka's error callback) and Redis outages show in /metrics, not only in logs."""
+    from worker.ingest import IngestStats
+
+    m = Metrics()
+    stats = IngestStats(kafka_errors=3, redis_outages=1)
+    m.sync_ingest(stats)
+    stats.kafka_errors = 5
+    m.sync_ingest(stats)
+    text = m.render().decode()
+    assert 'ctr_worker_dependency_errors_total{dependency="kafka"} 5.0' in text
+    assert 'ctr_worker_dependency_errors_total{dependency="redis"} 1.0' in text

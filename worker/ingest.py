@@ -189,6 +189,8 @@ class IngestStats:
     stale: int = 0
     dead: int = 0
     batches: int = 0
+    kafka_errors: int = 0
+    redis_outages: int = 0
     by_code: dict[str, int] = field(default_factory=dict)
 
 
@@ -217,7 +219,7 @@ class Ingestor:
         self.settings = settings
         self.buffer = buffer or Buffer(settings)
         self.trigger = Trigger(settings, jobs, self.buffer) if jobs is not None else None
-        self.consumer = consumer or make_consumer(settings)
+        self.consumer = consumer or make_consumer(settings, error_cb=self._on_kafka_error)
         self.producer = producer or make_producer(settings)
         self.on_write = on_write
         self.before_revoke = before_revoke
@@ -510,6 +512,11 @@ class Ingestor:
                 paused=self._paused,
             )
 
+    def _on_kafka_error(self, err: KafkaError) -> None:
+        """librdkafka reports broker trouble here and reconnects by itself; counted and logged."""
+        self.stats.kafka_errors += 1
+        log.warning("kafka_error", code=err.name(), error=err.str())
+
     def recover(self, stop: threading.Event, error: Exception) -> None:
         """After a failed Redis call: wait for Redis, then rewind every owned partition to its stored offset.
 
@@ -518,6 +525,7 @@ class Ingestor:
         keeps polling, so this worker keeps its group membership and its partitions.
         """
         self._inflight = None
+        self.stats.redis_outages += 1
         assignment = self.consumer.assignment()
         if assignment:
             self.consumer.pause(assignment)

@@ -51,6 +51,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "ctr_worker_events_deduplicated_total",
     "ctr_worker_events_stale_total",
     "ctr_worker_events_dead_lettered_total",
+    "ctr_worker_dependency_errors_total",
     "ctr_worker_buffer_new_events",
     "ctr_worker_consumer_lag",
     "ctr_worker_ingest_paused",
@@ -314,6 +315,14 @@ class Metrics:
         self.events_stale = Counter(
             f"{p}events_stale", "Messages at offsets already stored in Redis (a replay).", registry=r
         )
+        self.dependency_errors = Counter(
+            f"{p}dependency_errors",
+            "Kafka client errors (broker down, transport) and Redis outages ingest waited out.",
+            ["dependency"],
+            registry=r,
+        )
+        for dependency in ("kafka", "redis"):
+            self.dependency_errors.labels(dependency=dependency)
         self.events_dead_lettered = Counter(
             f"{p}events_dead_lettered", "Messages sent to the DLQ, by reason code.", ["reason"], registry=r
         )
@@ -439,6 +448,12 @@ class Metrics:
             delta = value - self._seen.get(name, 0)
             if delta > 0:
                 counter.inc(delta)
+            self._seen[name] = value
+        for name, dependency in (("kafka_errors", "kafka"), ("redis_outages", "redis")):
+            value = int(getattr(stats, name, 0))
+            delta = value - self._seen.get(name, 0)
+            if delta > 0:
+                self.dependency_errors.labels(dependency=dependency).inc(delta)
             self._seen[name] = value
         for code, value in stats.by_code.items():
             key = f"dlq.{code}"
