@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,12 +64,24 @@ def test_cli_runs_the_evaluation_and_prints_json_last(
     dataset = load_jsonl(jsonl, holdout_frac=0.3, min_rows=20)
     assert dataset.eval_segments == ["Delta", "GE"]
     monkeypatch.setattr(evaluate, "quick_plan", tiny_plan)
+    phases: list[tuple[str, bool]] = []
+    original = evaluate.run_evaluation
+
+    def recording(*args: Any, on_phase: Any, **kwargs: Any) -> dict[str, Any]:
+        def record(partial: dict[str, Any]) -> None:
+            on_phase(partial)
+            written = json.loads(out.read_text()) == json.loads(json.dumps(partial))
+            phases.append((partial["partial"], written))
+
+        return original(*args, on_phase=record, **kwargs)
+
+    monkeypatch.setattr(evaluate, "run_evaluation", recording)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     png = tmp_path / "curve.png"
-    args = parser.parse_args(
-        ["--data", str(jsonl), "--holdout-frac", "0.3", "--quick", "--json", "--plot", str(png)]
-    )
+    out = tmp_path / "eval.json"
+    argv = ["--data", str(jsonl), "--holdout-frac", "0.3", "--quick", "--json", "--plot", str(png)]
+    args = parser.parse_args([*argv, "--out", str(out)])
     assert (
         cli_main(args, settings=Settings(device="cpu", max_seq_len=32, batch_size=16, shared_batch_size=16))
         == 0
@@ -91,6 +104,10 @@ def test_cli_runs_the_evaluation_and_prints_json_last(
     assert result["worker"]["promoted_worse_than_parent"] == 0
     assert sum(result["worker"]["decisions"]["shared"].values()) >= 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(out.read_text()) == result
+    names = [name for name, _ in phases]
+    assert names[-2:] == ["worker", "batch"] and set(names[:-2]) == {"replay"}
+    assert all(written for _, written in phases)
 
 
 def test_quick_plan_is_cpu_sized() -> None:

@@ -318,8 +318,13 @@ def run_evaluation(
     quick: bool,
     progress: bool = True,
     plan: EvalPlan | None = None,
+    on_phase: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Replay the stream and measure all procedures at every checkpoint; a JSON-ready dict."""
+    """Replay the stream and measure all procedures at every checkpoint; a JSON-ready dict.
+
+    `on_phase` receives the result so far after each procedure's phase (with `"partial": PHASE`), so a
+    run cut short still leaves what it measured.
+    """
     started = time.perf_counter()
     plan = plan or (quick_plan() if quick else full_plan())
     settings = settings.model_copy(update=plan.overrides)
@@ -362,16 +367,88 @@ def run_evaluation(
     seg_events: dict[str, list[ClickEvent]] = {s: [e for e in stream if e.segment == s] for s in segments}
     naive_ks = [k for k in CHECKPOINTS if k > 0]
 
+    def assemble(partial: str | None) -> dict[str, Any]:
+        filled = {s: {p: dict(results[s][p]) for p in PROCEDURES} for s in segments}
+        for s in segments:
+            for proc in PROCEDURES:
+                for name in CHECKPOINT_NAMES:
+                    filled[s][proc].setdefault(name, None)
+        mean = {
+            proc: {name: _mean([filled[s][proc][name] for s in segments]) for name in CHECKPOINT_NAMES}
+            for proc in PROCEDURES
+        }
+        return {
+            **({} if partial is None else {"partial": partial}),
+            "quick": quick,
+            "segments": segments,
+            "mean": mean,
+            "per_segment": filled,
+            "worker": {
+                "decisions": sim.decisions,
+                "promoted_worse_than_parent": sim.promoted_worse,
+                "adapters_serving_at_end": len(sim.adapters),
+                "train_seconds": round(sim.train_seconds, 1),
+                "shared_runs": sim.shared_log,
+            },
+            "stream_events": len(stream),
+            "holdout_pairs": {s: len(holdout[s]) for s in segments},
+            "device": str(backbone.device),
+            "settings": {
+                k: getattr(settings, k)
+                for k in (
+                    "max_seq_len",
+                    "batch_size",
+                    "shared_batch_size",
+                    "lora_rank",
+                    "lora_alpha",
+                    "adapter_lr",
+                    "adapter_epochs",
+                    "calibration_lr",
+                    "shared_lr",
+                    "shared_epochs",
+                    "shared_every",
+                    "shared_replay_frac",
+                    "shared_holdout_frac",
+                    "replay_frac",
+                    "holdout_frac",
+                    "min_new_events",
+                    "gate_logloss_margin",
+                    "seed",
+                )
+            },
+            "plan": {
+                "batch_snapshots": plan.batch_snapshots,
+                "batch_epochs": plan.batch_epochs,
+                "naive_epochs": plan.naive_epochs,
+                "naive_lr": plan.naive_lr,
+            },
+            "notes": [
+                *plan.notes,
+                "zero_shot probability: sigmoid(10 * (cosine - 0.35)), fixed, not fitted",
+                "batch: trained from scratch at evenly spaced stream positions; a checkpoint uses the latest "
+                "snapshot at or before it (zero-shot before the first)",
+                "naive '0' is zero-shot; naive 'end' is trained on all of the segment's replayed events",
+            ],
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+
+    def phase_done(name: str) -> None:
+        if on_phase is not None:
+            on_phase(assemble(name))
+
     with _Progress(progress) as bars:
         advance = bars.task("replay (worker)", len(stream))
         for i, event in enumerate(stream):
             for s, name in by_position.get(i, []):
                 results[s]["worker"][name] = measure(s, sim.score(s, pairs[s]))
+            if i in by_position:
+                phase_done("replay")
             sim.observe(event)
             advance(1)
         sim.train_shared_now()
         for s, name in by_position.get(len(stream), []):
             results[s]["worker"][name] = measure(s, sim.score(s, pairs[s]))
+        phase_done("worker")
 
         due: dict[int, list[tuple[str, str]]] = {}
         for s in segments:
@@ -399,6 +476,7 @@ def run_evaluation(
                 results[s]["batch"][name] = measure(s, score_segment(backbone, model, None, pairs[s]))
             del model
             advance(1)
+        phase_done("batch")
 
         advance = bars.task("naive per-segment", len(segments) * (len(naive_ks) + 1))
         for s in segments:
@@ -429,67 +507,7 @@ def run_evaluation(
                 results[s]["naive"][name] = measure(s, score_segment(backbone, model, None, pairs[s]))
                 advance(1)
 
-    for s in segments:
-        for proc in PROCEDURES:
-            for name in CHECKPOINT_NAMES:
-                results[s][proc].setdefault(name, None)
-    mean = {
-        proc: {name: _mean([results[s][proc][name] for s in segments]) for name in CHECKPOINT_NAMES}
-        for proc in PROCEDURES
-    }
-    return {
-        "quick": quick,
-        "segments": segments,
-        "mean": mean,
-        "per_segment": results,
-        "worker": {
-            "decisions": sim.decisions,
-            "promoted_worse_than_parent": sim.promoted_worse,
-            "adapters_serving_at_end": len(sim.adapters),
-            "train_seconds": round(sim.train_seconds, 1),
-            "shared_runs": sim.shared_log,
-        },
-        "stream_events": len(stream),
-        "holdout_pairs": {s: len(holdout[s]) for s in segments},
-        "device": str(backbone.device),
-        "settings": {
-            k: getattr(settings, k)
-            for k in (
-                "max_seq_len",
-                "batch_size",
-                "shared_batch_size",
-                "lora_rank",
-                "lora_alpha",
-                "adapter_lr",
-                "adapter_epochs",
-                "calibration_lr",
-                "shared_lr",
-                "shared_epochs",
-                "shared_every",
-                "shared_replay_frac",
-                "shared_holdout_frac",
-                "replay_frac",
-                "holdout_frac",
-                "min_new_events",
-                "gate_logloss_margin",
-                "seed",
-            )
-        },
-        "plan": {
-            "batch_snapshots": plan.batch_snapshots,
-            "batch_epochs": plan.batch_epochs,
-            "naive_epochs": plan.naive_epochs,
-            "naive_lr": plan.naive_lr,
-        },
-        "notes": [
-            *plan.notes,
-            "zero_shot probability: sigmoid(10 * (cosine - 0.35)), fixed, not fitted",
-            "batch: trained from scratch at evenly spaced stream positions; a checkpoint uses the latest "
-            "snapshot at or before it (zero-shot before the first)",
-            "naive '0' is zero-shot; naive 'end' is trained on all of the segment's replayed events",
-        ],
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    return assemble(None)
 
 
 def plot_curve(result: dict[str, Any], path: Path) -> Path:
@@ -523,7 +541,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a CPU-sized subset (see the notes)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of mean AUC per checkpoint")
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="also write the JSON here (partial results after each phase)"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -549,7 +569,16 @@ def _print_table(result: dict[str, Any]) -> None:
 def cli_main(args: argparse.Namespace, settings: Settings | None = None) -> int:
     settings = settings or load_settings()
     dataset = load_dataset(args.data, holdout_frac=args.holdout_frac)
-    result = run_evaluation(dataset, settings, quick=args.quick, progress=not args.no_progress)
+    out: Path | None = args.out
+
+    def write_partial(partial: dict[str, Any]) -> None:
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(partial, default=str) + "\n")
+
+    result = run_evaluation(
+        dataset, settings, quick=args.quick, progress=not args.no_progress, on_phase=write_partial
+    )
     if args.plot is not None:
         plot_curve(result, args.plot)
     text = json.dumps(result, default=str)
