@@ -17,6 +17,9 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from ingest_helpers import (
     Background,
     caught_up,
@@ -297,46 +300,115 @@ def test_two_consumers_split_the_segments_and_a_rebalance_loses_and_doubles_noth
     buffer.purge()
 
 
-def test_fast_path_agrees_with_pydantic_on_valid_and_odd_events(settings: Settings) -> None:
-    """The orjson fast path accepts only what `decode` accepts, with the same fields; the rest falls back."""
+_WIDE = Settings(max_event_age_s=4e9, max_clock_skew_s=4e9)
+
+
+def _agree(raw: bytes, now: float) -> bool:
+    """The fast path accepts only what `decode` accepts, with the same fields. True if it accepted."""
     from worker.buffer import pair_key
     from worker.ingest import _fast_decode
 
+    fast = _fast_decode(raw, now - _WIDE.max_event_age_s, now + _WIDE.max_clock_skew_s)
+    slow = decode(raw, _WIDE, now)
+    if fast is None or len(raw) > _WIDE.max_message_bytes:  # ingest checks the size first
+        return False
+    assert not isinstance(slow, Rejection), (raw, slow)
+    assert fast == (slow.segment, slow.event_id, slow.clicked, pair_key(slow.query, slow.item_id)), raw
+    return True
+
+
+def test_fast_path_agrees_with_pydantic_on_valid_and_odd_events() -> None:
+    from worker.ingest import _fast_decode
+
     now = time.time()
-    lo, hi = now - settings.max_event_age_s, now + settings.max_clock_skew_s
     base = event_doc(1, "seg")
-    variants: list[object] = [
+    docs: list[object] = [
         base,
         {**base, "query": None},
+        {**base, "query": ""},
         {k: v for k, v in base.items() if k not in ("query", "schema_version")},
-        {**base, "ts": "2026-01-02T03:04:05"},
-        {**base, "ts": "2026-01-02T03:04:05.5+02:00"},
-        {**base, "ts": "2026-01-02 03:04:05Z"},
-        {**base, "ts": "2026-01-02"},
-        {**base, "ts": 1767000000},
-        {**base, "ts": "2026-13-02T03:04:05Z"},
-        {**base, "ts": "2001-01-01T00:00:00Z"},
+        *({**base, "ts": ts} for ts in _ODD_TIMES),
         {**base, "clicked": True},
         {**base, "clicked": 1.0},
         {**base, "clicked": 2},
+        {**base, "clicked": -0},
         {**base, "schema_version": 2},
         {**base, "schema_version": True},
+        {**base, "schema_version": 1.0},
         {**base, "extra": 1},
         {**base, "segment": "a\nb"},
+        {**base, "segment": "a\x7fb"},
+        {**base, "segment": "a\u2028b"},
         {**base, "segment": ""},
+        {**base, "segment": " "},
         {**base, "segment": "é" * 16_384},
         {**base, "segment": "é" * 16_385},
+        {**base, "segment": "😀" * 16_384},
         {**base, "event_id": 5},
+        {**base, "item_id": "i" * 257},
         {**base, "item_text": ""},
         {**base, "query": "q" * 2_049},
         [base],
+        None,
     ]
-    for doc in variants:
-        raw = orjson.dumps(doc)
-        fast = _fast_decode(raw, lo, hi)
-        slow = decode(raw, settings, now)
-        if fast is not None:
-            assert not isinstance(slow, Rejection), doc
-            assert fast == (slow.segment, slow.event_id, slow.clicked, pair_key(slow.query, slow.item_id))
-    assert _fast_decode(orjson.dumps(base), lo, hi) is not None
-    assert _fast_decode(b'{"event_id": "x', lo, hi) is None
+    accepted = sum(_agree(orjson.dumps(doc), now) for doc in docs)
+    raw_variants = [
+        b'{"event_id": "x',
+        orjson.dumps(base)[:-1] + b', "event_id": "dup"}',
+        orjson.dumps(base)[:-1] + b', "clicked": 1, "clicked": 0}',
+        orjson.dumps(base).replace(b'"seg"', b'"s\\ud800"'),
+        orjson.dumps(base).replace(b'"seg"', b'"s\xff"'),
+        b" \n" + orjson.dumps(base, option=orjson.OPT_INDENT_2) + b"\n",
+        orjson.dumps(base) + b"x",
+    ]
+    accepted += sum(_agree(raw, now) for raw in raw_variants)
+    assert _agree(orjson.dumps(base), now)
+    for edge in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):
+        assert _fast_decode(orjson.dumps({**base, "ts": edge}), -1e13, 1e13) is None
+    assert accepted >= 8, "the fast path must take the plain events, not send everything to pydantic"
+
+
+_ODD_TIMES = [
+    "2026-01-02T03:04:05",
+    "2026-01-02T03:04:05Z",
+    "2026-01-02t03:04:05z",
+    "2026-01-02T03:04:05.5+02:00",
+    "2026-01-02T03:04:05.123456789Z",
+    "2026-01-02T03:04:05,5Z",
+    "2026-01-02 03:04:05Z",
+    "2026-01-02T03:04Z",
+    "2026-01-02T23:59:60Z",
+    "2026-01-02T03:04:05+24:00",
+    "2026-01-02T03:04:05-00:00",
+    "2026-01-02T03:04:05+0200",
+    "0001-01-01T00:00:00+01:00",
+    "9999-12-31T23:59:59-01:00",
+    "2026-01-02",
+    "2026-13-02T03:04:05Z",
+    1767000000,
+    "1767000000",
+]
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    doc=st.fixed_dictionaries(
+        {
+            "event_id": st.one_of(st.text(max_size=300), st.integers(-(2**63), 2**63 - 1)),
+            "ts": st.one_of(
+                st.datetimes(timezones=st.just(UTC)).map(datetime.isoformat), st.text(max_size=40)
+            ),
+            "segment": st.text(max_size=40),
+            "item_id": st.text(max_size=20),
+            "item_text": st.text(max_size=20),
+            "clicked": st.one_of(st.integers(-1, 2), st.booleans(), st.floats(0, 1)),
+        },
+        optional={
+            "query": st.one_of(st.none(), st.text(max_size=20)),
+            "schema_version": st.one_of(st.integers(0, 2), st.booleans(), st.floats(0, 2)),
+            "extra": st.integers(0, 9),
+        },
+    )
+)
+def test_fast_path_never_accepts_what_pydantic_rejects(doc: dict[str, object]) -> None:
+    _agree(orjson.dumps(doc), time.time())

@@ -29,7 +29,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
+from typing import Annotated, Literal
 
+import msgspec
 import orjson
 import redis
 import structlog
@@ -117,60 +119,48 @@ def _diagnose(value: bytes, exc: ValidationError) -> Rejection:
     return Rejection("schema", errors[:1000])
 
 
-_TS = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:Z|[+-][0-9]{2}:[0-9]{2})?"
-)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_FIELDS = frozenset(ClickEvent.model_fields)
-_REQUIRED = frozenset(n for n, f in ClickEvent.model_fields.items() if f.is_required())
+
+
+class _FastEvent(msgspec.Struct, forbid_unknown_fields=True):
+    """`ClickEvent`'s rules as a msgspec type: the same fields, lengths and strict JSON types."""
+
+    event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    ts: datetime
+    segment: Annotated[str, msgspec.Meta(min_length=1, max_length=16_384)]
+    item_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    item_text: Annotated[str, msgspec.Meta(min_length=1, max_length=8_192)]
+    clicked: Annotated[int, msgspec.Meta(ge=0, le=1)]
+    query: Annotated[str, msgspec.Meta(max_length=2_048)] | None = None
+    schema_version: Literal[1] = 1
+
+
+_FAST = msgspec.json.Decoder(_FastEvent)
 
 
 def _fast_decode(value: bytes, lo_s: float, hi_s: float) -> tuple[str, str, int, bytes] | None:
     """(segment, event_id, clicked, pair key) of a plainly valid event, or None: ask `decode`.
 
-    A stricter subset of `ClickEvent`'s rules (orjson instead of pydantic: about 3x cheaper). Anything it
-    does not accept outright (odd timestamp forms, booleans, unknown keys, bad values, too old or too new)
-    goes through `decode`, which gives the same answer for what this accepts and the reason for the rest.
+    msgspec validates in one C pass, about 7x cheaper than pydantic and the largest per-event cost of
+    ingest before it. It accepts a subset of what `ClickEvent` accepts (strict JSON types, RFC 3339
+    times), with the same fields; anything else, including times out of range, goes through `decode`,
+    which gives the same answer for what this accepts and the reason for the rest.
     """
     try:
-        doc = orjson.loads(value)
-    except orjson.JSONDecodeError:
+        event = _FAST.decode(value)
+    except (msgspec.MsgspecError, UnicodeDecodeError):
         return None
-    if type(doc) is not dict or not _REQUIRED <= doc.keys() <= _FIELDS:
+    if _CONTROL.search(event.segment) is not None:
         return None
-    event_id, segment, item_id = doc["event_id"], doc["segment"], doc["item_id"]
-    item_text, clicked, ts = doc["item_text"], doc["clicked"], doc["ts"]
-    query = doc.get("query")
-    if (
-        type(event_id) is not str
-        or type(segment) is not str
-        or type(item_id) is not str
-        or type(item_text) is not str
-        or type(ts) is not str
-        or type(clicked) is not int
-        or not 0 < len(event_id) <= 256
-        or not 0 < len(item_id) <= 256
-        or not 0 < len(item_text) <= 8_192
-        or not 0 < len(segment) <= 16_384
-        or (clicked != 0 and clicked != 1)
-        or (query is not None and (type(query) is not str or len(query) > 2_048))
-        or (
-            "schema_version" in doc and (type(doc["schema_version"]) is not int or doc["schema_version"] != 1)
-        )
-        or _TS.fullmatch(ts) is None
-        or _CONTROL.search(segment) is not None
-    ):
+    ts = event.ts
+    if ts.year == 1 or ts.year == 9999:  # its UTC form may not exist: `decode` says
         return None
-    try:
-        when = datetime.fromisoformat(ts)
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    t = when.timestamp()
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    t = ts.timestamp()
     if t < lo_s or t > hi_s:
         return None
-    return segment, event_id, clicked, orjson.dumps([query, item_id])
+    return event.segment, event.event_id, event.clicked, orjson.dumps([event.query, event.item_id])
 
 
 @dataclass(slots=True)
