@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from worker_helpers import WorkerProc
 
 from worker.config import Settings, load_settings
 
@@ -69,3 +70,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         if key.startswith("WORKER_"):
             monkeypatch.delenv(key)
     return monkeypatch
+
+
+@pytest.fixture
+def procs() -> Iterator[list[WorkerProc]]:
+    """Worker processes a test starts; any still running at its end are killed."""
+    started: list[WorkerProc] = []
+    yield started
+    for p in started:
+        if p.alive():
+            p.proc.kill()
+            p.proc.wait()

@@ -7,22 +7,19 @@ decisions are tested in test_train.py.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
+from worker_helpers import TopicReader, WorkerProc, worker_env
 
 from worker.buffer import Buffer
-from worker.config import Settings, settings_env
+from worker.config import Settings
 from worker.datasets import load_homedepot
 from worker.events import ClickEvent
 from worker.kafka import ensure_topics, partition_count
@@ -42,95 +39,6 @@ def events() -> list[ClickEvent]:
     return sorted(picked + others, key=lambda e: int(e.event_id.split("-")[1]))
 
 
-# Tiny and fast on a CPU, with the gate opened so every challenger is promoted.
-SMALL = {
-    "max_seq_len": 16,
-    "min_new_events": 16,
-    "min_positives": 2,
-    "min_negatives": 2,
-    "train_cooldown_s": 0,
-    "shared_every": 100000,
-    "shared_bootstrap_min_events": 200,
-    "adapter_epochs": 1,
-    "gate_auc_tolerance": 1,
-    "gate_logloss_margin": 1000,
-    "drain_grace_s": 60,
-    "metrics_port": 0,
-}
-
-
-def _env(settings: Settings) -> dict[str, str]:
-    return {**os.environ, **settings_env(settings, **SMALL)}
-
-
-class Running:
-    def __init__(self, settings: Settings, log: Path) -> None:
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "run"],
-            env=_env(settings),
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("ab"),
-        )
-
-    def lines(self) -> list[dict[str, Any]]:
-        out = []
-        for raw in self.log.read_bytes().splitlines():
-            try:
-                out.append(orjson.loads(raw))
-            except orjson.JSONDecodeError:
-                continue
-        return out
-
-    def wait_for_log(self, event: str, timeout_s: float, after: int = 0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = [rec for rec in self.lines()[after:] if rec.get("event") == event]
-            if found:
-                return found[0]
-            assert self.proc.poll() is None, f"worker exited early:\n{self.log.read_text()[-3000:]}"
-            time.sleep(0.2)
-        raise AssertionError(
-            f"no {event!r} in the worker log within {timeout_s} s:\n{self.log.read_text()[-3000:]}"
-        )
-
-    def terminate(self, timeout_s: float = 90) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout_s)
-
-
-@pytest.fixture
-def running(settings: Settings, tmp_path: Path) -> Iterator[list[Running]]:
-    started: list[Running] = []
-    yield started
-    for r in started:
-        if r.proc.poll() is None:
-            r.proc.kill()
-            r.proc.wait()
-
-
-class Reader:
-    def __init__(self, settings: Settings, topic: str) -> None:
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "group.id": f"read-{uuid.uuid4().hex[:8]}",
-                "auto.offset.reset": "earliest",
-            }
-        )
-        self.consumer.subscribe([topic])
-        self.seen: list[dict[str, Any]] = []
-
-    def until(self, done: Any, timeout_s: float) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout_s
-        while not done(self.seen) and time.monotonic() < deadline:
-            for msg in self.consumer.consume(500, 0.5):
-                if msg.error() is None:
-                    self.seen.append(orjson.loads(msg.value()))
-        return self.seen
-
-
 def _promoted(versions: list[dict[str, Any]], segment: str) -> list[dict[str, Any]]:
     return [
         v
@@ -140,13 +48,13 @@ def _promoted(versions: list[dict[str, Any]], segment: str) -> list[dict[str, An
 
 
 def test_end_to_end_versions_scores_and_requests(
-    settings: Settings, events: list[ClickEvent], running: list[Running], tmp_path: Path
+    settings: Settings, events: list[ClickEvent], procs: list[WorkerProc], tmp_path: Path
 ) -> None:
     ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
-    worker = Running(settings, tmp_path / "worker.log")
-    running.append(worker)
-    versions = Reader(settings, settings.versions_topic)
-    scores = Reader(settings, settings.scores_topic)
+    worker = WorkerProc(worker_env(settings), tmp_path / "worker.log")
+    procs.append(worker)
+    versions = TopicReader(settings, settings.versions_topic)
+    scores = TopicReader(settings, settings.scores_topic)
     assert produce_events(settings, events, restamp=True) == len(events)
 
     versions.until(lambda seen: all(_promoted(seen, s) for s in SEGMENTS), 300)
@@ -193,25 +101,25 @@ def test_end_to_end_versions_scores_and_requests(
     assert len(new_segment) == 1 and new_segment[0]["model_version"] == 0
 
     assert worker.terminate() == 0
-    assert worker.wait_for_log("stopped", 5) is not None
+    assert worker.wait_for_event("stopped", 5) is not None
 
 
 def test_sigterm_during_training_then_restart(
-    settings: Settings, events: list[ClickEvent], running: list[Running], tmp_path: Path
+    settings: Settings, events: list[ClickEvent], procs: list[WorkerProc], tmp_path: Path
 ) -> None:
     ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
     log = tmp_path / "worker.log"
-    first = Running(settings, log)
-    running.append(first)
+    first = WorkerProc(worker_env(settings), log)
+    procs.append(first)
     assert produce_events(settings, events, restamp=True) == len(events)
-    first.wait_for_log("shared training", 120)
+    first.wait_for_event("shared training", 120)
     started = time.monotonic()
     assert first.terminate() == 0
     assert time.monotonic() - started < 60
 
-    second = Running(settings, log)
-    running.append(second)
-    versions = Reader(settings, settings.versions_topic)
+    second = WorkerProc(worker_env(settings), log)
+    procs.append(second)
+    versions = TopicReader(settings, settings.versions_topic)
     versions.until(lambda seen: all(_promoted(seen, s) for s in SEGMENTS), 300)
     assert second.terminate() == 0
 
@@ -228,18 +136,18 @@ def test_sigterm_during_training_then_restart(
 
 
 def test_second_signal_exits_at_once_and_leaves_nothing_half_written(
-    settings: Settings, events: list[ClickEvent], running: list[Running], tmp_path: Path
+    settings: Settings, events: list[ClickEvent], procs: list[WorkerProc], tmp_path: Path
 ) -> None:
     from worker.learner import clean_partial_dirs
     from worker.registry import SHARED_SEGMENT, Registry
 
     ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
-    worker = Running(settings, tmp_path / "worker.log")
-    running.append(worker)
+    worker = WorkerProc(worker_env(settings), tmp_path / "worker.log")
+    procs.append(worker)
     assert produce_events(settings, events, restamp=True) == len(events)
-    worker.wait_for_log("shared training", 120)
+    worker.wait_for_event("shared training", 120)
     worker.proc.send_signal(signal.SIGTERM)
-    worker.wait_for_log("signal: draining", 10)
+    worker.wait_for_event("signal: draining", 10)
     started = time.monotonic()
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.proc.wait(timeout=10) == 130
@@ -256,15 +164,15 @@ def test_second_signal_exits_at_once_and_leaves_nothing_half_written(
 
 
 def test_health_ready_and_metrics_of_a_running_worker(
-    settings: Settings, events: list[ClickEvent], running: list[Running], tmp_path: Path
+    settings: Settings, events: list[ClickEvent], procs: list[WorkerProc], tmp_path: Path
 ) -> None:
     import urllib.error
     import urllib.request
 
     ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
-    worker = Running(settings, tmp_path / "worker.log")
-    running.append(worker)
-    port = worker.wait_for_log("metrics endpoint", 60)["port"]
+    worker = WorkerProc(worker_env(settings), tmp_path / "worker.log")
+    procs.append(worker)
+    port = worker.wait_for_event("metrics endpoint", 60)["port"]
     base = f"http://127.0.0.1:{port}"
     assert urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200
     deadline = time.monotonic() + 60

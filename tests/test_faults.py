@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,11 @@ import orjson
 import pytest
 import redis
 from confluent_kafka import Consumer, KafkaError, Producer
+from worker_helpers import WorkerProc, read_all, worker_env
 
 from worker import stack as stack_mod
 from worker.buffer import Buffer
-from worker.config import Settings, load_settings, settings_env
+from worker.config import Settings, load_settings
 from worker.datasets import load_homedepot
 from worker.events import ClickEvent
 from worker.kafka import ensure_topics, partition_count
@@ -64,92 +65,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-# Tiny and fast on a CPU, the gate opened so every challenger is promoted, every version kept.
-SMALL: dict[str, object] = {
-    "max_seq_len": 16,
-    "min_new_events": 16,
-    "min_positives": 2,
-    "min_negatives": 2,
-    "train_cooldown_s": 0,
-    "shared_every": 100000,
-    "shared_bootstrap_min_events": 200,
-    "adapter_epochs": 1,
-    "gate_auc_tolerance": 1,
-    "gate_logloss_margin": 1000,
-    "drain_grace_s": 60,
-    "metrics_port": 0,
-    "keep_versions": 1000,
-    "train_backoff_s": 2,
-}
+# On top of worker_helpers.SMALL: every version kept, a short back-off after a failed training.
+FAULTS: dict[str, object] = {"keep_versions": 1000, "train_backoff_s": 2}
 
 
 def _env(settings: Settings, **extra: str) -> dict[str, str]:
-    """Exactly `settings` (plus SMALL) for the child, then `extra` variables on top."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-    return {**env, **settings_env(settings, **SMALL), **extra}
-
-
-class Proc:
-    """A `python -m worker run` process (or another argv) with its stderr (JSON logs) in a file."""
-
-    def __init__(self, env: dict[str, str], log: Path, argv: list[str] | None = None) -> None:
-        self.log = log
-        self.offset = log.stat().st_size if log.exists() else 0
-        self.proc = subprocess.Popen(
-            argv or [sys.executable, "-m", "worker", "run"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("ab"),
-        )
-
-    def raw(self) -> bytes:
-        return self.log.read_bytes()[self.offset :]
-
-    def lines(self) -> list[dict[str, Any]]:
-        out = []
-        for raw in self.raw().splitlines():
-            try:
-                rec = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-        return out
-
-    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout_s: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = [rec for rec in self.lines() if pred(rec)]
-            if found:
-                return found[0]
-            assert self.proc.poll() is None, f"worker exited early:\n{self.raw()[-3000:].decode()}"
-            time.sleep(0.1)
-        raise AssertionError(
-            f"not seen in the worker log within {timeout_s} s:\n{self.raw()[-3000:].decode()}"
-        )
-
-    def wait_for_event(self, event: str, timeout_s: float) -> dict[str, Any]:
-        return self.wait_for(lambda rec: rec.get("event") == event, timeout_s)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def terminate(self, timeout_s: float = 90) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout_s)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
+    return worker_env(settings, FAULTS, **extra)
 
 
 def _counted(settings: Settings) -> tuple[int, int]:
@@ -159,7 +80,7 @@ def _counted(settings: Settings) -> tuple[int, int]:
     return sum(s.get("events", 0) for s in stats), sum(s.get("duplicates", 0) for s in stats)
 
 
-def _wait_counted(settings: Settings, n: int, timeout_s: float, alive: Proc | None = None) -> int:
+def _wait_counted(settings: Settings, n: int, timeout_s: float, alive: WorkerProc | None = None) -> int:
     deadline = time.monotonic() + timeout_s
     got = -1
     while time.monotonic() < deadline:
@@ -184,33 +105,6 @@ def _stored_event_ids(settings: Settings) -> list[str]:
             snap = buffer.training_snapshot(p, segment)
             ids += [e.event_id for e in [*snap.sample_events, *snap.new_events]]
     return ids
-
-
-def _reader_conf(settings: Settings) -> dict[str, Any]:
-    from worker.kafka import client_config
-
-    return {
-        **client_config(settings),
-        "group.id": f"read-{uuid.uuid4().hex[:8]}",
-        "auto.offset.reset": "earliest",
-    }
-
-
-def _read_all(
-    settings: Settings, topic: str, idle_s: float = 3.0, timeout_s: float = 30.0
-) -> list[dict[str, Any]]:
-    consumer = Consumer(_reader_conf(settings))
-    consumer.subscribe([topic])
-    seen: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout_s
-    last = time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - last < idle_s:
-        for msg in consumer.consume(500, 0.5):
-            if msg.error() is None:
-                seen.append(orjson.loads(msg.value()))
-                last = time.monotonic()
-    consumer.close()
-    return seen
 
 
 def _complete(adapter: Path, scope: str) -> bool:
@@ -270,7 +164,7 @@ def _check_registry_and_store(settings: Settings, versions: list[dict[str, Any]]
 
 
 def test_random_sigkills_during_replay_and_training(
-    settings: Settings, events: list[ClickEvent], procs: list[Proc], tmp_path: Path
+    settings: Settings, events: list[ClickEvent], procs: list[WorkerProc], tmp_path: Path
 ) -> None:
     """20 SIGKILLs at random moments (1–4 s after the worker was assigned its partitions, while events
     arrive and trainings run), a restart after each, then a clean run to the end."""
@@ -286,7 +180,7 @@ def test_random_sigkills_during_replay_and_training(
     produced = 0
     hit: dict[str, int] = {}
     for cycle in range(20):
-        worker = Proc(env, log)
+        worker = WorkerProc(env, log)
         procs.append(worker)
         if chunks:
             produced += produce_events(settings, chunks.pop(0), restamp=True)
@@ -302,13 +196,13 @@ def test_random_sigkills_during_replay_and_training(
     assert not chunks and produced == len(events)
     print(f"kills landed after these log events: {hit}")
 
-    final = Proc(env, log)
+    final = WorkerProc(env, log)
     procs.append(final)
     assert _wait_counted(settings, len(events), 120, final) == len(events)
     registry = Registry.from_settings(settings)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not all(registry.champion_version(s) for s in SEGMENTS):
-        assert final.proc.poll() is None, final.raw()[-3000:].decode()
+        assert final.proc.poll() is None, final.tail()
         time.sleep(0.5)
     assert all(registry.champion_version(s) for s in SEGMENTS), "no champion after the kills"
     assert final.terminate() == 0
@@ -319,7 +213,7 @@ def test_random_sigkills_during_replay_and_training(
     ids = _stored_event_ids(settings)
     assert len(ids) == len(set(ids)), "an event is stored twice"
     assert set(ids) == {e.event_id for e in events}
-    versions = _read_all(settings, settings.versions_topic)
+    versions = read_all(settings, settings.versions_topic)
     report = _check_registry_and_store(settings, versions)
     assert report["tmp_dirs"] == [], "temp dirs left after a clean restart"
     print(
@@ -380,11 +274,15 @@ def _ready(port: int) -> tuple[int, dict[str, Any]]:
 
 
 def test_broker_outage_of_30_s_loses_nothing(
-    private_stack: Settings, settings: Settings, events: list[ClickEvent], procs: list[Proc], tmp_path: Path
+    private_stack: Settings,
+    settings: Settings,
+    events: list[ClickEvent],
+    procs: list[WorkerProc],
+    tmp_path: Path,
 ) -> None:
     s = _on(private_stack, settings)
     ensure_topics(s, [s.input_topic])
-    worker = Proc(_env(s, **NO_TRAINING), tmp_path / "worker.log")
+    worker = WorkerProc(_env(s, **NO_TRAINING), tmp_path / "worker.log")
     procs.append(worker)
     port = int(worker.wait_for_event("metrics endpoint", 60)["port"])
     worker.wait_for_event("assigned", 60)
@@ -396,11 +294,11 @@ def test_broker_outage_of_30_s_loses_nothing(
     time.sleep(8)
     during = _ready(port)
     time.sleep(22)
-    assert worker.proc.poll() is None, f"worker died with the broker:\n{worker.raw()[-3000:].decode()}"
+    assert worker.proc.poll() is None, f"worker died with the broker:\n{worker.tail()}"
     stack_mod.start_service(private_stack, "kafka")
 
     assert produce_events(s, events[half:], restamp=True) == len(events) - half
-    assert _wait_counted(s, len(events), 120, worker) == len(events), worker.raw()[-3000:].decode()
+    assert _wait_counted(s, len(events), 120, worker) == len(events), worker.tail()
     assert worker.proc.poll() is None
     counted, duplicates = _counted(s)
     assert (counted, duplicates) == (len(events), 0)
@@ -418,13 +316,17 @@ def test_broker_outage_of_30_s_loses_nothing(
 
 
 def test_redis_outage_worker_survives_and_loses_nothing(
-    private_stack: Settings, settings: Settings, events: list[ClickEvent], procs: list[Proc], tmp_path: Path
+    private_stack: Settings,
+    settings: Settings,
+    events: list[ClickEvent],
+    procs: list[WorkerProc],
+    tmp_path: Path,
 ) -> None:
     s = _on(private_stack, settings)
     ensure_topics(s, [s.input_topic])
     env = _env(s, **NO_TRAINING)
     log = tmp_path / "worker.log"
-    worker = Proc(env, log)
+    worker = WorkerProc(env, log)
     procs.append(worker)
     worker.wait_for_event("assigned", 60)
     third = len(events) // 3
@@ -441,10 +343,10 @@ def test_redis_outage_worker_survives_and_loses_nothing(
 
     if not survived:
         # Whatever the worker did, a restart must still count every event exactly once (offsets in Redis).
-        restarted = Proc(env, log)
+        restarted = WorkerProc(env, log)
         procs.append(restarted)
         worker = restarted
-    assert _wait_counted(s, len(events), 90, worker) == len(events), worker.raw()[-3000:].decode()
+    assert _wait_counted(s, len(events), 90, worker) == len(events), worker.tail()
     assert _counted(s) == (len(events), 0)
     ids = _stored_event_ids(s)
     assert len(ids) == len(set(ids)) == len(events)
@@ -456,7 +358,7 @@ def test_redis_outage_worker_survives_and_loses_nothing(
 
 
 def test_broken_model_store_fails_that_segment_and_ingest_goes_on(
-    settings: Settings, events: list[ClickEvent], procs: list[Proc], tmp_path: Path
+    settings: Settings, events: list[ClickEvent], procs: list[WorkerProc], tmp_path: Path
 ) -> None:
     from worker.app import StartupError, check_dependencies
 
@@ -471,7 +373,7 @@ def test_broken_model_store_fails_that_segment_and_ingest_goes_on(
     settings.model_store.mkdir(parents=True)
     (settings.model_store / segment_hash("Hampton Bay")).write_text("not a directory")
     ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
-    worker = Proc(_env(settings), tmp_path / "worker.log")
+    worker = WorkerProc(_env(settings), tmp_path / "worker.log")
     procs.append(worker)
     assert produce_events(settings, events, restamp=True) == len(events)
     failed = worker.wait_for(
@@ -493,10 +395,10 @@ def test_broken_model_store_fails_that_segment_and_ingest_goes_on(
     registry = Registry.from_settings(settings)
     assert registry.champion_version("Hampton Bay") is None
     assert all(r.decision == "failed" and r.adapter is None for r in registry.versions("Hampton Bay"))
-    versions = _read_all(settings, settings.versions_topic)
+    versions = read_all(settings, settings.versions_topic)
     mine = [v for v in versions if v["segment"] == "Hampton Bay"]
     assert mine and all(v["decision"] == "failed" for v in mine)
-    scores = _read_all(settings, settings.scores_topic, idle_s=2)
+    scores = read_all(settings, settings.scores_topic, idle_s=2)
     assert not [x for x in scores if x["segment"] == "Hampton Bay"]
     assert any(x["segment"] == "GE" for x in scores)
     report = _check_registry_and_store(settings, versions)
@@ -530,15 +432,15 @@ sys.exit(main(["run"]))
 
 
 def test_diverging_training_fails_backs_off_and_others_promote(
-    settings: Settings, events: list[ClickEvent], procs: list[Proc], tmp_path: Path
+    settings: Settings, events: list[ClickEvent], procs: list[WorkerProc], tmp_path: Path
 ) -> None:
     launcher = tmp_path / "diverge.py"
     launcher.write_text(_DIVERGE)
     ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
-    worker = Proc(
+    worker = WorkerProc(
         _env(settings, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
         tmp_path / "worker.log",
-        [sys.executable, str(launcher), "GE"],
+        argv=[sys.executable, str(launcher), "GE"],
     )
     procs.append(worker)
     assert produce_events(settings, events, restamp=True) == len(events)
@@ -565,11 +467,11 @@ def test_diverging_training_fails_backs_off_and_others_promote(
     )
     assert worker.terminate() == 0
 
-    versions = _read_all(settings, settings.versions_topic)
+    versions = read_all(settings, settings.versions_topic)
     ge = [v for v in versions if v["segment"] == "GE" and v["scope"] == "segment"]
     assert len(ge) >= 2 and all(v["decision"] == "failed" for v in ge)
     assert Registry.from_settings(settings).champion_version("GE") is None
-    scores = _read_all(settings, settings.scores_topic, idle_s=2)
+    scores = read_all(settings, settings.scores_topic, idle_s=2)
     assert not [x for x in scores if x["segment"] == "GE"], "scores published for a failed training"
     assert any(x["segment"] == "Hampton Bay" for x in scores)
     assert _counted(settings) == (len(events), 0)
@@ -644,7 +546,7 @@ def _first_error(conf: dict[str, Any], topic: str) -> str | None:
 
 @pytest.mark.security
 def test_secured_broker_authenticates_the_worker_and_enforces_acls(
-    secure_stack: Settings, events: list[ClickEvent], procs: list[Proc], tmp_path: Path
+    secure_stack: Settings, events: list[ClickEvent], procs: list[WorkerProc], tmp_path: Path
 ) -> None:
     from worker.app import StartupError, check_dependencies
     from worker.kafka import client_config
@@ -654,9 +556,11 @@ def test_secured_broker_authenticates_the_worker_and_enforces_acls(
     assert produce_events(s.model_copy(update=_admin_update(s)), events[:60], restamp=True) == 60
 
     # The worker authenticates with its configured credentials and ingests.
-    worker = Proc({**_env(s, **NO_TRAINING), "WORKER_CACHE_DIR": str(s.cache_dir)}, tmp_path / "worker.log")
+    worker = WorkerProc(
+        {**_env(s, **NO_TRAINING), "WORKER_CACHE_DIR": str(s.cache_dir)}, tmp_path / "worker.log"
+    )
     procs.append(worker)
-    assert _wait_counted(s, 60, 90, worker) == 60, worker.raw()[-3000:].decode()
+    assert _wait_counted(s, 60, 90, worker) == 60, worker.tail()
     assert worker.terminate() == 0
 
     # Wrong credentials: start-up fails, within the check's own timeout, naming the credentials.

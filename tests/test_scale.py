@@ -15,19 +15,18 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import Consumer
+from worker_helpers import TopicReader, WorkerProc, worker_env
 
 from worker.buffer import Buffer
-from worker.config import Settings, settings_env
+from worker.config import Settings
 from worker.datasets import load_homedepot
 from worker.events import ClickEvent
 from worker.kafka import ensure_topics
@@ -44,112 +43,39 @@ OTHERS = 200  # events of other segments, so every worker has pooled data for th
 TERMINAL = {"segment run", "no shared model serves yet: segment waits", "training job failed"}
 
 
-SMALL: dict[str, object] = {
+# On top of worker_helpers.SMALL: six partitions, quick session expiry, one torch thread per worker,
+# the shared model bootstrapped from 40 events and never retrained.
+SCALE: dict[str, object] = {
     "topic_partitions": PARTITIONS,
     "session_timeout_ms": 6000,
-    "max_seq_len": 16,
-    "min_new_events": 16,
-    "min_positives": 2,
-    "min_negatives": 2,
-    "train_cooldown_s": 0,
     "train_backoff_s": 1,
     "shared_every": 1000000,
     "shared_bootstrap_min_events": 40,
-    "adapter_epochs": 1,
     "shared_epochs": 1,
-    "gate_auc_tolerance": 1,
-    "gate_logloss_margin": 1000,
     "drain_grace_s": 30,
-    "metrics_port": 0,
     "torch_threads": 1,
 }
 
 
-def _env(settings: Settings) -> dict[str, str]:
-    return {**os.environ, **settings_env(settings, **SMALL)}
+def _read_until(
+    versions: TopicReader,
+    done: Callable[[list[dict[str, Any]]], bool],
+    timeout_s: float,
+    procs: list[WorkerProc],
+) -> None:
+    def check() -> None:
+        for p in procs:
+            assert p.killed_at is not None or p.alive(), f"{p.name} exited early\n{_tails(procs)}"
+
+    versions.until(done, timeout_s, check)
+    assert done(versions.seen), f"timed out; versions so far: {versions.seen}\n{_tails(procs)}"
 
 
-class Proc:
-    """One worker process; its JSON log file is how the test tells the workers apart."""
-
-    def __init__(self, settings: Settings, name: str, log: Path) -> None:
-        self.name = name
-        self.log = log
-        self.killed_at: float | None = None
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "run"],
-            env=_env(settings),
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("ab"),
-        )
-
-    def lines(self) -> list[dict[str, Any]]:
-        out = []
-        for raw in self.log.read_bytes().splitlines():
-            try:
-                doc = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(doc, dict):
-                out.append(doc)
-        return out
-
-    def owned(self) -> set[int]:
-        """Partitions owned now, replayed from the assigned / revoked / lost log lines."""
-        owned: set[int] = set()
-        for rec in self.lines():
-            if rec.get("event") == "assigned":
-                owned |= set(rec["partitions"])
-            elif rec.get("event") in ("revoked", "lost"):
-                owned -= set(rec["partitions"])
-        return owned
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        if p.alive():
-            p.proc.kill()
-            p.proc.wait()
-
-
-class Versions:
-    """Reads the model-versions topic: every decision of every worker, in publish order per segment."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "group.id": f"read-{uuid.uuid4().hex[:8]}",
-                "auto.offset.reset": "earliest",
-            }
-        )
-        self.consumer.subscribe([settings.versions_topic])
-        self.seen: list[dict[str, Any]] = []
-
-    def until(
-        self, done: Callable[[list[dict[str, Any]]], bool], timeout_s: float, procs: list[Proc]
-    ) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not done(self.seen):
-            assert time.monotonic() < deadline, f"timed out; versions so far: {self.seen}\n{_tails(procs)}"
-            for p in procs:
-                assert p.killed_at is not None or p.alive(), f"{p.name} exited early\n{_tails(procs)}"
-            for msg in self.consumer.consume(500, 0.5):
-                if msg.error() is None:
-                    self.seen.append(orjson.loads(msg.value()))
-
-
-def _tails(procs: list[Proc]) -> str:
+def _tails(procs: list[WorkerProc]) -> str:
     return "\n".join(f"--- {p.name}\n{p.log.read_text()[-2500:]}" for p in procs)
 
 
-def _wait(cond: Callable[[], bool], timeout_s: float, what: str, procs: list[Proc]) -> None:
+def _wait(cond: Callable[[], bool], timeout_s: float, what: str, procs: list[WorkerProc]) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}\n{_tails(procs)}"
@@ -160,7 +86,7 @@ def _ts(rec: dict[str, Any]) -> float:
     return datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
-def _intervals(p: Proc) -> list[tuple[str, float, float]]:
+def _intervals(p: WorkerProc) -> list[tuple[str, float, float]]:
     """(segment, start, end) of each segment training in a worker's log; one still running when the
     worker was killed ends at the kill (an unfinished one in a live worker never ends)."""
     out: list[tuple[str, float, float]] = []
@@ -206,7 +132,7 @@ def _segment_versions(seen: list[dict[str, Any]], segment: str) -> list[dict[str
 
 
 def test_three_workers_one_killed_segments_move_without_overlap(
-    settings: Settings, procs: list[Proc], tmp_path: Path
+    settings: Settings, procs: list[WorkerProc], tmp_path: Path
 ) -> None:
     stream = load_homedepot().stream()
     segments = _pick_segments(stream)
@@ -220,7 +146,7 @@ def test_three_workers_one_killed_segments_move_without_overlap(
     ensure_topics(settings, [settings.input_topic], partitions=PARTITIONS)
     ensure_topics(settings, [settings.dlq_topic, settings.versions_topic, settings.scores_topic])
     for i in range(WORKERS):
-        procs.append(Proc(settings, f"w{i}", tmp_path / f"w{i}.log"))
+        procs.append(WorkerProc(worker_env(settings, SCALE), tmp_path / f"w{i}.log", name=f"w{i}"))
     all_parts = set(range(PARTITIONS))
 
     def balanced() -> bool:
@@ -231,8 +157,9 @@ def test_three_workers_one_killed_segments_move_without_overlap(
 
     produced = produce_events(settings, first, restamp=True)
     assert produced == len(first)
-    versions = Versions(settings)
-    versions.until(
+    versions = TopicReader(settings, settings.versions_topic)
+    _read_until(
+        versions,
         lambda seen: all(
             any(v["decision"] == "promoted" for v in _segment_versions(seen, s)) for s in segments
         ),
@@ -262,9 +189,7 @@ def test_three_workers_one_killed_segments_move_without_overlap(
     assert all(champions.values()), champions
     victim_parts = victim.owned()
 
-    victim.proc.send_signal(signal.SIGKILL)
-    victim.proc.wait()
-    victim.killed_at = time.time()
+    victim.kill()
     survivors = [p for p in procs if p is not victim]
 
     def taken_over() -> bool:
@@ -285,7 +210,7 @@ def test_three_workers_one_killed_segments_move_without_overlap(
             any(v["version"] > champions[s] for v in _segment_versions(seen, s)) for s in victim_segments
         )
 
-    versions.until(continued, 90, procs)
+    _read_until(versions, continued, 90, procs)
     for p in survivors:
         p.proc.send_signal(signal.SIGTERM)
     for p in survivors:

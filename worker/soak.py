@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from worker.config import Settings, load_settings
+from worker.config import Settings, isolated, load_settings, settings_env
 
 SAMPLE_EVERY_S = 5.0
 
@@ -54,35 +54,24 @@ def _metrics(port: int) -> dict[str, float]:
     return out
 
 
-def _worker_env(settings: Settings, run: str, store: Path, extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()}
-    env.update(
-        {
-            "WORKER_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "WORKER_REDIS_URL": settings.redis_url,
-            "WORKER_REDIS_PREFIX": settings.redis_prefix,
-            "WORKER_INPUT_TOPIC": settings.input_topic,
-            "WORKER_DLQ_TOPIC": settings.dlq_topic,
-            "WORKER_SCORES_TOPIC": settings.scores_topic,
-            "WORKER_VERSIONS_TOPIC": settings.versions_topic,
-            "WORKER_REQUESTS_TOPIC": settings.requests_topic,
-            "WORKER_GROUP_ID": settings.group_id,
-            "WORKER_MODEL_STORE": str(store),
-            "WORKER_METRICS_PORT": "0",
-            # CPU-sized so that trainings keep up with 50 ev/s on 2 cores (about one segment run every
-            # 10 s): small inputs, one epoch, 512 new events per run, a minute between runs of a segment.
-            # With 32 new events per run (the default) a CPU falls behind: the training queue fills, ingest
-            # pauses, and the backlog grows without bound.
-            "WORKER_MAX_SEQ_LEN": env.get("WORKER_MAX_SEQ_LEN", "16"),
-            "WORKER_ADAPTER_EPOCHS": env.get("WORKER_ADAPTER_EPOCHS", "1"),
-            "WORKER_MIN_NEW_EVENTS": env.get("WORKER_MIN_NEW_EVENTS", "512"),
-            "WORKER_TRAIN_COOLDOWN_S": env.get("WORKER_TRAIN_COOLDOWN_S", "60"),
-            "WORKER_SHARED_EVERY": env.get("WORKER_SHARED_EVERY", "5000"),
-            "WORKER_SHARED_BOOTSTRAP_MIN_EVENTS": env.get("WORKER_SHARED_BOOTSTRAP_MIN_EVENTS", "256"),
-        }
-    )
-    env.update(extra)
-    return env
+# CPU-sized so that trainings keep up with 50 ev/s on 2 cores (about one segment run every 10 s): small
+# inputs, one epoch, 512 new events per run, a minute between runs of a segment. With 32 new events per
+# run (the default) a CPU falls behind: the training queue fills, ingest pauses, and the backlog grows
+# without bound. A setting given in the environment wins over these.
+_SOAK_DEFAULTS: dict[str, object] = {
+    "max_seq_len": 16,
+    "adapter_epochs": 1,
+    "min_new_events": 512,
+    "train_cooldown_s": 60,
+    "shared_every": 5000,
+    "shared_bootstrap_min_events": 256,
+}
+
+
+def _soak_settings(settings: Settings, run: str, out_dir: Path) -> Settings:
+    """The run's own topics, group, Redis prefix and model store, plus the CPU-sized defaults."""
+    defaults = {k: v for k, v in _SOAK_DEFAULTS.items() if k not in settings.model_fields_set}
+    return isolated(settings, f"soak-{run}", model_store=out_dir / "models", metrics_port=0, **defaults)
 
 
 class _Producer(threading.Thread):
@@ -146,19 +135,9 @@ def soak(
     from worker.kafka import ensure_topics, make_admin, partition_count
 
     run = uuid.uuid4().hex[:8]
-    settings = settings.model_copy(
-        update={
-            "input_topic": f"soak-{run}-clicks",
-            "dlq_topic": f"soak-{run}-clicks-dlq",
-            "scores_topic": f"soak-{run}-scores",
-            "versions_topic": f"soak-{run}-model-versions",
-            "requests_topic": f"soak-{run}-score-requests",
-            "group_id": f"soak-{run}",
-            "redis_prefix": f"soak{run}",
-        }
-    )
     out_dir = (settings.cache_dir / "soak" / run).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    settings = _soak_settings(settings, run, out_dir)
     topics = [
         settings.input_topic,
         settings.dlq_topic,
@@ -168,7 +147,7 @@ def soak(
     ]
     ensure_topics(settings, topics)
     log_path = out_dir / "worker.log"
-    env = _worker_env(settings, run, out_dir / "models", extra_env or {})
+    env = {**os.environ, **settings_env(settings), **(extra_env or {})}
     with log_path.open("ab") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "run"], env=env, stdout=subprocess.DEVNULL, stderr=err
