@@ -273,8 +273,18 @@ class TP:
 
 
 class FakeConsumer:
-    def __init__(self, positions: dict[int, int], high: dict[int, int], unfetched: set[int]) -> None:
+    """`high` is the broker's watermark; the cache holds `cached` (default: the same), or nothing."""
+
+    def __init__(
+        self,
+        positions: dict[int, int],
+        high: dict[int, int],
+        unfetched: set[int],
+        cached: dict[int, int] | None = None,
+    ) -> None:
         self.positions, self.high, self.unfetched = positions, high, unfetched
+        self.cached = dict(cached or high)
+        self.broker_calls: list[int] = []
 
     def assignment(self) -> list[TP]:
         return [TP("clicks", p, -1001) for p in self.positions]
@@ -285,10 +295,11 @@ class FakeConsumer:
     def get_watermark_offsets(
         self, tp: TP, timeout: float | None = None, cached: bool = False
     ) -> tuple[int, int]:
-        if not cached:  # the broker is asked only when nothing is cached, and with a timeout
-            assert timeout is not None and tp.partition in self.unfetched
+        if not cached:
+            assert timeout is not None, "a broker call without a timeout could hold the poll loop"
+            self.broker_calls.append(tp.partition)
             return 0, self.high[tp.partition]
-        return (-1001, -1001) if tp.partition in self.unfetched else (0, self.high[tp.partition])
+        return (-1001, -1001) if tp.partition in self.unfetched else (0, self.cached[tp.partition])
 
 
 class FakeBuffer:
@@ -299,8 +310,18 @@ class FakeBuffer:
 def test_consumer_lag() -> None:
     consumer = FakeConsumer({0: 90, 1: -1001, 2: -1001}, {0: 100, 1: 50, 2: 7}, unfetched={2})
     assert consumer_lag(consumer, [0, 1, 2], FakeBuffer()) == {0: 10, 1: 10, 2: 7}
+    assert consumer.broker_calls == [2], "the broker is asked only for what is not cached"
     assert consumer_lag(consumer, [0]) == {0: 10}
     assert consumer_lag(consumer, [2], fallback_budget_s=0) == {}
+
+
+def test_consumer_lag_while_paused_asks_the_broker() -> None:
+    """Paused partitions are not fetched, so the cached watermark stops while producers go on."""
+    consumer = FakeConsumer({0: 90, 1: 40}, {0: 160, 1: 75}, unfetched=set(), cached={0: 100, 1: 50})
+    assert consumer_lag(consumer, [0, 1]) == {0: 10, 1: 10}
+    assert consumer_lag(consumer, [0, 1], fresh=True) == {0: 70, 1: 35}
+    assert consumer.broker_calls == [0, 1]
+    assert consumer_lag(consumer, [0, 1], fresh=True, fallback_budget_s=0) == {0: 10, 1: 10}
 
 
 class FakeIngestBuffer(FakeBuffer):
@@ -310,7 +331,9 @@ class FakeIngestBuffer(FakeBuffer):
 
 class FakeIngestor:
     def __init__(self) -> None:
-        self.consumer = FakeConsumer({0: 90, 1: -1001}, {0: 100, 1: 50}, unfetched=set())
+        self.consumer = FakeConsumer(
+            {0: 90, 1: -1001}, {0: 100, 1: 50}, unfetched=set(), cached={0: 95, 1: 45}
+        )
         self.buffer = FakeIngestBuffer()
         self.stats = FakeStats(consumed=5)
         self.paused = True

@@ -487,9 +487,9 @@ class Metrics:
         """Call from the poll loop after each `poll_once()`.
 
         Every call: ingest counters, paused flag, queue depth (all in memory). Every `slow_refresh_s`:
-        consumer lag (from the consumer's cached high watermarks, no broker round trip) and buffered new
-        events per partition (one Redis pipeline per partition). Errors are logged, never raised: a
-        metrics read must not stop ingest.
+        consumer lag (from the consumer's cached high watermarks, or the broker's while ingest is
+        paused) and buffered new events per partition (one Redis pipeline per partition). Errors are
+        logged, never raised: a metrics read must not stop ingest.
         """
         self.sync_ingest(ingestor.stats)
         self.ingest_paused.set(1 if ingestor.paused else 0)
@@ -501,7 +501,7 @@ class Metrics:
         self._last_slow = now
         owned = sorted(ingestor.owned_partitions())
         try:
-            lag = consumer_lag(ingestor.consumer, owned, ingestor.buffer)
+            lag = consumer_lag(ingestor.consumer, owned, ingestor.buffer, fresh=ingestor.paused)
             new = {p: sum(int(s.new) for s in ingestor.buffer.segment_states(p)) for p in owned}
         except Exception as exc:
             log.warning("metrics refresh failed", error=str(exc)[:300])
@@ -547,13 +547,19 @@ class Metrics:
 
 
 def consumer_lag(
-    consumer: Any, partitions: Iterable[int], buffer: Any = None, fallback_budget_s: float = 1.0
+    consumer: Any,
+    partitions: Iterable[int],
+    buffer: Any = None,
+    fallback_budget_s: float = 1.0,
+    fresh: bool = False,
 ) -> dict[int, int]:
     """Lag per owned input partition: high watermark minus the next offset this worker will read.
 
     Uses confluent-kafka's cached watermarks (updated by every fetch response, no broker call). A
-    partition with no fetch yet (just assigned, or paused from the start by backpressure) is asked from
-    the broker instead, within `fallback_budget_s` in all, so the poll loop is never held for long.
+    partition with no fetch yet (just assigned) is asked from the broker instead, and so is every
+    partition when `fresh` (ingest is paused: paused partitions are not fetched, so their cached
+    watermark stops while producers go on), within `fallback_budget_s` in all, so the poll loop is never
+    held for long; past the budget the cached value stands.
     Before the first message since assignment the consumer's position is unknown; the next offset stored
     in Redis (where ingest resumes) stands in, else the low watermark.
     """
@@ -566,14 +572,11 @@ def consumer_lag(
     deadline = time.monotonic() + fallback_budget_s
     for tp in consumer.position(tps):
         wm = consumer.get_watermark_offsets(tp, cached=True)
-        if not wm or wm[1] < 0:
+        if fresh or not wm or wm[1] < 0:
             left = deadline - time.monotonic()
-            if left <= 0.05:
-                continue
-            try:
-                wm = consumer.get_watermark_offsets(tp, timeout=left, cached=False)
-            except Exception:
-                continue
+            if left > 0.05:
+                with contextlib.suppress(Exception):  # a broker error leaves the cached value
+                    wm = consumer.get_watermark_offsets(tp, timeout=left, cached=False) or wm
             if not wm or wm[1] < 0:
                 continue
         low, high = wm
