@@ -126,10 +126,7 @@ def run_bench(
         backbone._tokens.clear()
         score_pairs(backbone, warm, score_set, batch_size=bs)
 
-    train_s: list[float] = []
-    raw_train_s: list[float] = []
-    score_s: list[float] = []
-    raw_score_s: list[float] = []
+    runs: dict[str, list[float]] = {"train": [], "raw_train": [], "score": [], "raw_score": []}
     warm_up = settings.model_copy(update={"shared_epochs": 1})
     train_shared(backbone, warm, train_events[:128], [], [], warm_up)
     raw_train(backbone, train_events[:128], settings, 1)
@@ -138,20 +135,12 @@ def run_bench(
     for r in range(repeats):
         for side in ("worker", "raw") if r % 2 == 0 else ("raw", "worker"):
             if side == "worker":
-                train_s.append(_timed(backbone.device, worker_train))
-                score_s.append(_timed(backbone.device, worker_score))
+                runs["train"].append(_timed(backbone.device, worker_train))
+                runs["score"].append(_timed(backbone.device, worker_score))
             else:
-                raw_train_s.append(raw_train(backbone, train_events, settings, epochs))
-                raw_score_s.append(raw_score(backbone, warm, score_set, bs))
-    med = {
-        k: float(np.median(v))
-        for k, v in {
-            "train": train_s,
-            "raw_train": raw_train_s,
-            "score": score_s,
-            "raw_score": raw_score_s,
-        }.items()
-    }
+                runs["raw_train"].append(raw_train(backbone, train_events, settings, epochs))
+                runs["raw_score"].append(raw_score(backbone, warm, score_set, bs))
+    med = {k: float(np.median(v)) for k, v in runs.items()}
     return {
         "raw_train_s": round(med["raw_train"], 3),
         "train_s": round(med["train"], 3),
@@ -165,15 +154,7 @@ def run_bench(
         "epochs": epochs,
         "pairs": len(score_set),
         "repeats": repeats,
-        "runs_s": {
-            k: [round(x, 3) for x in v]
-            for k, v in {
-                "train": train_s,
-                "raw_train": raw_train_s,
-                "score": score_s,
-                "raw_score": raw_score_s,
-            }.items()
-        },
+        "runs_s": {k: [round(x, 3) for x in v] for k, v in runs.items()},
         "train_batch_size": settings.shared_batch_size,
         "score_batch_size": bs,
         "max_seq_len": settings.max_seq_len,
