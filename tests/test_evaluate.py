@@ -18,6 +18,7 @@ from worker.evaluate import (
     add_arguments,
     cli_main,
     quick_plan,
+    run_evaluation,
 )
 
 
@@ -114,3 +115,20 @@ def test_quick_plan_is_cpu_sized() -> None:
     plan = quick_plan()
     assert plan.segments is not None and plan.segments <= 3
     assert plan.notes and all("quick" in n for n in plan.notes)
+
+
+def test_leaving_out_batch_and_naive_keeps_the_shape_with_nulls(jsonl: Path) -> None:
+    dataset = load_jsonl(jsonl, holdout_frac=0.3, min_rows=20)
+    settings = Settings(device="cpu", max_seq_len=32, batch_size=16, shared_batch_size=16)
+    result = run_evaluation(
+        dataset, settings, quick=True, progress=False, plan=tiny_plan(), procedures=["worker"]
+    )
+
+    assert result["procedures"] == ["worker", "zero_shot"]
+    for seg in result["segments"]:
+        cells = result["per_segment"][seg]
+        assert all(cells[p][name] is None for p in ("batch", "naive") for name in CHECKPOINT_NAMES)
+        assert cells["worker"]["end"] is not None and cells["zero_shot"]["0"] is not None
+    assert result["mean"]["batch"]["end"] == {"auc": None, "logloss": None}
+    with pytest.raises(ValueError, match="unknown procedures"):
+        run_evaluation(dataset, settings, quick=True, progress=False, plan=tiny_plan(), procedures=["bogus"])

@@ -319,12 +319,18 @@ def run_evaluation(
     progress: bool = True,
     plan: EvalPlan | None = None,
     on_phase: Callable[[dict[str, Any]], None] | None = None,
+    procedures: Sequence[str] = PROCEDURES,
 ) -> dict[str, Any]:
-    """Replay the stream and measure all procedures at every checkpoint; a JSON-ready dict.
+    """Replay the stream and measure `procedures` at every checkpoint; a JSON-ready dict.
 
+    The worker and zero-shot always run (zero-shot costs one scoring pass); leaving out `batch` or
+    `naive` saves their trainings, e.g. when comparing settings of the worker, and leaves them null.
     `on_phase` receives the result so far after each procedure's phase (with `"partial": PHASE`), so a
     run cut short still leaves what it measured.
     """
+    unknown = set(procedures) - set(PROCEDURES)
+    if unknown:
+        raise ValueError(f"unknown procedures {sorted(unknown)}; choose from {', '.join(PROCEDURES)}")
     started = time.perf_counter()
     plan = plan or (quick_plan() if quick else full_plan())
     settings = settings.model_copy(update=plan.overrides)
@@ -422,6 +428,7 @@ def run_evaluation(
                 "naive_epochs": plan.naive_epochs,
                 "naive_lr": plan.naive_lr,
             },
+            "procedures": [p for p in PROCEDURES if p in procedures or p in ("worker", "zero_shot")],
             "notes": [
                 *plan.notes,
                 "zero_shot probability: sigmoid(10 * (cosine - 0.35)), fixed, not fitted",
@@ -451,7 +458,7 @@ def run_evaluation(
         phase_done("worker")
 
         due: dict[int, list[tuple[str, str]]] = {}
-        for s in segments:
+        for s in segments if "batch" in procedures else []:
             for name, pos in positions[s].items():
                 j = len(snapshots) - 1 if name == "end" else bisect.bisect_right(snapshots, pos) - 1
                 if j < 0:
@@ -478,8 +485,9 @@ def run_evaluation(
             advance(1)
         phase_done("batch")
 
-        advance = bars.task("naive per-segment", len(segments) * (len(naive_ks) + 1))
-        for s in segments:
+        naive_segments = segments if "naive" in procedures else []
+        advance = bars.task("naive per-segment", len(naive_segments) * (len(naive_ks) + 1))
+        for s in naive_segments:
             results[s]["naive"]["0"] = measure(s, zero_shot[s])
             sizes = {str(k): k for k in naive_ks if len(seg_events[s]) >= k}
             sizes["end"] = len(seg_events[s])
@@ -544,6 +552,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="also write the JSON here (partial results after each phase)"
     )
+    parser.add_argument(
+        "--procedures",
+        default=",".join(PROCEDURES),
+        help="comma-separated; worker and zero_shot always run, batch and naive only if named",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -577,7 +590,12 @@ def cli_main(args: argparse.Namespace, settings: Settings | None = None) -> int:
             out.write_text(json.dumps(partial, default=str) + "\n")
 
     result = run_evaluation(
-        dataset, settings, quick=args.quick, progress=not args.no_progress, on_phase=write_partial
+        dataset,
+        settings,
+        quick=args.quick,
+        progress=not args.no_progress,
+        on_phase=write_partial,
+        procedures=[p.strip() for p in args.procedures.split(",") if p.strip()],
     )
     if args.plot is not None:
         plot_curve(result, args.plot)
