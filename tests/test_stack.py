@@ -118,3 +118,23 @@ def test_cluster_ids_never_look_like_an_option() -> None:
     ids = [stack_mod._cluster_id() for _ in range(2000)]
     assert not any(i.startswith("-") for i in ids)
     assert all(len(i) == 22 for i in ids) and len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("service", ["redis", "kafka"])
+def test_up_refuses_a_port_another_process_holds(tmp_path: Path, service: str) -> None:
+    """Otherwise the new server fails to bind, the other one answers the probe, and `up` says started."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        settings = load_settings(
+            cache_dir=tmp_path,
+            kafka_bootstrap=f"127.0.0.1:{port if service == 'kafka' else _free_port()}",
+            redis_url=f"redis://127.0.0.1:{port if service == 'redis' else _free_port()}/0",
+        )
+        ep = stack_mod.Endpoints.from_settings(settings)
+        start = stack_mod.start_redis if service == "redis" else stack_mod.start_kafka
+        setting = "WORKER_REDIS_URL" if service == "redis" else "WORKER_KAFKA_BOOTSTRAP"
+        with pytest.raises(stack_mod.StackError, match=f"127.0.0.1:{port} is already in use.*{setting}"):
+            start(settings, ep)
+    assert stack_mod.started_pids(settings) == []

@@ -116,6 +116,19 @@ def _read_pid(pidfile: Path) -> int | None:
         return None
 
 
+def _ensure_free(host: str, port: int, service: str, setting: str) -> None:
+    """Refuse to start on a port something else holds: the new server would fail to bind while the
+    other one answered the health probe, and `up` would report a start that did not happen."""
+    try:
+        socket.create_connection((host.strip("[]"), port), timeout=1.0).close()
+    except OSError:
+        return
+    raise StackError(
+        f"{host}:{port} is already in use by a process this stack did not start, so {service} cannot "
+        f"start there: stop it, or set {setting} to a free port"
+    )
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -239,6 +252,8 @@ def start_kafka(settings: Settings, ep: Endpoints) -> str:
     pid = _read_pid(root / "kafka.pid")
     if pid and _pid_alive(pid, str(root / "server.properties")):
         return f"already running (pid {pid})"
+    for port in (ep.kafka_port, ep.kafka_port + 1):
+        _ensure_free(ep.kafka_host, port, "Kafka", "WORKER_KAFKA_BOOTSTRAP")
     bootstrap = f"{ep.kafka_host}:{ep.kafka_port}"
     properties = _kafka_properties(root / "data", ep.kafka_host, ep.kafka_port)
     pid = _launch_kafka(settings, properties, lambda: kafka_healthy(bootstrap, timeout=2.0))
@@ -340,6 +355,7 @@ def start_redis(settings: Settings, ep: Endpoints) -> str:
     pid = _read_pid(pidfile)
     if pid and _pid_alive(pid, *markers):
         return f"already running (pid {pid})"
+    _ensure_free(ep.redis_host, ep.redis_port, "Redis", "WORKER_REDIS_URL")
     server = shutil.which("redis-server")
     if server is None:
         raise StackError(
@@ -616,6 +632,8 @@ def start_kafka_secure(settings: Settings, ep: Endpoints) -> str:
     pid = _read_pid(root / "kafka.pid")
     if pid and _pid_alive(pid, str(config)):
         return f"already running (pid {pid})"
+    for port in (ep.kafka_port, ep.kafka_port + 1):
+        _ensure_free(ep.kafka_host, port, "Kafka", "WORKER_KAFKA_BOOTSTRAP")
     data = root / "data"
     root.mkdir(parents=True, exist_ok=True)
     # start_kafka writes the plain config; write the secured one first and have it reused.
