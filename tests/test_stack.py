@@ -138,3 +138,19 @@ def test_up_refuses_a_port_another_process_holds(tmp_path: Path, service: str) -
         with pytest.raises(stack_mod.StackError, match=f"127.0.0.1:{port} is already in use.*{setting}"):
             start(settings, ep)
     assert stack_mod.started_pids(settings) == []
+
+
+def test_down_finds_this_stacks_redis_under_other_settings(tmp_path: Path) -> None:
+    """A `down` (or `up`) with another WORKER_REDIS_URL must not orphan the Redis this directory started."""
+    first = load_settings(cache_dir=tmp_path, redis_url=f"redis://127.0.0.1:{_free_port()}/0")
+    other = load_settings(cache_dir=tmp_path, redis_url=f"redis://127.0.0.1:{_free_port()}/0")
+    assert stack_mod.start_redis(first, stack_mod.Endpoints.from_settings(first)).startswith("started")
+    pid = stack_mod.started_pids(first)[0]
+    try:
+        with pytest.raises(stack_mod.StackError, match="runs with other settings"):
+            stack_mod.start_redis(other, stack_mod.Endpoints.from_settings(other))
+        assert stack_mod.redis_healthy(first.redis_url)
+        assert stack_mod.down(other)["redis"] == f"stopped (pid {pid})"
+        assert not _running(pid)
+    finally:
+        stack_mod.down(first)

@@ -95,12 +95,17 @@ def stack_dir(settings: Settings) -> Path:
 
 
 def _pid_alive(pid: int, *markers: str) -> bool:
-    """True when `pid` runs and its command line contains one of `markers`: a recycled pid is not ours."""
+    """True when `pid` runs and its command line contains one of `markers`, or its working directory is
+    one of them: a recycled pid is not ours."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    if not any(m in cmdline for m in markers):
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        cwd = ""
+    if not any(m in cmdline or m == cwd for m in markers):
         return False
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -333,9 +338,10 @@ def _launch_kafka(settings: Settings, properties: str, healthy: Callable[[], boo
 # ---------------------------------------------------------------- Redis
 
 
-def _redis_markers(root: Path, ep: Endpoints) -> tuple[str, str]:
-    """redis-server rewrites its command line to `host:port` once up; before that it shows its config."""
-    return str(root / "redis.conf"), f"{ep.redis_host}:{ep.redis_port}"
+def _redis_markers(root: Path, ep: Endpoints) -> tuple[str, str, str]:
+    """redis-server rewrites its command line to `host:port` once up; before that it shows its config.
+    Its working directory is `root` (its `dir`) either way, so `down` finds it under other settings too."""
+    return str(root / "redis.conf"), f"{ep.redis_host}:{ep.redis_port}", str(root)
 
 
 def redis_healthy(url: str, timeout: float = 2.0) -> bool:
@@ -354,7 +360,12 @@ def start_redis(settings: Settings, ep: Endpoints) -> str:
     markers = _redis_markers(root, ep)
     pid = _read_pid(pidfile)
     if pid and _pid_alive(pid, *markers):
-        return f"already running (pid {pid})"
+        if _pid_alive(pid, f"{ep.redis_host}:{ep.redis_port}"):
+            return f"already running (pid {pid})"
+        raise StackError(
+            f"this stack's Redis (pid {pid}) runs with other settings, not on "
+            f"{ep.redis_host}:{ep.redis_port}: stop it first with `python -m worker stack down`"
+        )
     _ensure_free(ep.redis_host, ep.redis_port, "Redis", "WORKER_REDIS_URL")
     server = shutil.which("redis-server")
     if server is None:
