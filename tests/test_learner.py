@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import numpy as np
 import pytest
+from registry_helpers import version_record
 
 from worker.config import Settings
 from worker.datasets import load_homedepot
 from worker.learner import Abandoned, Learner, clean_partial_dirs
 from worker.model import new_click_model, save_shared
-from worker.registry import SHARED_SEGMENT, Registry, VersionRecord
+from worker.registry import SHARED_SEGMENT, Registry
 
 pytestmark = pytest.mark.integration
 
@@ -31,24 +30,7 @@ def learner(settings: Settings) -> Learner:
     shared = registry.shared()
     version = shared.next_version(SHARED_SEGMENT)
     path = save_shared(shared.adapter_dir(SHARED_SEGMENT, version), new_click_model(learner.backbone, 0))
-    shared.record(
-        VersionRecord(
-            scope="shared",
-            segment=SHARED_SEGMENT,
-            version=version,
-            parent_version=None,
-            decision="promoted",
-            base_model="test",
-            events_from=0,
-            events_to=0,
-            challenger=None,
-            champion=None,
-            device="cpu",
-            train_seconds=0.0,
-            created_at=datetime.now(UTC),
-            adapter=str(path),
-        )
-    )
+    shared.record(version_record(SHARED_SEGMENT, version, str(path), scope="shared", events_to=0))
     return learner
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import redis
+from registry_helpers import version_record
 
 from worker.config import Settings
 from worker.events import HoldoutMetrics
@@ -29,20 +29,15 @@ def _record(reg: Registry, segment: str, decision: str = "promoted", auc: float 
         path.mkdir(parents=True)
         (path / "adapter_model.safetensors").write_bytes(b"x")
         adapter = str(path)
-    rec = VersionRecord(
-        segment=segment,
-        version=version,
+    rec = version_record(
+        segment,
+        version,
+        adapter,
         parent_version=reg.champion_version(segment),
-        decision=decision,  # type: ignore[arg-type]
-        base_model="test",
-        events_from=0,
+        decision=decision,
         events_to=10,
         challenger=HoldoutMetrics(auc=auc, logloss=0.6, n=20),
-        champion=None,
-        device="cpu",
         train_seconds=0.1,
-        created_at=datetime.now(UTC),
-        adapter=adapter,
     )
     reg.record(rec)
     return rec
@@ -79,23 +74,7 @@ def test_two_concurrent_trainers_never_move_the_champion_back(reg: Registry) -> 
     for version in (b, a):
         path = reg.adapter_dir("KOHLER", version)
         path.mkdir(parents=True)
-        became = reg.record(
-            VersionRecord(
-                segment="KOHLER",
-                version=version,
-                parent_version=None,
-                decision="promoted",
-                base_model="t",
-                events_from=0,
-                events_to=1,
-                challenger=None,
-                champion=None,
-                device="cpu",
-                train_seconds=0.0,
-                created_at=datetime.now(UTC),
-                adapter=str(path),
-            )
-        )
+        became = reg.record(version_record("KOHLER", version, str(path)))
         assert became == (version == b)
     assert reg.champion_version("KOHLER") == b
 
@@ -111,23 +90,7 @@ def test_rejected_versions_are_recorded_but_not_champion(reg: Registry) -> None:
 def test_promotion_needs_a_complete_adapter_dir(reg: Registry) -> None:
     version = reg.next_version("GE")
     with pytest.raises(RegistryError, match="adapter"):
-        reg.record(
-            VersionRecord(
-                segment="GE",
-                version=version,
-                parent_version=None,
-                decision="promoted",
-                base_model="t",
-                events_from=0,
-                events_to=1,
-                challenger=None,
-                champion=None,
-                device="cpu",
-                train_seconds=0.0,
-                created_at=datetime.now(UTC),
-                adapter=str(reg.adapter_dir("GE", version)),
-            )
-        )
+        reg.record(version_record("GE", version, str(reg.adapter_dir("GE", version))))
     assert reg.champion_version("GE") is None
 
 

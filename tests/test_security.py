@@ -18,7 +18,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,13 +25,14 @@ import orjson
 import pytest
 import redis
 from ingest_helpers import event_doc, ingest_all, produce_docs, produce_raw
+from registry_helpers import version_record
 
 from worker.app import StartupError, check_dependencies
 from worker.buffer import Buffer, PartitionWrite, Pending, pair_key
 from worker.config import ConfigError, Settings, load_settings
 from worker.events import HoldoutMetrics
 from worker.kafka import ensure_topics
-from worker.registry import Registry, VersionRecord
+from worker.registry import Registry
 
 pytestmark = pytest.mark.security
 
@@ -265,20 +265,8 @@ def test_segment_names_never_reach_a_redis_key_or_a_path_unescaped(settings: Set
                 path.mkdir(parents=True)
                 (path / "adapter_model.safetensors").write_bytes(b"x")
                 r.record(
-                    VersionRecord(
-                        segment=name,
-                        version=version,
-                        parent_version=None,
-                        decision="promoted",
-                        base_model="test",
-                        events_from=0,
-                        events_to=1,
-                        challenger=HoldoutMetrics(auc=0.7, logloss=0.6, n=2),
-                        champion=None,
-                        device="cpu",
-                        train_seconds=0.0,
-                        created_at=datetime.now(UTC),
-                        adapter=str(path),
+                    version_record(
+                        name, version, str(path), challenger=HoldoutMetrics(auc=0.7, logloss=0.6, n=2)
                     )
                 )
                 resolved = path.resolve()
