@@ -257,17 +257,17 @@ def start_kafka(settings: Settings, ep: Endpoints) -> str:
     pid = _read_pid(root / "kafka.pid")
     if pid and _pid_alive(pid, str(root / "server.properties")):
         return f"already running (pid {pid})"
-    for port in (ep.kafka_port, ep.kafka_port + 1):
-        _ensure_free(ep.kafka_host, port, "Kafka", "WORKER_KAFKA_BOOTSTRAP")
     bootstrap = f"{ep.kafka_host}:{ep.kafka_port}"
     properties = _kafka_properties(root / "data", ep.kafka_host, ep.kafka_port)
-    pid = _launch_kafka(settings, properties, lambda: kafka_healthy(bootstrap, timeout=2.0))
+    pid = _launch_kafka(settings, ep, properties, lambda: kafka_healthy(bootstrap, timeout=2.0))
     return f"started (pid {pid})"
 
 
-def _launch_kafka(settings: Settings, properties: str, healthy: Callable[[], bool]) -> int:
+def _launch_kafka(settings: Settings, ep: Endpoints, properties: str, healthy: Callable[[], bool]) -> int:
     """Write `properties`, format storage on first start, start the broker in its own session and wait
     until `healthy()`; fails with the tail of the broker's log. Returns the broker's pid."""
+    for port in (ep.kafka_port, ep.kafka_port + 1):  # client and controller listeners
+        _ensure_free(ep.kafka_host, port, "Kafka", "WORKER_KAFKA_BOOTSTRAP")
     root = stack_dir(settings) / "kafka"
     config = root / "server.properties"
     data = root / "data"
@@ -643,8 +643,6 @@ def start_kafka_secure(settings: Settings, ep: Endpoints) -> str:
     pid = _read_pid(root / "kafka.pid")
     if pid and _pid_alive(pid, str(config)):
         return f"already running (pid {pid})"
-    for port in (ep.kafka_port, ep.kafka_port + 1):
-        _ensure_free(ep.kafka_host, port, "Kafka", "WORKER_KAFKA_BOOTSTRAP")
     data = root / "data"
     root.mkdir(parents=True, exist_ok=True)
     # start_kafka writes the plain config; write the secured one first and have it reused.
@@ -655,7 +653,7 @@ def start_kafka_secure(settings: Settings, ep: Endpoints) -> str:
 def _start_kafka_with(settings: Settings, ep: Endpoints, properties: str) -> str:
     """`start_kafka` with another server.properties (and a health probe that can authenticate)."""
     admin_conf = secure_admin_config(settings)
-    pid = _launch_kafka(settings, properties, lambda: _kafka_healthy_conf(admin_conf, timeout=2.0))
+    pid = _launch_kafka(settings, ep, properties, lambda: _kafka_healthy_conf(admin_conf, timeout=2.0))
     return f"started, SASL_PLAINTEXT with ACLs (pid {pid})"
 
 
