@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from worker import match
 from worker.config import Settings
 from worker.datasets import load_homedepot
 from worker.events import ClickEvent
@@ -46,7 +47,11 @@ def events() -> list[ClickEvent]:
 
 @pytest.fixture(scope="module")
 def shared(backbone: Backbone) -> ClickModel:
-    return new_click_model(backbone, seed=1)
+    """A fresh model whose match weights are not zero, as after training."""
+    model = new_click_model(backbone, seed=1)
+    with torch.no_grad():
+        model.match.weight.copy_(torch.linspace(-1.0, 2.0, match.SIZE).unsqueeze(0))
+    return model
 
 
 def test_scores_are_probabilities_in_input_order(
@@ -129,9 +134,10 @@ def test_adapter_round_trips_through_plain_peft(
         padding=True,
         return_tensors="pt",
     )
+    features = torch.tensor([match.features(q, t) for q, t in pairs])
     with torch.no_grad():
         pooled = mean_pool(encoder(**enc).last_hidden_state, enc["attention_mask"])
-        logits = pooled @ head["head.weight"].T + head["head.bias"]
+        logits = pooled @ head["head.weight"].T + head["head.bias"] + features @ head["match.weight"].T
         plain = torch.sigmoid(logits.squeeze(-1) * calibration[0] + calibration[1]).numpy()
     np.testing.assert_allclose(plain, ours, rtol=1e-4, atol=1e-5)
 
@@ -142,4 +148,34 @@ def test_adapter_round_trips_through_plain_peft(
     assert shared_meta == {"version": 1}
     np.testing.assert_allclose(
         score_pairs(backbone, reloaded_shared, pairs), score_pairs(backbone, shared, pairs), rtol=1e-6
+    )
+
+
+def test_match_features_move_scores_and_can_be_switched_off(
+    settings: Settings, backbone: Backbone, shared: ClickModel, events: list[ClickEvent]
+) -> None:
+    pairs = pairs_of(events[:12])
+    plain_backbone = load_backbone(settings.model_copy(update={"match_features": False}))
+    with_features = score_pairs(backbone, shared, pairs)
+    without = score_pairs(plain_backbone, shared, pairs)
+    assert not np.allclose(with_features, without, atol=1e-3)
+    zeroed = new_click_model(backbone, seed=1)
+    np.testing.assert_allclose(score_pairs(backbone, zeroed, pairs), without, rtol=1e-5, atol=1e-6)
+
+
+def test_a_shared_model_saved_without_match_weights_loads_as_the_plain_model(
+    tmp_path: Path, backbone: Backbone, shared: ClickModel, events: list[ClickEvent]
+) -> None:
+    """Shared models written before the match features keep serving exactly as they did."""
+    from safetensors.torch import load_file, save_file
+
+    directory = save_shared(tmp_path / "old", shared, {})
+    head = load_file(str(directory / "head.safetensors"))
+    save_file({k: v for k, v in head.items() if k.startswith("head.")}, str(directory / "head.safetensors"))
+    loaded, _ = load_shared(directory, backbone)
+    assert torch.count_nonzero(loaded.match.weight) == 0
+    pairs = pairs_of(events[:12])
+    plain = load_backbone(Settings(device="cpu", max_seq_len=32, match_features=False))
+    np.testing.assert_allclose(
+        score_pairs(backbone, loaded, pairs), score_pairs(plain, shared, pairs), rtol=1e-5, atol=1e-6
     )

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from worker import match
 from worker.config import Settings
 from worker.datasets import load_homedepot
 from worker.events import ClickEvent
-from worker.model import Backbone, ClickModel, load_backbone, new_click_model
+from worker.model import Backbone, ClickModel, load_backbone, new_click_model, with_adapter
 from worker.train import (
     Metrics,
     evaluate_model,
@@ -147,6 +148,21 @@ def test_same_seed_same_adapter(
         assert torch.equal(a.lora[key], b.lora[key])
     assert torch.equal(a.calibration, b.calibration)
     assert runs[0].challenger == runs[1].challenger
+
+
+def test_shared_run_learns_match_weights_and_adapters_keep_them(
+    backbone: Backbone, settings: Settings, shared: ClickModel, events: list[ClickEvent]
+) -> None:
+    """The match weights start at zero and belong to the shared model: its runs learn them at
+    `match_lr`, a segment's adapter trains on top of them without changing them."""
+    assert torch.count_nonzero(new_click_model(backbone, seed=0).match.weight) == 0
+    learned = dict(zip(match.NAMES, shared.match.weight[0].tolist(), strict=True))
+    assert learned.pop("no_query") == 0.0  # every training pair has a query: no gradient there
+    assert all(abs(w) > 1e-3 for w in learned.values()), learned
+    result = train_segment_adapter(backbone, shared, None, events[:24], [], events[64:80], settings)
+    assert result.adapter is not None
+    seg = with_adapter(shared, result.adapter)
+    assert torch.equal(seg.match.weight, shared.match.weight)
 
 
 def test_holdout_split_is_stable_and_replay_seeded(events: list[ClickEvent]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from worker import match
 from worker.config import Settings, load_settings
 from worker.datasets import load_dataset
 from worker.events import ClickEvent
@@ -40,6 +41,13 @@ def _raw_tokens(backbone: Backbone, pairs: Sequence[tuple[str | None, str]], pad
     )
 
 
+def _raw_match(backbone: Backbone, pairs: Sequence[tuple[str | None, str]]) -> torch.Tensor | None:
+    """The same match features the worker's model takes, computed per batch, or None when it takes none."""
+    if not backbone.match_features:
+        return None
+    return torch.tensor([match.features(q, t) for q, t in pairs], dtype=torch.float32).to(backbone.device)
+
+
 def raw_train(backbone: Backbone, events: Sequence[ClickEvent], settings: Settings, epochs: int) -> float:
     """A textbook loop: AutoModel + linear head, AdamW, shuffled batches padded per batch."""
     from transformers import AutoModel
@@ -47,7 +55,8 @@ def raw_train(backbone: Backbone, events: Sequence[ClickEvent], settings: Settin
     torch.manual_seed(settings.seed)
     encoder = AutoModel.from_pretrained(str(backbone.base_path), local_files_only=True).to(backbone.device)
     head = torch.nn.Linear(int(encoder.config.hidden_size), 1).to(backbone.device)
-    params = list(encoder.parameters()) + list(head.parameters())
+    wide = torch.nn.Linear(match.SIZE, 1, bias=False).to(backbone.device)
+    params = [*encoder.parameters(), *head.parameters(), *wide.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.shared_lr, weight_decay=settings.weight_decay)
     pairs = pairs_of(events)
     labels = torch.tensor([e.clicked for e in events], dtype=torch.float32)
@@ -60,10 +69,14 @@ def raw_train(backbone: Backbone, events: Sequence[ClickEvent], settings: Settin
         order = rng.permutation(len(pairs))
         for i in range(0, len(pairs), bs):
             idx = order[i : i + bs]
-            enc = _raw_tokens(backbone, [pairs[int(j)] for j in idx], pad_to_max=False).to(backbone.device)
+            batch = [pairs[int(j)] for j in idx]
+            enc = _raw_tokens(backbone, batch, pad_to_max=False).to(backbone.device)
+            features = _raw_match(backbone, batch)
             with backbone.autocast():
                 hidden = encoder(**enc).last_hidden_state
             logits = head(mean_pool(hidden.float(), enc["attention_mask"])).squeeze(-1)
+            if features is not None:
+                logits = logits + wide(features).squeeze(-1)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, labels[idx].to(backbone.device)
             )
@@ -84,9 +97,12 @@ def raw_score(
     start = time.perf_counter()
     for i in range(0, len(pairs), bs):
         enc = _raw_tokens(backbone, pairs[i : i + bs], pad_to_max=True).to(backbone.device)
+        features = _raw_match(backbone, pairs[i : i + bs])
         with backbone.autocast():
             hidden = model.encoder(**enc).last_hidden_state
             logits = model.head(mean_pool(hidden.float(), enc["attention_mask"])).squeeze(-1)
+        if features is not None:
+            logits = logits + model.match(features).squeeze(-1)
         torch.sigmoid(logits.float()).cpu().numpy()
     _sync(backbone.device)
     return time.perf_counter() - start

@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     lora_alpha: int = Field(16, ge=1, le=1024, description="LoRA scaling numerator (scale = alpha / rank).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     calibration_lr: float = Field(1e-2, gt=0, lt=10, description="LR of the (scale, bias) calibration.")
+    match_features: bool = Field(
+        True, description="Feed lexical query/title match features to the shared head (wide & deep)."
+    )
+    match_lr: float = Field(1e-2, gt=0, lt=10, description="LR of the match-feature weights (shared runs).")
     warmup_frac: float = Field(0.1, ge=0, le=1, description="Share of steps of linear warm-up, then decay.")
     shared_epochs: int = Field(1, ge=1, le=100, description="Epochs per shared run.")
     shared_batch_size: int = Field(64, ge=1, le=4096, description="Batch size of shared-model training.")

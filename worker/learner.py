@@ -165,7 +165,13 @@ class Learner:
         decision, reason, adapter_dir = result.decision, result.reason, None
         if result.promoted and save is not None:
             target = registry.adapter_dir(segment, version)
-            meta = {"segment": segment, "version": version, "base_model": self.base_model, "parent": parent}
+            meta = {
+                "segment": segment,
+                "version": version,
+                "base_model": self.base_model,
+                "parent": parent,
+                "match_features": self.backbone.match_features,
+            }
             try:
                 if isinstance(save, SegmentAdapter):
                     save_adapter(target, save, meta)

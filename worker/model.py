@@ -1,4 +1,5 @@
-"""The click model: a cross-encoder over `query [SEP] item_text`, mean pooling and a logistic head.
+"""The click model: a cross-encoder over `query [SEP] item_text`, mean pooling and a logistic head that
+also takes the pair's lexical match features (`worker.match`).
 
 The shared model is a full encoder plus head. A segment's model is the shared model with a LoRA adapter
 on the encoder and a two-number calibration (scale, bias) on the shared head's logit, so the head stays
@@ -17,12 +18,13 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from worker import match
 from worker.config import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,18 +58,29 @@ def apply_threads(settings: Settings) -> None:
         torch.set_num_threads(settings.torch_threads)
 
 
+class Row(NamedTuple):
+    """One pair as the model takes it: token ids, token type ids, lexical match features (maybe none)."""
+
+    ids: list[int]
+    types: list[int]
+    match: list[float] | None = None
+
+
 @dataclass
 class Backbone:
-    """What never changes between models: tokenizer, base directory, device, sequence length."""
+    """What never changes between models: tokenizer, base directory, device, sequence length, and
+    whether pairs carry lexical match features (`worker.match`) into the head."""
 
     tokenizer: Any
     base_path: Path
     device: torch.device
     max_seq_len: int
-    _tokens: dict[Pair, tuple[list[int], list[int]]] = field(default_factory=dict, repr=False)
+    match_features: bool = True
+    _tokens: dict[Pair, Row] = field(default_factory=dict, repr=False)
 
-    def encode(self, pairs: Sequence[Pair]) -> list[tuple[list[int], list[int]]]:
-        """Token ids and type ids per pair, cached: the same pairs are scored and trained many times."""
+    def encode(self, pairs: Sequence[Pair]) -> list[Row]:
+        """Token ids, type ids and match features per pair, cached: the same pairs are scored and
+        trained many times."""
         missing = list(dict.fromkeys(p for p in pairs if p not in self._tokens))
         with_query = [p for p in missing if p[0]]
         without = [p for p in missing if not p[0]]
@@ -80,7 +93,7 @@ class Backbone:
                 return_token_type_ids=True,
             )
             for p, ids, types in zip(with_query, enc["input_ids"], enc["token_type_ids"], strict=True):
-                self._tokens[p] = (ids, types)
+                self._tokens[p] = Row(ids, types, self._match(p))
         if without:
             enc = self.tokenizer(
                 [p[1] for p in without],
@@ -89,28 +102,35 @@ class Backbone:
                 return_token_type_ids=True,
             )
             for p, ids, types in zip(without, enc["input_ids"], enc["token_type_ids"], strict=True):
-                self._tokens[p] = (ids, types)
+                self._tokens[p] = Row(ids, types, self._match(p))
         if len(self._tokens) > 500_000:
             self._tokens.clear()
             return self.encode(pairs)
         return [self._tokens[p] for p in pairs]
 
-    def collate(self, rows: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        """Pads to the longest row of this batch only (dynamic padding)."""
-        width = max(len(r[0]) for r in rows)
+    def _match(self, pair: Pair) -> list[float] | None:
+        return match.features(*pair) if self.match_features else None
+
+    def collate(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        """Pads to the longest row of this batch only (dynamic padding); `match` when every row has it."""
+        width = max(len(r.ids) for r in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         types = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (row_ids, row_types) in enumerate(rows):
-            n = len(row_ids)
-            ids[i, :n] = torch.tensor(row_ids)
-            types[i, :n] = torch.tensor(row_types)
+        for i, row in enumerate(rows):
+            n = len(row.ids)
+            ids[i, :n] = torch.tensor(row.ids)
+            types[i, :n] = torch.tensor(row.types)
             mask[i, :n] = 1
-        return {
+        batch = {
             "input_ids": ids.to(self.device, non_blocking=True),
             "token_type_ids": types.to(self.device, non_blocking=True),
             "attention_mask": mask.to(self.device, non_blocking=True),
         }
+        if all(r.match is not None for r in rows):
+            features = torch.tensor([r.match for r in rows], dtype=torch.float32)
+            batch["match"] = features.to(self.device, non_blocking=True)
+        return batch
 
     def autocast(self) -> torch.autocast:
         """bf16 on CUDA; plain fp32 on CPU, where bf16 is slower and less exact."""
@@ -125,7 +145,7 @@ def load_backbone(settings: Settings) -> Backbone:
     apply_threads(settings)
     path = base_model_path(settings)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    return Backbone(tokenizer, path, select_device(settings), settings.max_seq_len)
+    return Backbone(tokenizer, path, select_device(settings), settings.max_seq_len, settings.match_features)
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -134,21 +154,28 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class ClickModel(nn.Module):
-    """Encoder → mean pooling → linear head → `scale * logit + bias` (the segment's calibration)."""
+    """Encoder → mean pooling → linear head, plus a linear term on the pair's match features (wide &
+    deep), → `scale * logit + bias` (the segment's calibration). The match weights start at zero, so a
+    model saved without them, or a batch without features, is the plain cross-encoder."""
 
     def __init__(self, encoder: Any, hidden_size: int) -> None:
         super().__init__()
         self.encoder: Any = encoder
         self.head = nn.Linear(hidden_size, 1)
+        self.match = nn.Linear(match.SIZE, 1, bias=False)
+        nn.init.zeros_(self.match.weight)
         self.calibration = nn.Parameter(torch.tensor([1.0, 0.0]), requires_grad=False)
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.encoder(**batch)
+        inputs = {k: v for k, v in batch.items() if k != "match"}
+        out = self.encoder(**inputs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return mean_pool(torch.as_tensor(hidden), batch["attention_mask"])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logit: torch.Tensor = self.head(self.embed(batch).float()).squeeze(-1)
+        if "match" in batch:
+            logit = logit + self.match(batch["match"].float()).squeeze(-1)
         return logit * self.calibration[0] + self.calibration[1]
 
 
@@ -189,7 +216,7 @@ def score_logits(
     was_training = model.training
     model.eval()
     try:
-        for idx in length_sorted_batches([len(r[0]) for r in rows], batch_size):
+        for idx in length_sorted_batches([len(r.ids) for r in rows], batch_size):
             with backbone.autocast():
                 logits = model(backbone.collate([rows[i] for i in idx]))
             out[idx] = logits.float().cpu().numpy()
@@ -212,10 +239,10 @@ def embed_texts(backbone: Backbone, encoder: Any, texts: Sequence[str], batch_si
     enc = backbone.tokenizer(
         list(texts), truncation=True, max_length=backbone.max_seq_len, return_token_type_ids=True
     )
-    rows = list(zip(enc["input_ids"], enc["token_type_ids"], strict=True))
+    rows = [Row(ids, types) for ids, types in zip(enc["input_ids"], enc["token_type_ids"], strict=True)]
     out = np.zeros((len(rows), int(encoder.config.hidden_size)), dtype=np.float32)
     encoder.eval()
-    for idx in length_sorted_batches([len(r[0]) for r in rows], batch_size):
+    for idx in length_sorted_batches([len(r.ids) for r in rows], batch_size):
         batch = backbone.collate([rows[i] for i in idx])
         with backbone.autocast():
             hidden = encoder(**batch).last_hidden_state
@@ -398,7 +425,9 @@ def save_shared(directory: Path, model: ClickModel, meta: dict[str, Any] | None 
     try:
         model.encoder.save_pretrained(str(tmp / "encoder"), safe_serialization=True)
         head = {
-            f"head.{k}": v.detach().float().cpu().contiguous() for k, v in model.head.state_dict().items()
+            f"{part}.{k}": v.detach().float().cpu().contiguous()
+            for part, module in (("head", model.head), ("match", model.match))
+            for k, v in module.state_dict().items()
         }
         save_file(head, str(tmp / "head.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2, sort_keys=True, default=str))
@@ -416,7 +445,10 @@ def load_shared(directory: Path, backbone: Backbone) -> tuple[ClickModel, dict[s
     encoder = _load_encoder(directory / "encoder", safetensors_only=True)
     model = ClickModel(encoder, int(encoder.config.hidden_size))
     head = load_file(str(directory / "head.safetensors"))
-    model.head.load_state_dict({k.removeprefix("head."): v for k, v in head.items()})
+    model.head.load_state_dict({k.removeprefix("head."): v for k, v in head.items() if k.startswith("head.")})
+    wide = {k.removeprefix("match."): v for k, v in head.items() if k.startswith("match.")}
+    if wide:
+        model.match.load_state_dict(wide)
     meta_path = directory / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return model.to(backbone.device), meta

@@ -180,14 +180,18 @@ def shared_training_data(
 
 
 def _param_groups(
-    model: ClickModel, lr: float, weight_decay: float, calibration_lr: float
+    model: ClickModel, lr: float, weight_decay: float, calibration_lr: float, match_lr: float
 ) -> list[dict[str, Any]]:
-    decay, no_decay, calib = [], [], []
+    """The few head-side numbers learn at their own, larger rates: from zero they must reach weights of
+    order 1 within a run, where the encoder's weights move by 1e-4 per step."""
+    decay, no_decay, calib, wide = [], [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if name == "calibration":
             calib.append(param)
+        elif name.startswith("match."):
+            wide.append(param)
         elif param.ndim < 2 or "LayerNorm" in name or name.endswith("bias"):
             no_decay.append(param)
         else:
@@ -196,6 +200,7 @@ def _param_groups(
         {"params": decay, "lr": lr, "weight_decay": weight_decay},
         {"params": no_decay, "lr": lr, "weight_decay": 0.0},
         {"params": calib, "lr": calibration_lr, "weight_decay": 0.0},
+        {"params": wide, "lr": match_lr, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
 
@@ -212,6 +217,7 @@ def fit(
     seed: int,
     warmup_frac: float = 0.1,
     calibration_lr: float = 1e-2,
+    match_lr: float = 1e-2,
 ) -> list[float]:
     """Train `model` in place with AdamW, linear warm-up then linear decay; per-step losses.
 
@@ -226,7 +232,7 @@ def fit(
     steps_per_epoch = math.ceil(len(rows) / batch_size)
     total = steps_per_epoch * epochs
     warmup = max(1, int(total * warmup_frac))
-    optimizer = torch.optim.AdamW(_param_groups(model, lr, weight_decay, calibration_lr))
+    optimizer = torch.optim.AdamW(_param_groups(model, lr, weight_decay, calibration_lr, match_lr))
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     model.train()
     losses: list[float] = []
@@ -321,6 +327,7 @@ def train_shared(
             weight_decay=settings.weight_decay,
             seed=settings.seed,
             warmup_frac=settings.warmup_frac,
+            match_lr=settings.match_lr,
         )
         challenger = evaluate_model(backbone, challenger_model, holdout_events)
     except Exception as exc:
