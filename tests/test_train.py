@@ -12,7 +12,7 @@ from worker import match
 from worker.config import Settings
 from worker.datasets import load_homedepot
 from worker.events import ClickEvent
-from worker.model import Backbone, ClickModel, load_backbone, new_click_model, with_adapter
+from worker.model import Backbone, ClickModel, attach_lora, load_backbone, new_click_model, with_adapter
 from worker.train import (
     Metrics,
     evaluate_model,
@@ -159,10 +159,12 @@ def test_shared_run_learns_match_weights_and_adapters_keep_them(
     learned = dict(zip(match.NAMES, shared.match.weight[0].tolist(), strict=True))
     assert learned.pop("no_query") == 0.0  # every training pair has a query: no gradient there
     assert all(abs(w) > 1e-3 for w in learned.values()), learned
+    seg = attach_lora(shared, settings.lora_rank, settings.lora_alpha, 0.0, settings.seed)
+    assert not seg.match.weight.requires_grad
     result = train_segment_adapter(backbone, shared, None, events[:24], [], events[64:80], settings)
-    assert result.adapter is not None
-    seg = with_adapter(shared, result.adapter)
-    assert torch.equal(seg.match.weight, shared.match.weight)
+    assert result.adapter is not None and result.losses
+    assert not [k for k in result.adapter.lora if "match" in k]
+    assert torch.equal(with_adapter(shared, result.adapter).match.weight, shared.match.weight)
 
 
 def test_holdout_split_is_stable_and_replay_seeded(events: list[ClickEvent]) -> None:
