@@ -23,3 +23,4 @@ def test_bench_train_times_both_sides_and_reports_median_ratios() -> None:
     assert result["raw_score_pairs_per_s"] == pytest.approx(32 / med["raw_score"], rel=0.05)
     assert result["score_ratio"] == pytest.approx(med["raw_score"] / med["score"], rel=0.05)
     assert (result["events"], result["pairs"], result["repeats"], result["device"]) == (16, 32, 3, "cpu")
+    assert result["match_features"] is True and result["query_history"] is True

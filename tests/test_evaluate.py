@@ -104,6 +104,9 @@ def test_cli_runs_the_evaluation_and_prints_json_last(
     assert result["mean"]["naive"]["0"] == result["mean"]["zero_shot"]["0"]
     assert result["worker"]["promoted_worse_than_parent"] == 0
     assert sum(result["worker"]["decisions"]["shared"].values()) >= 2
+    runs = result["worker"]["shared_runs"]
+    assert [r["history_events"] for r in runs] == [r["events"] for r in runs]  # replayed events only
+    assert result["settings"]["query_history"] is True
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(out.read_text()) == result
     names = [name for name, _ in phases]

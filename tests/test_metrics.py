@@ -16,6 +16,7 @@ from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
 from worker.config import Settings
+from worker.history import fold_of
 from worker.metrics import (
     METRIC_NAMES,
     OTHER,
@@ -234,9 +235,12 @@ def test_segment_cardinality_cap() -> None:
 def test_score_before_learning_groups_by_segment() -> None:
     m = Metrics(window=3)
     calls: list[tuple[str, int]] = []
+    folds_seen: list[int | None] = []
 
-    def score(segment: str, pairs: list[tuple[str | None, str]]) -> tuple[Any, int]:
+    def score(segment: str, pairs: list[tuple[str | None, str]], folds: list[int | None]) -> tuple[Any, int]:
         calls.append((segment, len(pairs)))
+        assert len(folds) == len(pairs)
+        folds_seen.extend(folds)
         return np.linspace(0.1, 0.9, len(pairs)), 0
 
     events = [
@@ -245,6 +249,8 @@ def test_score_before_learning_groups_by_segment() -> None:
     ]
     assert m.score_before_learning(score, events) == 6
     assert sorted(calls) == [("a", 3), ("b", 3)]
+    scored = [e for e in events if e.segment == "a"][-3:] + [e for e in events if e.segment == "b"][-3:]
+    assert sorted(folds_seen, key=str) == sorted((fold_of(e.event_id) for e in scored), key=str)
     s = _samples(m.render().decode())
     assert s[("ctr_worker_scoring_duration_seconds_count", (("kind", "prequential"),))] == 2
 

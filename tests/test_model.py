@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from worker import match
+from worker import history, match
 from worker.config import Settings
 from worker.datasets import load_homedepot
 from worker.events import ClickEvent
+from worker.history import QueryHistory
 from worker.model import (
     Backbone,
     ClickModel,
@@ -46,11 +49,14 @@ def events() -> list[ClickEvent]:
 
 
 @pytest.fixture(scope="module")
-def shared(backbone: Backbone) -> ClickModel:
-    """A fresh model whose match weights are not zero, as after training."""
+def shared(backbone: Backbone, events: list[ClickEvent]) -> ClickModel:
+    """A fresh model whose match and history weights are not zero and that has a query history, as
+    after training."""
     model = new_click_model(backbone, seed=1)
+    model.query_history = QueryHistory.from_events(events)
     with torch.no_grad():
         model.match.weight.copy_(torch.linspace(-1.0, 2.0, match.SIZE).unsqueeze(0))
+        model.history.weight.copy_(torch.tensor([[1.5, -0.5, 0.25]]))
     return model
 
 
@@ -135,9 +141,23 @@ def test_adapter_round_trips_through_plain_peft(
         return_tensors="pt",
     )
     features = torch.tensor([match.features(q, t) for q, t in pairs])
+    table = json.loads((shared_dir / history.FILE).read_text())
+    rows = dict(zip(table["keys"], table["counts"], strict=True))
+    clicks_all, events_all = np.asarray(table["counts"]).reshape(-1, 2).sum(0)
+    base = (clicks_all + 1) / (events_all + 2)
+    past = []
+    for q, _ in pairs:
+        clicks, n = np.asarray(rows[history.query_key(q)]).reshape(-1, 2).sum(0)
+        rate = (clicks + history.SMOOTHING * base) / (n + history.SMOOTHING)
+        past.append([np.log(rate / (1 - rate)) - np.log(base / (1 - base)), np.log1p(n) / 4, 1.0])
     with torch.no_grad():
         pooled = mean_pool(encoder(**enc).last_hidden_state, enc["attention_mask"])
-        logits = pooled @ head["head.weight"].T + head["head.bias"] + features @ head["match.weight"].T
+        logits = (
+            pooled @ head["head.weight"].T
+            + head["head.bias"]
+            + features @ head["match.weight"].T
+            + torch.tensor(past, dtype=torch.float32) @ head["history.weight"].T
+        )
         plain = torch.sigmoid(logits.squeeze(-1) * calibration[0] + calibration[1]).numpy()
     np.testing.assert_allclose(plain, ours, rtol=1e-4, atol=1e-5)
 
@@ -156,26 +176,49 @@ def test_match_features_move_scores_and_can_be_switched_off(
 ) -> None:
     pairs = pairs_of(events[:12])
     plain_backbone = load_backbone(settings.model_copy(update={"match_features": False}))
-    with_features = score_pairs(backbone, shared, pairs)
-    without = score_pairs(plain_backbone, shared, pairs)
+    lexical = copy.deepcopy(shared)
+    lexical.query_history = None
+    with_features = score_pairs(backbone, lexical, pairs)
+    without = score_pairs(plain_backbone, lexical, pairs)
     assert not np.allclose(with_features, without, atol=1e-3)
     zeroed = new_click_model(backbone, seed=1)
     np.testing.assert_allclose(score_pairs(backbone, zeroed, pairs), without, rtol=1e-5, atol=1e-6)
 
 
-def test_a_shared_model_saved_without_match_weights_loads_as_the_plain_model(
+def test_a_shared_model_saved_without_match_or_history_loads_as_the_plain_model(
     tmp_path: Path, backbone: Backbone, shared: ClickModel, events: list[ClickEvent]
 ) -> None:
-    """Shared models written before the match features keep serving exactly as they did."""
+    """Shared models written before the match features and the query history keep serving exactly
+    as they did."""
     from safetensors.torch import load_file, save_file
 
     directory = save_shared(tmp_path / "old", shared, {})
     head = load_file(str(directory / "head.safetensors"))
     save_file({k: v for k, v in head.items() if k.startswith("head.")}, str(directory / "head.safetensors"))
+    (directory / history.FILE).unlink()
     loaded, _ = load_shared(directory, backbone)
     assert torch.count_nonzero(loaded.match.weight) == 0
+    assert torch.count_nonzero(loaded.history.weight) == 0 and loaded.query_history is None
     pairs = pairs_of(events[:12])
     plain = load_backbone(Settings(device="cpu", max_seq_len=32, match_features=False))
+    cross_encoder = copy.deepcopy(shared)
+    cross_encoder.query_history = None
     np.testing.assert_allclose(
-        score_pairs(backbone, loaded, pairs), score_pairs(plain, shared, pairs), rtol=1e-5, atol=1e-6
+        score_pairs(backbone, loaded, pairs), score_pairs(plain, cross_encoder, pairs), rtol=1e-5, atol=1e-6
     )
+
+
+def test_query_history_moves_scores_survives_saving_and_is_shared_not_copied(
+    tmp_path: Path, backbone: Backbone, shared: ClickModel, events: list[ClickEvent]
+) -> None:
+    pairs = pairs_of(events[:12])
+    with_history = score_pairs(backbone, shared, pairs)
+    without = copy.deepcopy(shared)
+    assert without.query_history is shared.query_history
+    without.query_history = None
+    assert not np.allclose(score_pairs(backbone, without, pairs), with_history, atol=1e-3)
+    loaded, _ = load_shared(save_shared(tmp_path / "shared", shared, {}), backbone)
+    assert loaded.query_history is not None
+    np.testing.assert_allclose(score_pairs(backbone, loaded, pairs), with_history, rtol=1e-5, atol=1e-6)
+    seg = attach_lora(shared, rank=4, alpha=8, dropout=0.0, seed=0)
+    assert seg.query_history is shared.query_history and not seg.history.weight.requires_grad

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from worker import match
+from worker import history, match
 from worker.config import Settings
 from worker.datasets import load_homedepot
 from worker.events import ClickEvent
-from worker.model import Backbone, ClickModel, attach_lora, load_backbone, new_click_model, with_adapter
+from worker.history import QueryHistory
+from worker.model import (
+    Backbone,
+    ClickModel,
+    attach_lora,
+    load_backbone,
+    new_click_model,
+    score_pairs,
+    with_adapter,
+)
 from worker.train import (
     Metrics,
     evaluate_model,
     fit,
     gate,
+    pairs_of,
     sample_replay,
     split_holdout,
     train_segment_adapter,
@@ -57,9 +69,30 @@ def shared(backbone: Backbone, settings: Settings, events: list[ClickEvent]) -> 
 
 def test_fit_loss_falls(backbone: Backbone, events: list[ClickEvent]) -> None:
     model = new_click_model(backbone, seed=0)
-    losses = fit(backbone, model, events[:32], lr=3e-4, epochs=6, batch_size=16, weight_decay=0.01, seed=0)
+    losses = fit(
+        backbone, model, events[:32], lr=3e-4, epochs=6, batch_size=16, weight_decay=0.01, seed=0
+    ).losses
     assert len(losses) == 12
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.05
+
+
+def test_early_stopping_keeps_the_best_epoch(backbone: Backbone, events: list[ClickEvent]) -> None:
+    """A holdout that is the training set with every label flipped gets worse with every epoch: training
+    stops after `patience` epochs without a better holdout log loss, and epoch 1's weights come back."""
+    train = events[:32]
+    flipped = [
+        e.model_copy(update={"event_id": f"flip-{e.event_id}", "clicked": 1 - e.clicked}) for e in train
+    ]
+    kw = {"lr": 3e-4, "epochs": 6, "batch_size": 16, "weight_decay": 0.01, "seed": 0}
+    model = new_click_model(backbone, seed=0)
+    fitted = fit(backbone, model, train, holdout=flipped, patience=2, **kw)
+    assert fitted.kept_epoch == 1 and fitted.epochs == 3
+    assert fitted.holdout_logloss == sorted(fitted.holdout_logloss) and len(fitted.losses) == 6
+    assert evaluate_model(backbone, model, flipped).logloss == pytest.approx(fitted.holdout_logloss[0])
+
+    without = fit(backbone, new_click_model(backbone, seed=0), train, holdout=flipped, patience=0, **kw)
+    assert (without.epochs, without.kept_epoch, without.holdout_logloss) == (6, 6, [])
+    assert without.losses[:6] == fitted.losses
 
 
 def test_train_shared_measures_holdout(
@@ -165,6 +198,59 @@ def test_shared_run_learns_match_weights_and_adapters_keep_them(
     assert result.adapter is not None and result.losses
     assert not [k for k in result.adapter.lora if "match" in k]
     assert torch.equal(with_adapter(shared, result.adapter).match.weight, shared.match.weight)
+
+
+@pytest.fixture(scope="module")
+def repeated() -> list[ClickEvent]:
+    """Events whose queries come back (the stream's first ones are all different queries)."""
+    stream = load_homedepot().stream()[:3000]
+    counts = Counter(e.query for e in stream)
+    return [e for e in stream if counts[e.query] >= 4][:96]
+
+
+def test_shared_run_counts_a_query_history_and_learns_its_weights(
+    backbone: Backbone, settings: Settings, repeated: list[ClickEvent]
+) -> None:
+    """Each shared run gets a new table counted from the events it was given (`counted`); its weights
+    start at zero, are learned by shared runs only, and switch off with `query_history`."""
+    events = repeated
+    assert torch.count_nonzero(new_click_model(backbone, seed=0).history.weight) == 0
+    first = train_shared(backbone, None, events[:64], [], events[64:], settings)
+    shared = first.shared
+    assert shared is not None and shared.query_history is not None
+    assert shared.query_history.events == len(events)
+    learned = dict(zip(history.NAMES, shared.history.weight[0].tolist(), strict=True))
+    assert all(abs(w) > 1e-3 for w in learned.values()), learned
+    result = train_segment_adapter(backbone, shared, None, events[:24], [], events[64:80], settings)
+    assert result.adapter is not None and not [k for k in result.adapter.lora if "history" in k]
+    served = with_adapter(shared, result.adapter)
+    assert torch.equal(served.history.weight, shared.history.weight)
+    assert served.query_history is shared.query_history
+
+    again = train_shared(backbone, shared, events[:32], [], events[64:], settings, counted=events[:10])
+    assert again.shared is not None and again.shared.query_history is not None
+    assert again.shared.query_history.events == 10 and shared.query_history.events == len(events)
+    off = settings.model_copy(update={"query_history": False})
+    plain = train_shared(backbone, None, events[:32], [], events[64:], off)
+    assert plain.shared is not None and plain.shared.query_history is None
+    assert torch.count_nonzero(plain.shared.history.weight) == 0
+
+
+def test_holdout_events_are_scored_out_of_fold(
+    backbone: Backbone, shared: ClickModel, events: list[ClickEvent]
+) -> None:
+    """A table that counted only the holdout events themselves tells the gate nothing: every event's
+    own fold is left out, so its score is the one without a table."""
+    held = list({e.query: e for e in events}.values())[:12]
+    model = copy.deepcopy(shared)
+    with torch.no_grad():
+        model.history.weight.copy_(torch.tensor([[1.5, -0.5, 0.25]]))
+    model.query_history = QueryHistory.from_events(held)
+    blind = copy.deepcopy(model)
+    blind.query_history = None
+    assert evaluate_model(backbone, model, held) == evaluate_model(backbone, blind, held)
+    pairs = pairs_of(held)
+    assert not np.allclose(score_pairs(backbone, model, pairs), score_pairs(backbone, blind, pairs))
 
 
 def test_holdout_split_is_stable_and_replay_seeded(events: list[ClickEvent]) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker import match
+from worker import history, match
 from worker.config import Settings, load_settings
 from worker.datasets import load_dataset
 from worker.events import ClickEvent
@@ -48,15 +48,26 @@ def _raw_match(backbone: Backbone, pairs: Sequence[tuple[str | None, str]]) -> t
     return torch.tensor([match.features(q, t) for q, t in pairs], dtype=torch.float32).to(backbone.device)
 
 
+def _raw_history(
+    table: history.QueryHistory | None, pairs: Sequence[tuple[str | None, str]], device: torch.device
+) -> torch.Tensor | None:
+    if table is None:
+        return None
+    return torch.from_numpy(table.features([q for q, _ in pairs])).to(device)
+
+
 def raw_train(backbone: Backbone, events: Sequence[ClickEvent], settings: Settings, epochs: int) -> float:
-    """A textbook loop: AutoModel + linear head, AdamW, shuffled batches padded per batch."""
+    """A textbook loop: AutoModel + linear head, AdamW, shuffled batches padded per batch; the match
+    and query-history terms when the worker's model has them (the history counted from `events`,
+    out of fold as the worker does)."""
     from transformers import AutoModel
 
     torch.manual_seed(settings.seed)
     encoder = AutoModel.from_pretrained(str(backbone.base_path), local_files_only=True).to(backbone.device)
     head = torch.nn.Linear(int(encoder.config.hidden_size), 1).to(backbone.device)
     wide = torch.nn.Linear(match.SIZE, 1, bias=False).to(backbone.device)
-    params = [*encoder.parameters(), *head.parameters(), *wide.parameters()]
+    past = torch.nn.Linear(history.SIZE, 1, bias=False).to(backbone.device)
+    params = [*encoder.parameters(), *head.parameters(), *wide.parameters(), *past.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.shared_lr, weight_decay=settings.weight_decay)
     pairs = pairs_of(events)
     labels = torch.tensor([e.clicked for e in events], dtype=torch.float32)
@@ -65,6 +76,8 @@ def raw_train(backbone: Backbone, events: Sequence[ClickEvent], settings: Settin
     encoder.train()
     _sync(backbone.device)
     start = time.perf_counter()
+    table = history.QueryHistory.from_events(events) if settings.query_history else None
+    folds = [history.fold_of(e.event_id) for e in events]
     for _ in range(epochs):
         order = rng.permutation(len(pairs))
         for i in range(0, len(pairs), bs):
@@ -72,11 +85,17 @@ def raw_train(backbone: Backbone, events: Sequence[ClickEvent], settings: Settin
             batch = [pairs[int(j)] for j in idx]
             enc = _raw_tokens(backbone, batch, pad_to_max=False).to(backbone.device)
             features = _raw_match(backbone, batch)
+            seen = None
+            if table is not None:
+                queries = [q for q, _ in batch]
+                seen = torch.from_numpy(table.features(queries, [folds[int(j)] for j in idx]))
             with backbone.autocast():
                 hidden = encoder(**enc).last_hidden_state
             logits = head(mean_pool(hidden.float(), enc["attention_mask"])).squeeze(-1)
             if features is not None:
                 logits = logits + wide(features).squeeze(-1)
+            if seen is not None:
+                logits = logits + past(seen.to(backbone.device)).squeeze(-1)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, labels[idx].to(backbone.device)
             )
@@ -98,11 +117,14 @@ def raw_score(
     for i in range(0, len(pairs), bs):
         enc = _raw_tokens(backbone, pairs[i : i + bs], pad_to_max=True).to(backbone.device)
         features = _raw_match(backbone, pairs[i : i + bs])
+        seen = _raw_history(model.query_history, pairs[i : i + bs], backbone.device)
         with backbone.autocast():
             hidden = model.encoder(**enc).last_hidden_state
             logits = model.head(mean_pool(hidden.float(), enc["attention_mask"])).squeeze(-1)
         if features is not None:
             logits = logits + model.match(features).squeeze(-1)
+        if seen is not None:
+            logits = logits + model.history(seen).squeeze(-1)
         torch.sigmoid(logits.float()).cpu().numpy()
     _sync(backbone.device)
     return time.perf_counter() - start
@@ -129,6 +151,8 @@ def run_bench(
     score_set = pairs_of(stream[events : events + pairs])
     backbone = load_backbone(settings)
     warm = new_click_model(backbone, settings.seed)
+    if settings.query_history:
+        warm.query_history = history.QueryHistory.from_events(train_events)
     timed = settings.model_copy(update={"shared_epochs": epochs})
     bs = 256
 
@@ -174,6 +198,8 @@ def run_bench(
         "train_batch_size": settings.shared_batch_size,
         "score_batch_size": bs,
         "max_seq_len": settings.max_seq_len,
+        "match_features": settings.match_features,
+        "query_history": settings.query_history,
         "torch_threads": torch.get_num_threads(),
         "notes": "medians over repeats after one warm-up of each side; "
         "train_ratio = train_s / raw_train_s (lower is better); "

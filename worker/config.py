@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank of segment adapters.")
     adapter_lr: float = Field(1e-4, gt=0, lt=1, description="Learning rate of segment adapters.")
     adapter_epochs: int = Field(3, ge=1, le=100, description="Epochs per segment training.")
-    shared_lr: float = Field(5e-5, gt=0, lt=1, description="Learning rate of the shared model.")
+    shared_lr: float = Field(1e-4, gt=0, lt=1, description="Learning rate of the shared model.")
     weight_decay: float = Field(0.01, ge=0, lt=1, description="AdamW weight decay.")
     replay_frac: float = Field(0.5, ge=0, le=10, description="Replayed old events per new event.")
     holdout_frac: float = Field(
@@ -124,9 +124,20 @@ class Settings(BaseSettings):
     match_features: bool = Field(
         True, description="Feed lexical query/title match features to the shared head (wide & deep)."
     )
-    match_lr: float = Field(1e-2, gt=0, lt=10, description="LR of the match-feature weights (shared runs).")
+    match_lr: float = Field(
+        1e-2, gt=0, lt=10, description="LR of the match and history weights of the head (shared runs)."
+    )
+    query_history: bool = Field(
+        True, description="Feed each query's click rate over the shared run's events to the head."
+    )
     warmup_frac: float = Field(0.1, ge=0, le=1, description="Share of steps of linear warm-up, then decay.")
     shared_epochs: int = Field(1, ge=1, le=100, description="Epochs per shared run.")
+    early_stopping_patience: int = Field(
+        1,
+        ge=0,
+        le=100,
+        description="Epochs without a better holdout log loss before a training stops (0: never early).",
+    )
     shared_batch_size: int = Field(64, ge=1, le=4096, description="Batch size of shared-model training.")
     shared_every: int = Field(2048, ge=1, description="New events, all segments together, per shared run.")
     shared_replay_frac: float = Field(1.0, ge=0, le=10, description="Replayed old events per new, shared.")

@@ -11,7 +11,8 @@ Procedures, each scored on `Dataset.holdout` (pairs never replayed) per evaluati
 - `zero_shot`: cosine of mean-pooled pretrained embeddings, through a fixed logistic (see model.py).
 - `naive`: the pretrained encoder + fresh head fully fine-tuned on the segment's first k events only, the
   classic recipe of DATA.md: a plain cross-encoder, without the match features.
-- `batch`: an offline model trained from scratch on every replayed event up to a stream position. To stay
+- `batch`: an offline model trained from scratch on every replayed event up to a stream position, with a
+  query history counted from the same events (as the worker's shared model has). To stay
   affordable it is trained at `batch_snapshots` evenly spaced positions; a checkpoint uses the latest
   snapshot at or before its position (zero-shot before the first one). "end" is one model trained on
   all replayed events.
@@ -39,6 +40,7 @@ import numpy as np
 from worker.config import Settings, load_settings
 from worker.datasets import Dataset, load_dataset
 from worker.events import ClickEvent
+from worker.history import QueryHistory
 from worker.model import Backbone, ClickModel, SegmentAdapter, load_backbone, new_click_model
 from worker.train import (
     Metrics,
@@ -204,6 +206,7 @@ class _WorkerSim:
         }
     )
     promoted_worse: int = 0
+    segment_epochs: dict[str, int] = field(default_factory=dict)
     train_seconds: float = 0.0
     shared_log: list[dict[str, Any]] = field(default_factory=list)
 
@@ -247,6 +250,8 @@ class _WorkerSim:
         )
         self.train_seconds += result.train_seconds
         self.decisions["segment"][result.decision] += 1
+        key = str(result.kept_epoch)
+        self.segment_epochs[key] = self.segment_epochs.get(key, 0) + 1
         if result.promoted and result.adapter is not None:
             self._check_not_worse(result.challenger, result.champion)
             self.adapters[segment] = result.adapter
@@ -276,6 +281,7 @@ class _WorkerSim:
             data.holdout,
             s.model_copy(update={"seed": s.seed + runs}),
             champion=self.shared_serving,
+            counted=data.counted,
         )
         self.train_seconds += result.train_seconds
         self.decisions["shared"][result.decision] += 1
@@ -283,6 +289,12 @@ class _WorkerSim:
             {
                 "events": len(self.pool) + len(self.shared_new),
                 "decision": result.decision,
+                "kept_epoch": result.kept_epoch,
+                "history_events": (
+                    None
+                    if result.shared is None or result.shared.query_history is None
+                    else result.shared.query_history.events
+                ),
                 "challenger": None if result.challenger is None else result.challenger.as_dict(),
                 "champion": None if result.champion is None else result.champion.as_dict(),
             }
@@ -394,6 +406,7 @@ def run_evaluation(
             "worker": {
                 "decisions": sim.decisions,
                 "promoted_worse_than_parent": sim.promoted_worse,
+                "segment_kept_epochs": sim.segment_epochs,
                 "adapters_serving_at_end": len(sim.adapters),
                 "train_seconds": round(sim.train_seconds, 1),
                 "shared_runs": sim.shared_log,
@@ -414,6 +427,7 @@ def run_evaluation(
                     "calibration_lr",
                     "match_features",
                     "match_lr",
+                    "query_history",
                     "shared_lr",
                     "shared_epochs",
                     "shared_every",
@@ -423,6 +437,7 @@ def run_evaluation(
                     "holdout_frac",
                     "min_new_events",
                     "gate_logloss_margin",
+                    "early_stopping_patience",
                     "seed",
                 )
             },
@@ -472,6 +487,8 @@ def run_evaluation(
         advance = bars.task("batch snapshots", len(due))
         for j in sorted(due):
             model = new_click_model(backbone, settings.seed)
+            if settings.query_history:
+                model.query_history = QueryHistory.from_events(stream[: snapshots[j]])
             fit(
                 backbone,
                 model,

@@ -127,8 +127,11 @@ class Learner:
             self._adapters.popitem(last=False)
         return version, adapter
 
-    def score(self, segment: str, pairs: Sequence[Pair]) -> tuple[np.ndarray, int]:
-        """Probabilities and the version that produced them (0: shared model or zero-shot).
+    def score(
+        self, segment: str, pairs: Sequence[Pair], folds: Sequence[int | None] | None = None
+    ) -> tuple[np.ndarray, int]:
+        """Probabilities and the version that produced them (0: shared model or zero-shot); `folds` when
+        the pairs are events (`ClickModel.history_features`).
 
         Composing shared model + adapter copies the whole encoder, so the last few composed models are
         kept (`SCORING_MODELS`): repeated score requests for a busy segment skip that copy."""
@@ -137,7 +140,7 @@ class Learner:
             return score_segment(self.backbone, None, None, pairs), 0
         version, adapter = self.adapter(segment)
         if adapter is None:
-            return score_pairs(self.backbone, self.shared, pairs), 0
+            return score_pairs(self.backbone, self.shared, pairs, folds=folds), 0
         key = (segment, version, self.shared_version)
         model = self._composed.get(key)
         if model is None:
@@ -147,7 +150,7 @@ class Learner:
                 self._composed.popitem(last=False)
         else:
             self._composed.move_to_end(key)
-        return score_pairs(self.backbone, model, pairs), version
+        return score_pairs(self.backbone, model, pairs, folds=folds), version
 
     # Training
 
@@ -243,6 +246,7 @@ class Learner:
             data.holdout,
             self.settings.model_copy(update={"seed": self.settings.seed + run}),
             champion=self.shared,
+            counted=data.counted,
         )
         parent = self.shared_version or None
         rec = self._record(

@@ -29,6 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from worker.config import Settings
+from worker.history import fold_of
 
 log = structlog.get_logger(__name__)
 
@@ -512,14 +513,15 @@ class Metrics:
 
     def score_before_learning(
         self,
-        score: Callable[[str, list[tuple[str | None, str]]], tuple[Any, int]],
+        score: Callable[[str, list[tuple[str | None, str]], list[int | None]], tuple[Any, int]],
         events: Sequence[_Event],
     ) -> int:
         """Score events the serving models have not learned from yet, and record them prequentially.
 
         Call on the compute thread right before a training consumes `events`. Per segment, only the last
         `window` events are scored (older ones would fall out of the window anyway). Returns events
-        recorded. Never raises: a failed measurement must not cost the training.
+        recorded. Never raises: a failed measurement must not cost the training. `score` gets the events'
+        history folds, so a label the shared model's query history already counted is not read back.
         """
         by_segment: dict[str, list[_Event]] = {}
         for ev in events:
@@ -529,7 +531,8 @@ class Metrics:
             evs = evs[-self.prequential.window :]
             started = time.perf_counter()
             try:
-                probs, _ = score(segment, [(e.query, e.item_text) for e in evs])
+                pairs = [(e.query, e.item_text) for e in evs]
+                probs, _ = score(segment, pairs, [fold_of(e.event_id) for e in evs])
             except Exception as exc:
                 log.warning("prequential scoring failed", segment=segment, error=str(exc)[:300])
                 continue

@@ -1,5 +1,6 @@
 """The click model: a cross-encoder over `query [SEP] item_text`, mean pooling and a logistic head that
-also takes the pair's lexical match features (`worker.match`).
+also takes the pair's lexical match features (`worker.match`) and its query's click history
+(`worker.history`).
 
 The shared model is a full encoder plus head. A segment's model is the shared model with a LoRA adapter
 on the encoder and a two-number calibration (scale, bias) on the shared head's logit, so the head stays
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker import match
+from worker import history, match
 from worker.config import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,8 +112,11 @@ class Backbone:
     def _match(self, pair: Pair) -> list[float] | None:
         return match.features(*pair) if self.match_features else None
 
-    def collate(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
-        """Pads to the longest row of this batch only (dynamic padding); `match` when every row has it."""
+    def collate(
+        self, rows: Sequence[Row], query_history: np.ndarray | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Pads to the longest row of this batch only (dynamic padding); `match` when every row has it,
+        `history` when the model has a query history (one row of `worker.history` features per row)."""
         width = max(len(r.ids) for r in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         types = torch.zeros((len(rows), width), dtype=torch.long)
@@ -130,6 +134,8 @@ class Backbone:
         if all(r.match is not None for r in rows):
             features = torch.tensor([r.match for r in rows], dtype=torch.float32)
             batch["match"] = features.to(self.device, non_blocking=True)
+        if query_history is not None:
+            batch["history"] = torch.from_numpy(query_history).to(self.device, non_blocking=True)
         return batch
 
     def autocast(self) -> torch.autocast:
@@ -154,9 +160,11 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class ClickModel(nn.Module):
-    """Encoder → mean pooling → linear head, plus a linear term on the pair's match features (wide &
-    deep), → `scale * logit + bias` (the segment's calibration). The match weights start at zero, so a
-    model saved without them, or a batch without features, is the plain cross-encoder."""
+    """Encoder → mean pooling → linear head, plus linear terms on the pair's match features and its
+    query's click history (wide & deep), → `scale * logit + bias` (the segment's calibration). The wide
+    weights start at zero, so a model saved without them, or a batch without features, is the plain
+    cross-encoder. `query_history` is the table the history features come from (None: no features);
+    it travels with the shared model, and a segment's model uses its shared model's table."""
 
     def __init__(self, encoder: Any, hidden_size: int) -> None:
         super().__init__()
@@ -164,10 +172,22 @@ class ClickModel(nn.Module):
         self.head = nn.Linear(hidden_size, 1)
         self.match = nn.Linear(match.SIZE, 1, bias=False)
         nn.init.zeros_(self.match.weight)
+        self.history = nn.Linear(history.SIZE, 1, bias=False)
+        nn.init.zeros_(self.history.weight)
         self.calibration = nn.Parameter(torch.tensor([1.0, 0.0]), requires_grad=False)
+        self.query_history: history.QueryHistory | None = None
+
+    def history_features(
+        self, pairs: Sequence[Pair], folds: Sequence[int | None] | None = None
+    ) -> np.ndarray | None:
+        """The pairs' `worker.history` features under this model's table; `folds` for pairs that are
+        events the table may have counted (their own fold is left out)."""
+        if self.query_history is None:
+            return None
+        return self.query_history.features([q for q, _ in pairs], folds)
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "match"}
+        inputs = {k: v for k, v in batch.items() if k not in ("match", "history")}
         out = self.encoder(**inputs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return mean_pool(torch.as_tensor(hidden), batch["attention_mask"])
@@ -176,6 +196,8 @@ class ClickModel(nn.Module):
         logit: torch.Tensor = self.head(self.embed(batch).float()).squeeze(-1)
         if "match" in batch:
             logit = logit + self.match(batch["match"].float()).squeeze(-1)
+        if "history" in batch:
+            logit = logit + self.history(batch["history"].float()).squeeze(-1)
         return logit * self.calibration[0] + self.calibration[1]
 
 
@@ -209,16 +231,22 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[l
 
 @torch.no_grad()
 def score_logits(
-    backbone: Backbone, model: ClickModel, pairs: Sequence[Pair], batch_size: int = 256
+    backbone: Backbone,
+    model: ClickModel,
+    pairs: Sequence[Pair],
+    batch_size: int = 256,
+    folds: Sequence[int | None] | None = None,
 ) -> np.ndarray:
+    """Logits in input order; `folds` when the pairs are events (see `ClickModel.history_features`)."""
     rows = backbone.encode(pairs)
+    hist = model.history_features(pairs, folds)
     out = np.zeros(len(rows), dtype=np.float64)
     was_training = model.training
     model.eval()
     try:
         for idx in length_sorted_batches([len(r.ids) for r in rows], batch_size):
             with backbone.autocast():
-                logits = model(backbone.collate([rows[i] for i in idx]))
+                logits = model(backbone.collate([rows[i] for i in idx], None if hist is None else hist[idx]))
             out[idx] = logits.float().cpu().numpy()
     finally:
         model.train(was_training)
@@ -226,10 +254,14 @@ def score_logits(
 
 
 def score_pairs(
-    backbone: Backbone, model: ClickModel, pairs: Sequence[Pair], batch_size: int = 256
+    backbone: Backbone,
+    model: ClickModel,
+    pairs: Sequence[Pair],
+    batch_size: int = 256,
+    folds: Sequence[int | None] | None = None,
 ) -> np.ndarray:
     """Click probabilities for (query, item_text) pairs, in input order."""
-    logits = score_logits(backbone, model, pairs, batch_size)
+    logits = score_logits(backbone, model, pairs, batch_size, folds)
     return np.asarray(1.0 / (1.0 + np.exp(-logits)), dtype=np.float64)
 
 
@@ -417,7 +449,8 @@ def load_adapter(directory: Path) -> tuple[SegmentAdapter, dict[str, Any]]:
 
 
 def save_shared(directory: Path, model: ClickModel, meta: dict[str, Any] | None = None) -> Path:
-    """`encoder/` in Hugging Face layout (safetensors), `head.safetensors`, `meta.json`; atomic."""
+    """`encoder/` in Hugging Face layout (safetensors), `head.safetensors`, the query history table
+    (`history.json`, if any) and `meta.json`; atomic."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -426,10 +459,12 @@ def save_shared(directory: Path, model: ClickModel, meta: dict[str, Any] | None 
         model.encoder.save_pretrained(str(tmp / "encoder"), safe_serialization=True)
         head = {
             f"{part}.{k}": v.detach().float().cpu().contiguous()
-            for part, module in (("head", model.head), ("match", model.match))
+            for part, module in (("head", model.head), ("match", model.match), ("history", model.history))
             for k, v in module.state_dict().items()
         }
         save_file(head, str(tmp / "head.safetensors"))
+        if model.query_history is not None:
+            model.query_history.save(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2, sort_keys=True, default=str))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -446,9 +481,11 @@ def load_shared(directory: Path, backbone: Backbone) -> tuple[ClickModel, dict[s
     model = ClickModel(encoder, int(encoder.config.hidden_size))
     head = load_file(str(directory / "head.safetensors"))
     model.head.load_state_dict({k.removeprefix("head."): v for k, v in head.items() if k.startswith("head.")})
-    wide = {k.removeprefix("match."): v for k, v in head.items() if k.startswith("match.")}
-    if wide:
-        model.match.load_state_dict(wide)
+    for part, module in (("match", model.match), ("history", model.history)):
+        wide = {k.removeprefix(f"{part}."): v for k, v in head.items() if k.startswith(f"{part}.")}
+        if wide:
+            module.load_state_dict(wide)
+    model.query_history = history.QueryHistory.load(directory)
     meta_path = directory / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return model.to(backbone.device), meta

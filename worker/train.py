@@ -2,10 +2,12 @@
 
 Two levels, because pooled knowledge is what carries quality on few-shot segments (DATA.md):
 - `train_shared`: full fine-tune of encoder + head on new events of all segments plus a replay sample,
-  warm-up then linear decay, AdamW. Gated on a holdout pooled from the segments' holdout slices.
+  warm-up then linear decay, AdamW. Gated on a pooled slice of events that no model trains on.
 - `train_segment_adapter`: LoRA on the shared encoder plus a (scale, bias) calibration of the shared
   head's logit, warm-started from the segment's champion adapter, gated on the segment's holdout slice.
 
+A training of several epochs stops early on the same holdout slice and keeps its best epoch. The shared
+model also carries the query history (`worker.history`) counted from the run's events.
 Both train a copy and never mutate their inputs. A non-finite loss or any exception yields a
 `failed` result (never promoted) instead of raising. Seeded: the same inputs give the same result on CPU.
 See docs/learning.md for the measurements behind the defaults.
@@ -26,6 +28,7 @@ import torch
 
 from worker.config import Settings
 from worker.events import ClickEvent
+from worker.history import QueryHistory, fold_of
 from worker.model import (
     Backbone,
     ClickModel,
@@ -69,6 +72,7 @@ class TrainResult:
     n_train: int = 0
     adapter: SegmentAdapter | None = None
     shared: ClickModel | None = None
+    kept_epoch: int = 0
 
     @property
     def promoted(self) -> bool:
@@ -81,6 +85,10 @@ class NonFiniteLoss(FloatingPointError):
 
 def pairs_of(events: Sequence[ClickEvent]) -> list[Pair]:
     return [(e.query or None, e.item_text) for e in events]
+
+
+def folds_of(events: Sequence[ClickEvent]) -> list[int | None]:
+    return [fold_of(e.event_id) for e in events]
 
 
 def labels_of(events: Sequence[ClickEvent]) -> np.ndarray:
@@ -147,9 +155,13 @@ def sample_replay(events: Sequence[ClickEvent], n: int, seed: int) -> list[Click
 
 @dataclass(frozen=True)
 class TrainingData:
+    """`counted`: every event the run knows of, holdout included, for the shared model's query history
+    (out-of-fold features keep each event's own label out of its own feature)."""
+
     new: list[ClickEvent]
     replay: list[ClickEvent]
     holdout: list[ClickEvent]
+    counted: list[ClickEvent] = field(default_factory=list)
 
 
 def segment_training_data(
@@ -176,7 +188,8 @@ def shared_training_data(
     old = [e for e in older if not is_holdout(e.event_id, frac)]
     held = [e for e in (*older, *new) if is_holdout(e.event_id, frac)]
     replay = sample_replay(old, round(len(train_new) * settings.shared_replay_frac), settings.seed + run)
-    return TrainingData(train_new, replay, sample_replay(held, settings.shared_holdout_cap, settings.seed))
+    holdout = sample_replay(held, settings.shared_holdout_cap, settings.seed)
+    return TrainingData(train_new, replay, holdout, [*older, *new])
 
 
 def _param_groups(
@@ -190,7 +203,7 @@ def _param_groups(
             continue
         if name == "calibration":
             calib.append(param)
-        elif name.startswith("match."):
+        elif name.startswith(("match.", "history.")):
             wide.append(param)
         elif param.ndim < 2 or "LayerNorm" in name or name.endswith("bias"):
             no_decay.append(param)
@@ -203,6 +216,17 @@ def _param_groups(
         {"params": wide, "lr": match_lr, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
+
+
+@dataclass
+class Fitted:
+    """What `fit` did: per-step losses, epochs run, and which epoch's weights it kept (1-based), with
+    the holdout log loss after each epoch when it stopped early on one."""
+
+    losses: list[float]
+    epochs: int = 0
+    kept_epoch: int = 0
+    holdout_logloss: list[float] = field(default_factory=list)
 
 
 def fit(
@@ -218,26 +242,35 @@ def fit(
     warmup_frac: float = 0.1,
     calibration_lr: float = 1e-2,
     match_lr: float = 1e-2,
-) -> list[float]:
-    """Train `model` in place with AdamW, linear warm-up then linear decay; per-step losses.
+    holdout: Sequence[ClickEvent] = (),
+    patience: int = 0,
+) -> Fitted:
+    """Train `model` in place with AdamW, linear warm-up then linear decay over `epochs`.
 
+    Early stopping (`patience` > 0, a `holdout` and more than one epoch): after each epoch the holdout
+    log loss is measured; training stops once `patience` epochs in a row did not improve on the best,
+    and the trainable weights of the best epoch are put back.
     Raises NonFiniteLoss at the first NaN/inf loss so that a diverging run never reaches the gate.
     """
     if not events:
-        return []
+        return Fitted([])
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    rows = backbone.encode(pairs_of(events))
+    pairs = pairs_of(events)
+    rows = backbone.encode(pairs)
+    hist = model.history_features(pairs, folds_of(events))
     labels = torch.tensor([e.clicked for e in events], dtype=torch.float32)
     steps_per_epoch = math.ceil(len(rows) / batch_size)
     total = steps_per_epoch * epochs
     warmup = max(1, int(total * warmup_frac))
     optimizer = torch.optim.AdamW(_param_groups(model, lr, weight_decay, calibration_lr, match_lr))
     base_lrs = [g["lr"] for g in optimizer.param_groups]
+    stopping = patience > 0 and bool(holdout) and epochs > 1
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    done = Fitted([])
     model.train()
-    losses: list[float] = []
     step = 0
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         order = rng.permutation(len(rows))
         for start in range(0, len(rows), batch_size):
             idx = order[start : start + batch_size]
@@ -246,7 +279,7 @@ def fit(
             )
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * factor
-            batch = backbone.collate([rows[int(i)] for i in idx])
+            batch = backbone.collate([rows[int(i)] for i in idx], None if hist is None else hist[idx])
             target = labels[idx].to(backbone.device)
             with backbone.autocast():
                 logits = model(batch)
@@ -258,16 +291,32 @@ def fit(
             loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
             optimizer.step()
-            losses.append(value)
+            done.losses.append(value)
             step += 1
+        done.epochs = done.kept_epoch = epoch
+        if not stopping:
+            continue
+        logloss = evaluate_model(backbone, model, holdout).logloss
+        done.holdout_logloss.append(logloss)
+        if best is None or logloss < best[0]:
+            trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            best = (logloss, epoch, trainable)
+        elif epoch - best[1] >= patience:
+            break
+    if best is not None and best[1] != done.epochs:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, saved in best[2].items():
+                params[name].copy_(saved)
+        done.kept_epoch = best[1]
     model.eval()
-    return losses
+    return done
 
 
 def evaluate_model(backbone: Backbone, model: ClickModel, events: Sequence[ClickEvent]) -> Metrics:
     if not events:
         return Metrics(None, float("nan"), 0)
-    return metrics(labels_of(events), score_pairs(backbone, model, pairs_of(events)))
+    return metrics(labels_of(events), score_pairs(backbone, model, pairs_of(events), folds=folds_of(events)))
 
 
 def _failed(
@@ -293,6 +342,7 @@ def train_shared(
     holdout_events: Sequence[ClickEvent],
     settings: Settings,
     champion: ClickModel | _Same | None = SAME,
+    counted: Sequence[ClickEvent] | None = None,
 ) -> TrainResult:
     """Fine-tune a copy of the shared model (encoder + head) on new + replayed events, then gate it.
 
@@ -300,6 +350,8 @@ def train_shared(
     `champion` is what serves now: by default `model`; None means no shared model serves yet, so the
     challenger must beat zero-shot cosine on the holdout. A rejected challenger is still returned in
     `shared`, so a caller may keep training from it while the champion keeps serving.
+    With `settings.query_history` the challenger gets a new query history table counted from `counted`
+    (default: the new, replayed and holdout events), and is gated with it against the champion's own.
     """
     started = time.perf_counter()
     champion_metrics: Metrics | None = None
@@ -317,7 +369,14 @@ def train_shared(
         for param in challenger_model.parameters():
             param.requires_grad = True
         challenger_model.calibration.requires_grad = False
-        losses = fit(
+        challenger_model.query_history = (
+            QueryHistory.from_events(
+                [*new_events, *replay_events, *holdout_events] if counted is None else counted
+            )
+            if settings.query_history
+            else None
+        )
+        fitted = fit(
             backbone,
             challenger_model,
             events,
@@ -328,7 +387,10 @@ def train_shared(
             seed=settings.seed,
             warmup_frac=settings.warmup_frac,
             match_lr=settings.match_lr,
+            holdout=holdout_events,
+            patience=settings.early_stopping_patience,
         )
+        losses = fitted.losses
         challenger = evaluate_model(backbone, challenger_model, holdout_events)
     except Exception as exc:
         return _failed(f"{type(exc).__name__}: {exc}", started, backbone, champion_metrics, losses)
@@ -343,6 +405,7 @@ def train_shared(
         losses,
         n_train=len(events),
         shared=challenger_model,
+        kept_epoch=fitted.kept_epoch,
     )
 
 
@@ -374,7 +437,7 @@ def train_segment_adapter(
         else:
             seg = with_adapter(shared, champion_adapter, settings.seed)
         events = [*new_events, *replay_events]
-        losses = fit(
+        fitted = fit(
             backbone,
             seg,
             events,
@@ -385,7 +448,10 @@ def train_segment_adapter(
             seed=settings.seed,
             warmup_frac=settings.warmup_frac,
             calibration_lr=settings.calibration_lr,
+            holdout=holdout_events,
+            patience=settings.early_stopping_patience,
         )
+        losses = fitted.losses
         challenger = evaluate_model(backbone, seg, holdout_events)
         adapter = extract_adapter(seg)
     except Exception as exc:
@@ -401,6 +467,7 @@ def train_segment_adapter(
         losses,
         n_train=len(events),
         adapter=adapter,
+        kept_epoch=fitted.kept_epoch,
     )
 
 
@@ -409,9 +476,11 @@ def score_segment(
     shared: ClickModel | None,
     adapter: SegmentAdapter | None,
     pairs: Sequence[Pair],
+    folds: Sequence[int | None] | None = None,
 ) -> np.ndarray:
-    """Probabilities under shared + the segment's adapter, shared alone, or zero-shot cosine if no shared."""
+    """Probabilities under shared + the segment's adapter, shared alone, or zero-shot cosine if no shared.
+    `folds` when the pairs are events (see `ClickModel.history_features`)."""
     if shared is None:
         return zero_shot_scores(backbone, pretrained_encoder(backbone), pairs)
     model = shared if adapter is None else with_adapter(shared, adapter)
-    return score_pairs(backbone, model, pairs)
+    return score_pairs(backbone, model, pairs, folds=folds)
