@@ -49,11 +49,14 @@ def _raw_match(backbone: Backbone, pairs: Sequence[tuple[str | None, str]]) -> t
 
 
 def _raw_history(
-    table: history.QueryHistory | None, pairs: Sequence[tuple[str | None, str]], device: torch.device
+    table: history.QueryHistory | None,
+    pairs: Sequence[tuple[str | None, str]],
+    device: torch.device,
+    folds: Sequence[int | None] | None = None,
 ) -> torch.Tensor | None:
     if table is None:
         return None
-    return torch.from_numpy(table.features([q for q, _ in pairs])).to(device)
+    return torch.from_numpy(table.features([q for q, _ in pairs], folds)).to(device)
 
 
 def raw_train(backbone: Backbone, events: Sequence[ClickEvent], settings: Settings, epochs: int) -> float:
@@ -85,17 +88,14 @@ def raw_train(backbone: Backbone, events: Sequence[ClickEvent], settings: Settin
             batch = [pairs[int(j)] for j in idx]
             enc = _raw_tokens(backbone, batch, pad_to_max=False).to(backbone.device)
             features = _raw_match(backbone, batch)
-            seen = None
-            if table is not None:
-                queries = [q for q, _ in batch]
-                seen = torch.from_numpy(table.features(queries, [folds[int(j)] for j in idx]))
+            seen = _raw_history(table, batch, backbone.device, [folds[int(j)] for j in idx])
             with backbone.autocast():
                 hidden = encoder(**enc).last_hidden_state
             logits = head(mean_pool(hidden.float(), enc["attention_mask"])).squeeze(-1)
             if features is not None:
                 logits = logits + wide(features).squeeze(-1)
             if seen is not None:
-                logits = logits + past(seen.to(backbone.device)).squeeze(-1)
+                logits = logits + past(seen).squeeze(-1)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, labels[idx].to(backbone.device)
             )
