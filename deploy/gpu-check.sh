@@ -30,7 +30,7 @@ print(*(f"{n}=={v(n)}" for n in ("pydantic", "pydantic-core", "pydantic-settings
 import shutil, sys
 from pathlib import Path
 from safetensors.torch import load_file, save_file
-from worker.model import default_base_model
+from worker.learn.model import default_base_model
 src, dst = default_base_model(), Path(sys.argv[1])
 for f in src.iterdir():
     if f.is_file() and f.name != "model.safetensors":
@@ -66,7 +66,7 @@ EOF
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt" ||
     echo "no nvidia-smi: $(uname -m) CPU" | tee "$out/device.txt"
   # shellcheck disable=SC2086  # BENCH_ARGS and EVAL_ARGS are word lists (a smoke test: EVAL_ARGS=--quick)
-  "$python" -m worker.bench_train --json ${BENCH_ARGS:-} > "$out/bench-train.json" 2> /tmp/bench-train.err ||
+  "$python" -m worker.tools.bench.train --json ${BENCH_ARGS:-} > "$out/bench-train.json" 2> /tmp/bench-train.err ||
     { echo "bench train failed:"; tail -n 20 /tmp/bench-train.err; }
   tail -n 1 "$out/bench-train.json"
   local pids=() name
@@ -76,7 +76,7 @@ EOF
       IFS=, read -ra settings <<< "${spec#*=}"
       [ ${#settings[@]} -eq 0 ] || export "${settings[@]}"
       # shellcheck disable=SC2086
-      timeout "${EVAL_TIMEOUT_S:-450}" "$python" -m worker.evaluate --data "$data" --json --no-progress \
+      timeout "${EVAL_TIMEOUT_S:-450}" "$python" -m worker.tools.evaluate --data "$data" --json --no-progress \
         ${EVAL_ARGS:-} --out "$out/eval-$name.json" --plot "$out/eval-$name.png" > /dev/null \
         2> "/tmp/eval-$name.err" || { echo "eval $name ended early:"; tail -n 20 "/tmp/eval-$name.err"; }
     ) &

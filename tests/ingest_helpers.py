@@ -10,10 +10,10 @@ from typing import Any
 import orjson
 from confluent_kafka import TopicPartition
 
-from worker.buffer import Buffer
 from worker.config import Settings
-from worker.ingest import Ingestor
-from worker.kafka import make_consumer, make_producer
+from worker.state.buffer import Buffer
+from worker.stream.ingest import Ingestor
+from worker.stream.kafka import make_consumer, make_producer
 
 
 def event_doc(i: int, segment: str, clicked: int | None = None, **extra: Any) -> dict[str, Any]:

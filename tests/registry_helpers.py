@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.registry import VersionRecord
+from worker.state.registry import VersionRecord
 
 
 def version_record(segment: str, version: int, adapter: str | None, **fields: Any) -> VersionRecord:

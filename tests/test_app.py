@@ -18,12 +18,12 @@ import pytest
 from confluent_kafka import Producer
 from worker_helpers import TopicReader, WorkerProc, worker_env
 
-from worker.buffer import Buffer
 from worker.config import Settings
-from worker.datasets import load_homedepot
 from worker.events import ClickEvent
-from worker.kafka import ensure_topics, partition_count
-from worker.replay import produce_events
+from worker.state.buffer import Buffer
+from worker.stream.kafka import ensure_topics, partition_count
+from worker.tools.datasets import load_homedepot
+from worker.tools.replay import produce_events
 
 pytestmark = pytest.mark.integration
 
@@ -138,8 +138,8 @@ def test_sigterm_during_training_then_restart(
 def test_second_signal_exits_at_once_and_leaves_nothing_half_written(
     settings: Settings, events: list[ClickEvent], procs: list[WorkerProc], tmp_path: Path
 ) -> None:
-    from worker.learner import clean_partial_dirs
-    from worker.registry import SHARED_SEGMENT, Registry
+    from worker.learn.learner import clean_partial_dirs
+    from worker.state.registry import SHARED_SEGMENT, Registry
 
     ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
     worker = WorkerProc(worker_env(settings), tmp_path / "worker.log")

@@ -33,11 +33,11 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from ingest_helpers import high_watermarks, ingest_all, total_stats
 
-from worker.buffer import Buffer
 from worker.config import Settings
 from worker.events import ClickEvent
-from worker.ingest import Rejection, decode
-from worker.kafka import ensure_topics, make_consumer, make_producer
+from worker.state.buffer import Buffer
+from worker.stream.ingest import Rejection, decode
+from worker.stream.kafka import ensure_topics, make_consumer, make_producer
 
 pytestmark = pytest.mark.badinput
 

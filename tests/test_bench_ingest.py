@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 
-from worker.bench_ingest import run_bench
 from worker.config import Settings
+from worker.tools.bench.ingest import run_bench
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 
-from worker.bench_train import run_bench
 from worker.config import Settings
+from worker.tools.bench.train import run_bench
 
 
 def test_bench_train_times_both_sides_and_reports_median_ratios() -> None:

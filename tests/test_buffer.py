@@ -9,9 +9,9 @@ import orjson
 import pytest
 from ingest_helpers import event_doc
 
-from worker.buffer import Buffer, PartitionWrite, Pending, pair_key, segment_hash
 from worker.config import Settings
 from worker.events import ClickEvent
+from worker.state.buffer import Buffer, PartitionWrite, Pending, pair_key, segment_hash
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.datasets import load_dataset, load_homedepot, load_jsonl
+from worker.tools.datasets import load_dataset, load_homedepot, load_jsonl
 
 
 @pytest.fixture(scope="module")

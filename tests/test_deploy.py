@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from worker.config import Settings
-from worker.metrics import METRIC_NAMES
+from worker.ops.metrics import METRIC_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "k8s"

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from worker.config import Settings
-from worker.datasets import load_homedepot, load_jsonl
-from worker.evaluate import (
+from worker.tools.datasets import load_homedepot, load_jsonl
+from worker.tools.evaluate import (
     CHECKPOINT_NAMES,
     PROCEDURES,
     EvalPlan,
@@ -60,7 +60,7 @@ def tiny_plan() -> EvalPlan:
 def test_cli_runs_the_evaluation_and_prints_json_last(
     jsonl: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import worker.evaluate as evaluate
+    import worker.tools.evaluate as evaluate
 
     dataset = load_jsonl(jsonl, holdout_frac=0.3, min_rows=20)
     assert dataset.eval_segments == ["Delta", "GE"]

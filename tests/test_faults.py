@@ -28,15 +28,15 @@ import redis
 from confluent_kafka import Consumer, KafkaError, Producer
 from worker_helpers import WorkerProc, read_all, worker_env
 
-from worker import stack as stack_mod
-from worker.buffer import Buffer
 from worker.config import Settings, load_settings
-from worker.datasets import load_homedepot
 from worker.events import ClickEvent
-from worker.kafka import ensure_topics, partition_count
-from worker.keys import segment_hash
-from worker.registry import SHARED_SEGMENT, Registry
-from worker.replay import produce_events
+from worker.state.buffer import Buffer
+from worker.state.keys import segment_hash
+from worker.state.registry import SHARED_SEGMENT, Registry
+from worker.stream.kafka import ensure_topics, partition_count
+from worker.tools import stack as stack_mod
+from worker.tools.datasets import load_homedepot
+from worker.tools.replay import produce_events
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -409,7 +409,7 @@ def test_broken_model_store_fails_that_segment_and_ingest_goes_on(
 
 _DIVERGE = """
 import sys
-import worker.train as train
+import worker.learn.train as train
 
 _fit = train.fit
 TARGET = sys.argv[1]
@@ -549,7 +549,7 @@ def test_secured_broker_authenticates_the_worker_and_enforces_acls(
     secure_stack: Settings, events: list[ClickEvent], procs: list[WorkerProc], tmp_path: Path
 ) -> None:
     from worker.app import StartupError, check_dependencies
-    from worker.kafka import client_config
+    from worker.stream.kafka import client_config
 
     s = secure_stack
     admin_conf = stack_mod.secure_admin_config(s)

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from worker import history
-from worker.history import FOLDS, QueryHistory, fold_of, query_key
+from worker.learn import history
+from worker.learn.history import FOLDS, QueryHistory, fold_of, query_key
 
 
 def ev(event_id: str, query: str | None, clicked: int) -> SimpleNamespace:

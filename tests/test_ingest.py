@@ -33,11 +33,11 @@ from ingest_helpers import (
     total_stats,
 )
 
-from worker.buffer import Buffer
 from worker.config import Settings
-from worker.ingest import Ingestor, Rejection, decode
-from worker.kafka import ensure_topics
-from worker.trigger import DueSegment
+from worker.state.buffer import Buffer
+from worker.stream.ingest import Ingestor, Rejection, decode
+from worker.stream.kafka import ensure_topics
+from worker.stream.trigger import DueSegment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -305,8 +305,8 @@ _WIDE = Settings(max_event_age_s=4e9, max_clock_skew_s=4e9)
 
 def _agree(raw: bytes, now: float) -> bool:
     """The fast path accepts only what `decode` accepts, with the same fields. True if it accepted."""
-    from worker.buffer import pair_key
-    from worker.ingest import _fast_decode
+    from worker.state.buffer import pair_key
+    from worker.stream.ingest import _fast_decode
 
     fast = _fast_decode(raw, now - _WIDE.max_event_age_s, now + _WIDE.max_clock_skew_s)
     slow = decode(raw, _WIDE, now)
@@ -318,7 +318,7 @@ def _agree(raw: bytes, now: float) -> bool:
 
 
 def test_fast_path_agrees_with_pydantic_on_valid_and_odd_events() -> None:
-    from worker.ingest import _fast_decode
+    from worker.stream.ingest import _fast_decode
 
     now = time.time()
     base = event_doc(1, "seg")

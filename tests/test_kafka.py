@@ -6,7 +6,7 @@ import pytest
 from pydantic import SecretStr
 
 from worker.config import Settings
-from worker.kafka import (
+from worker.stream.kafka import (
     client_config,
     consumer_config,
     ensure_topics,

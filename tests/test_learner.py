@@ -7,10 +7,10 @@ import pytest
 from registry_helpers import version_record
 
 from worker.config import Settings
-from worker.datasets import load_homedepot
-from worker.learner import Abandoned, Learner, clean_partial_dirs
-from worker.model import new_click_model, save_shared
-from worker.registry import SHARED_SEGMENT, Registry
+from worker.learn.learner import Abandoned, Learner, clean_partial_dirs
+from worker.learn.model import new_click_model, save_shared
+from worker.state.registry import SHARED_SEGMENT, Registry
+from worker.tools.datasets import load_homedepot
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ def test_a_training_of_a_lost_partition_records_nothing(learner: Learner) -> Non
     assert version == 1 and all(0.0 <= float(p) <= 1.0 for p in probs)
     again, _ = learner.score("GE", pairs)
     assert list(learner._composed) == [("GE", 1, learner.shared_version)]
-    from worker.train import score_segment
+    from worker.learn.train import score_segment
 
     uncached = score_segment(learner.backbone, learner.shared, learner.adapter("GE")[1], pairs)
     assert np.allclose(again, probs) and np.allclose(uncached, probs, atol=1e-6)

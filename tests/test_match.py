@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker import match
+from worker.learn import match
 
 
 def named(query: str | None, title: str) -> dict[str, float]:

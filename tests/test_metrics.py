@@ -1,4 +1,4 @@
-"""worker.metrics: the endpoints over real HTTP, the counters, prequential AUC, the cardinality cap."""
+"""worker.ops.metrics: the endpoints over real HTTP, the counters, prequential AUC, the cardinality cap."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
 from worker.config import Settings
-from worker.history import fold_of
-from worker.metrics import (
+from worker.learn.history import fold_of
+from worker.ops.metrics import (
     METRIC_NAMES,
     OTHER,
     Metrics,
@@ -380,7 +380,7 @@ def test_training_context_counts_decision_and_failure() -> None:
 
 def test_dependency_errors_follow_the_ingestor() -> None:
     """Broker trouble (librdkafka's error callback) and Redis outages show in /metrics, not only in logs."""
-    from worker.ingest import IngestStats
+    from worker.stream.ingest import IngestStats
 
     m = Metrics()
     stats = IngestStats(kafka_errors=3, redis_outages=1)

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from worker import history, match
 from worker.config import Settings
-from worker.datasets import load_homedepot
 from worker.events import ClickEvent
-from worker.history import QueryHistory
-from worker.model import (
+from worker.learn import history, match
+from worker.learn.history import QueryHistory
+from worker.learn.model import (
     Backbone,
     ClickModel,
     attach_lora,
@@ -30,7 +29,8 @@ from worker.model import (
     score_pairs,
     zero_shot_scores,
 )
-from worker.train import pairs_of, score_segment
+from worker.learn.train import pairs_of, score_segment
+from worker.tools.datasets import load_homedepot
 
 
 @pytest.fixture(scope="module")

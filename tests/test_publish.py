@@ -12,8 +12,8 @@ from confluent_kafka import Consumer
 
 from worker.config import Settings
 from worker.events import HoldoutMetrics, ModelVersionEvent, ScoreUpdate
-from worker.kafka import ensure_topics, make_producer, producer_config
-from worker.publish import Publisher, PublishError
+from worker.stream.kafka import ensure_topics, make_producer, producer_config
+from worker.stream.publish import Publisher, PublishError
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from worker.cli import COMMANDS
 from worker.config import Settings
-from worker.schemas_cli import README, readme_with_table
+from worker.tools.schemas import README, readme_with_table
 
 
 def test_settings_table_matches_the_settings_class() -> None:

@@ -11,7 +11,7 @@ from registry_helpers import version_record
 
 from worker.config import Settings
 from worker.events import HoldoutMetrics
-from worker.registry import SHARED_SEGMENT, Registry, RegistryError, VersionRecord, cli_main
+from worker.state.registry import SHARED_SEGMENT, Registry, RegistryError, VersionRecord, cli_main
 
 pytestmark = pytest.mark.integration
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from ingest_helpers import ingest_all, total_stats
 
-from worker.buffer import Buffer
 from worker.config import Settings
-from worker.kafka import ensure_topics
-from worker.replay import dataset_events, replay
+from worker.state.buffer import Buffer
+from worker.stream.kafka import ensure_topics
+from worker.tools.replay import dataset_events, replay
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 1500
@@ -64,7 +64,7 @@ def test_replaying_twice_adds_nothing_the_second_time(settings: Settings) -> Non
 
 
 def test_holdout_pairs_are_never_replayed() -> None:
-    from worker.datasets import load_homedepot
+    from worker.tools.datasets import load_homedepot
 
     data = load_homedepot()
     held = {e.event_id for pairs in data.holdout.values() for e in pairs}

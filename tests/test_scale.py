@@ -25,13 +25,13 @@ import orjson
 import pytest
 from worker_helpers import TopicReader, WorkerProc, worker_env
 
-from worker.buffer import Buffer
 from worker.config import Settings
-from worker.datasets import load_homedepot
 from worker.events import ClickEvent
-from worker.kafka import ensure_topics
-from worker.registry import Registry
-from worker.replay import produce_events
+from worker.state.buffer import Buffer
+from worker.state.registry import Registry
+from worker.stream.kafka import ensure_topics
+from worker.tools.datasets import load_homedepot
+from worker.tools.replay import produce_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.scale]
 

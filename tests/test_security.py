@@ -28,11 +28,11 @@ from ingest_helpers import event_doc, ingest_all, produce_docs, produce_raw
 from registry_helpers import version_record
 
 from worker.app import StartupError, check_dependencies
-from worker.buffer import Buffer, PartitionWrite, Pending, pair_key
 from worker.config import ConfigError, Settings, load_settings
 from worker.events import HoldoutMetrics
-from worker.kafka import ensure_topics
-from worker.registry import Registry
+from worker.state.buffer import Buffer, PartitionWrite, Pending, pair_key
+from worker.state.registry import Registry
+from worker.stream.kafka import ensure_topics
 
 pytestmark = pytest.mark.security
 
@@ -325,7 +325,7 @@ def _adapter_config(directory: Path) -> None:
 
 
 def test_a_pickle_adapter_is_refused_and_never_unpickled(tmp_path: Path) -> None:
-    from worker.model import load_adapter
+    from worker.learn.model import load_adapter
 
     marker = tmp_path / "unpickled"
     payload = pickle.dumps({"calibration": _Boom(marker)})

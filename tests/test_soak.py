@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from worker.config import load_settings, settings_env
-from worker.soak import _SOAK_DEFAULTS, _soak_settings
+from worker.tools.soak import _SOAK_DEFAULTS, _soak_settings
 
 
 def test_soak_settings_are_isolated_and_cpu_sized_unless_the_environment_says_otherwise(

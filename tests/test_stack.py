@@ -1,4 +1,4 @@
-"""The local stack: real Kafka and Redis processes, started and stopped by `worker.stack`."""
+"""The local stack: real Kafka and Redis processes, started and stopped by `worker.tools.stack`."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import redis
 from confluent_kafka import Consumer, Producer
 
-from worker import stack as stack_mod
 from worker.config import Settings, load_settings
+from worker.tools import stack as stack_mod
 
 pytestmark = pytest.mark.integration
 

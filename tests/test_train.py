@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from worker import history, match
 from worker.config import Settings
-from worker.datasets import load_homedepot
 from worker.events import ClickEvent
-from worker.history import QueryHistory
-from worker.model import (
+from worker.learn import history, match
+from worker.learn.history import QueryHistory
+from worker.learn.model import (
     Backbone,
     ClickModel,
     attach_lora,
@@ -24,7 +23,7 @@ from worker.model import (
     score_pairs,
     with_adapter,
 )
-from worker.train import (
+from worker.learn.train import (
     Metrics,
     evaluate_model,
     fit,
@@ -35,6 +34,7 @@ from worker.train import (
     train_segment_adapter,
     train_shared,
 )
+from worker.tools.datasets import load_homedepot
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +270,8 @@ def test_learning_modules_import_no_kafka_or_redis_client() -> None:
     import sys
 
     code = (
-        "import sys, worker.model, worker.train, worker.evaluate, worker.bench_train; "
+        "import sys, worker.learn.model, worker.learn.train, worker.tools.evaluate; "
+        "import worker.tools.bench.train; "
         "print(sorted(m for m in ('redis', 'confluent_kafka') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

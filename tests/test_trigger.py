@@ -6,9 +6,9 @@ import queue
 
 import pytest
 
-from worker.buffer import SegmentState
 from worker.config import Settings
-from worker.trigger import DueSegment, Trigger, is_due
+from worker.state.buffer import SegmentState
+from worker.stream.trigger import DueSegment, Trigger, is_due
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import orjson
 from confluent_kafka import Consumer
 
 from worker.config import Settings, settings_env
-from worker.kafka import client_config
+from worker.stream.kafka import client_config
 
 # Tiny and fast on a CPU, with the gate opened so every challenger is promoted: these tests exercise the
 # running worker, the gate's own decisions are tested in test_train.py.

@@ -31,18 +31,18 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException, Message
 from pydantic import ValidationError
 
-from worker.buffer import Buffer, WriteResult
 from worker.config import ConfigError, Settings, load_settings
 from worker.events import ClickEvent, ScoreRequest, ScoreUpdate
-from worker.ingest import Ingestor
-from worker.kafka import ensure_topics, make_consumer
-from worker.learner import Abandoned, Learner
+from worker.learn.learner import Abandoned, Learner
 from worker.logs import configure_logging
-from worker.metrics import Metrics, Readiness
-from worker.metrics import start as start_metrics
-from worker.publish import Publisher
-from worker.registry import Registry, VersionRecord
-from worker.trigger import DueSegment
+from worker.ops.metrics import Metrics, Readiness
+from worker.ops.metrics import start as start_metrics
+from worker.state.buffer import Buffer, WriteResult
+from worker.state.registry import Registry, VersionRecord
+from worker.stream.ingest import Ingestor
+from worker.stream.kafka import ensure_topics, make_consumer
+from worker.stream.publish import Publisher
+from worker.stream.trigger import DueSegment
 
 log = structlog.get_logger(__name__)
 
@@ -81,7 +81,7 @@ def check_kafka(settings: Settings, timeout_s: float = 15.0) -> None:
     """A metadata request, failing at once on refused credentials instead of waiting out the timeout."""
     from confluent_kafka.admin import AdminClient
 
-    from worker.kafka import client_config
+    from worker.stream.kafka import client_config
 
     refused: list[str] = []
 

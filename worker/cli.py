@@ -18,16 +18,16 @@ class _Command(Protocol):
 
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "stack": ("worker.stack", "start, stop or check the local Kafka and Redis"),
-    "schemas": ("worker.schemas_cli", "regenerate schemas/ and the README settings table from the code"),
-    "replay": ("worker.replay", "produce a data set's click events into the input topic"),
-    "ingest": ("worker.ingest", "consume click events into the Redis buffers (no training)"),
+    "stack": ("worker.tools.stack", "start, stop or check the local Kafka and Redis"),
+    "schemas": ("worker.tools.schemas", "regenerate schemas/ and the README settings table from the code"),
+    "replay": ("worker.tools.replay", "produce a data set's click events into the input topic"),
+    "ingest": ("worker.stream.ingest", "consume click events into the Redis buffers (no training)"),
     "run": ("worker.app", "run the worker: ingest, train, publish"),
-    "eval": ("worker.evaluate", "offline evaluation on real data, no Kafka needed"),
-    "models": ("worker.registry", "list, show or roll back model versions"),
-    "bench": ("worker.bench", "benchmarks against raw baselines, JSON output"),
-    "soak": ("worker.soak", "a worker under steady load: lag, memory, no event lost"),
-    "demo": ("worker.demo", "the whole job on the local stack with a Home Depot replay"),
+    "eval": ("worker.tools.evaluate", "offline evaluation on real data, no Kafka needed"),
+    "models": ("worker.state.registry", "list, show or roll back model versions"),
+    "bench": ("worker.tools.bench", "benchmarks against raw baselines, JSON output"),
+    "soak": ("worker.tools.soak", "a worker under steady load: lag, memory, no event lost"),
+    "demo": ("worker.tools.demo", "the whole job on the local stack with a Home Depot replay"),
 }
 
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import orjson
 
-from worker.buffer import Buffer
 from worker.config import Settings, load_settings
-from worker.ingest import Ingestor
-from worker.kafka import ensure_topics, make_admin, make_consumer, make_producer
-from worker.replay import ReplayError
+from worker.state.buffer import Buffer
+from worker.stream.ingest import Ingestor
+from worker.stream.kafka import ensure_topics, make_admin, make_consumer, make_producer
+from worker.tools.replay import ReplayError
 
 _WORDS = [
     "drill",

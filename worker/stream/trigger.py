@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from worker.buffer import Buffer, SegmentState
 from worker.config import Settings
+from worker.state.buffer import Buffer, SegmentState
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pydantic import ConfigDict
 
 from worker.config import Settings, load_settings
 from worker.events import ModelVersionEvent
-from worker.keys import segment_hash
+from worker.state.keys import segment_hash
 
 SHARED_SEGMENT = "shared"
 """The shared model's name inside its own registry (`Registry.shared`), a namespace no segment reaches."""

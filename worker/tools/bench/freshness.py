@@ -29,8 +29,8 @@ import numpy as np
 import orjson
 
 from worker.config import Settings, isolated, load_settings, settings_env
-from worker.datasets import load_homedepot
 from worker.events import ClickEvent
+from worker.tools.datasets import load_homedepot
 
 SEGMENT = "GE"
 
@@ -73,8 +73,8 @@ def raw_round(
     candidates: list[tuple[str | None, str]],
 ) -> tuple[float, Any]:
     """One training + scoring as plain calls; returns seconds and the new adapter."""
-    from worker.model import score_pairs, with_adapter
-    from worker.train import segment_training_data, train_segment_adapter
+    from worker.learn.model import score_pairs, with_adapter
+    from worker.learn.train import segment_training_data, train_segment_adapter
 
     start = time.perf_counter()
     data = segment_training_data(new, older, settings, len(older) + len(new))
@@ -85,7 +85,7 @@ def raw_round(
 
 
 def _raw_only(args: argparse.Namespace) -> dict[str, Any]:
-    from worker.model import load_backbone, new_click_model
+    from worker.learn.model import load_backbone, new_click_model
 
     settings = load_settings().model_copy(update={"gate_auc_tolerance": 1.0, "gate_logloss_margin": 1000.0})
     backbone = load_backbone(settings)
@@ -124,7 +124,7 @@ class _TopicLog(threading.Thread):
         super().__init__(daemon=True)
         from confluent_kafka import Consumer
 
-        from worker.kafka import client_config
+        from worker.stream.kafka import client_config
 
         self.consumer = Consumer(
             {
@@ -163,7 +163,7 @@ class _TopicLog(threading.Thread):
 def _e2e(args: argparse.Namespace) -> dict[str, Any]:
     from confluent_kafka import Producer
 
-    from worker.kafka import ensure_topics, producer_config
+    from worker.stream.kafka import ensure_topics, producer_config
 
     run_id = f"bench-fresh-{uuid.uuid4().hex[:8]}"
     settings = isolated(
@@ -276,8 +276,8 @@ def _e2e(args: argparse.Namespace) -> dict[str, Any]:
 
 def _raw_start(settings: Settings) -> dict[str, Any]:
     """The models the worker serves after the warm-up round, loaded here for the in-process baseline."""
-    from worker.model import load_adapter, load_backbone, load_shared
-    from worker.registry import SHARED_SEGMENT, Registry
+    from worker.learn.model import load_adapter, load_backbone, load_shared
+    from worker.state.registry import SHARED_SEGMENT, Registry
 
     registry = Registry.from_settings(settings)
     backbone = load_backbone(settings)

@@ -35,10 +35,10 @@ from typing import Any
 import orjson
 from confluent_kafka import Producer
 
-from worker.bench_ingest import synthetic_events
-from worker.buffer import Buffer
 from worker.config import Settings, load_settings
-from worker.kafka import ensure_topics, make_admin, make_consumer, make_producer
+from worker.state.buffer import Buffer
+from worker.stream.kafka import ensure_topics, make_admin, make_consumer, make_producer
+from worker.tools.bench.ingest import synthetic_events
 
 POLL_S = 0.005
 NOTE = "2 cores: shape only"
@@ -162,7 +162,7 @@ def measure_raw(settings: Settings, workers: int, total: int, release: Callable[
             [
                 sys.executable,
                 "-m",
-                "worker.bench_scale",
+                "worker.tools.bench.scale",
                 "--raw-child",
                 group,
                 "--idle-exit",
@@ -354,7 +354,7 @@ def cli_main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # a raw consumer child: python -m worker.bench_scale --raw-child GROUP
+if __name__ == "__main__":  # a raw consumer child: python -m worker.tools.bench.scale --raw-child GROUP
     child = argparse.ArgumentParser()
     child.add_argument("--raw-child", required=True)
     child.add_argument("--idle-exit", type=float, default=RAW_IDLE_S)

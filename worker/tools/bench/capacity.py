@@ -31,10 +31,10 @@ import numpy as np
 import orjson
 import redis
 
-from worker.bench_ingest import synthetic_events
 from worker.config import Settings, load_settings
 from worker.events import ClickEvent
-from worker.registry import SHARED_SEGMENT, Registry, VersionRecord
+from worker.state.registry import SHARED_SEGMENT, Registry, VersionRecord
+from worker.tools.bench.ingest import synthetic_events
 
 TRAIN_EVENTS = 64
 
@@ -90,8 +90,8 @@ def _record(
 def _prepare_models(settings: Settings, shared_dir: Path, adapter_dir: Path) -> float:
     """In a child process, so training's memory never shows in the figures: an (untrained) shared
     model and one adapter really trained on it; returns the training seconds."""
-    from worker.model import load_backbone, new_click_model, save_adapter, save_shared
-    from worker.train import train_segment_adapter
+    from worker.learn.model import load_backbone, new_click_model, save_adapter, save_shared
+    from worker.learn.train import train_segment_adapter
 
     backbone = load_backbone(settings)
     shared = new_click_model(backbone, settings.seed)
@@ -109,8 +109,8 @@ def _prepare_models(settings: Settings, shared_dir: Path, adapter_dir: Path) -> 
 def run_bench(settings: Settings, segments: int, cap: int, cold_loads: int) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    from worker.learner import Learner
-    from worker.model import load_adapter, save_adapter
+    from worker.learn.learner import Learner
+    from worker.learn.model import load_adapter, save_adapter
 
     store = Path(tempfile.mkdtemp(prefix="bench-capacity-"))
     s = settings.model_copy(

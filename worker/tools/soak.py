@@ -1,4 +1,4 @@
-"""`python -m worker.soak --minutes 10` (`make soak`): a worker process under a steady load for a while.
+"""`python -m worker.tools.soak --minutes 10` (`make soak`): a worker process under a steady load for a while.
 
 Starts `python -m worker run` on its own topics, consumer group, Redis prefix and model store (so the
 stack it points at is shared safely), produces Home Depot click events at a steady rate (restamped, with
@@ -79,8 +79,8 @@ class _Producer(threading.Thread):
 
     def __init__(self, settings: Settings, rate: float, run: str) -> None:
         super().__init__(name="soak-producer", daemon=True)
-        from worker.datasets import load_homedepot
-        from worker.kafka import make_producer
+        from worker.stream.kafka import make_producer
+        from worker.tools.datasets import load_homedepot
 
         self.settings = settings
         self.rate = rate
@@ -131,8 +131,8 @@ class _Producer(threading.Thread):
 def soak(
     settings: Settings, minutes: float, rate: float, extra_env: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    from worker.buffer import Buffer
-    from worker.kafka import ensure_topics, make_admin, partition_count
+    from worker.state.buffer import Buffer
+    from worker.stream.kafka import ensure_topics, make_admin, partition_count
 
     run = uuid.uuid4().hex[:8]
     out_dir = (settings.cache_dir / "soak" / run).resolve()

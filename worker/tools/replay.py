@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from worker.config import Settings, load_settings
-from worker.datasets import load_dataset
 from worker.events import ClickEvent, now_utc
-from worker.kafka import ensure_topics, make_producer
+from worker.stream.kafka import ensure_topics, make_producer
+from worker.tools.datasets import load_dataset
 
 
 class ReplayError(RuntimeError):

@@ -7,7 +7,7 @@ Two levels, because pooled knowledge is what carries quality on few-shot segment
   head's logit, warm-started from the segment's champion adapter, gated on the segment's holdout slice.
 
 A training of several epochs stops early on the same holdout slice and keeps its best epoch. The shared
-model also carries the query history (`worker.history`) counted from the run's events.
+model also carries the query history (`worker.learn.history`) counted from the run's events.
 Both train a copy and never mutate their inputs. A non-finite loss or any exception yields a
 `failed` result (never promoted) instead of raising. Seeded: the same inputs give the same result on CPU.
 See docs/learning.md for the measurements behind the defaults.
@@ -28,8 +28,8 @@ import torch
 
 from worker.config import Settings
 from worker.events import ClickEvent
-from worker.history import QueryHistory, fold_of
-from worker.model import (
+from worker.learn.history import QueryHistory, fold_of
+from worker.learn.model import (
     Backbone,
     ClickModel,
     Pair,

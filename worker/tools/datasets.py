@@ -16,10 +16,9 @@ import numpy as np
 import orjson
 
 from worker.events import ClickEvent
+from worker.tools.paths import SHARED_DATA
 
-DEFAULT_HOMEDEPOT = (
-    Path(__file__).resolve().parent.parent.parent / "shared/data/homedepot/train_with_brand.csv.gz"
-)
+DEFAULT_HOMEDEPOT = SHARED_DATA / "homedepot" / "train_with_brand.csv.gz"
 EVAL_MIN_ROWS = 500
 HOLDOUT_QUERY_FRAC = 0.3
 HOLDOUT_SEED = 7

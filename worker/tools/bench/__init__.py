@@ -7,11 +7,11 @@ import importlib
 from typing import Protocol, cast
 
 BENCHES = {
-    "ingest": "worker.bench_ingest",
-    "train": "worker.bench_train",
-    "freshness": "worker.bench_freshness",
-    "scale": "worker.bench_scale",
-    "capacity": "worker.bench_capacity",
+    "ingest": "worker.tools.bench.ingest",
+    "train": "worker.tools.bench.train",
+    "freshness": "worker.tools.bench.freshness",
+    "scale": "worker.tools.bench.scale",
+    "capacity": "worker.tools.bench.capacity",
 }
 
 

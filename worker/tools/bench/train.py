@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker import history, match
 from worker.config import Settings, load_settings
-from worker.datasets import load_dataset
 from worker.events import ClickEvent
-from worker.model import Backbone, ClickModel, load_backbone, mean_pool, new_click_model, score_pairs
-from worker.train import pairs_of, train_shared
+from worker.learn import history, match
+from worker.learn.model import Backbone, ClickModel, load_backbone, mean_pool, new_click_model, score_pairs
+from worker.learn.train import pairs_of, train_shared
+from worker.tools.datasets import load_dataset
 
 
 def _sync(device: torch.device) -> None:
@@ -229,7 +229,7 @@ def cli_main(args: argparse.Namespace, settings: Settings | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.bench_train", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m worker.tools.bench.train", description=__doc__)
     add_arguments(parser)
     return cli_main(parser.parse_args(argv))
 

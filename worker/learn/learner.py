@@ -2,7 +2,7 @@
 
 The data policy (`train.segment_training_data`, `train.shared_training_data`) is shared with the offline
 evaluation, so what it measures is what the worker does. `Learner` holds the shared model and an LRU
-of segment adapters, runs trainings through `worker.train`, and records every decision in the registry.
+of segment adapters, runs trainings through `worker.learn.train`, and records every decision in the registry.
 It is owned by one thread (the worker's compute thread), so it takes no locks.
 """
 
@@ -21,7 +21,7 @@ import structlog
 
 from worker.config import Settings
 from worker.events import ClickEvent, HoldoutMetrics
-from worker.model import (
+from worker.learn.model import (
     ClickModel,
     Pair,
     SegmentAdapter,
@@ -34,8 +34,7 @@ from worker.model import (
     score_pairs,
     with_adapter,
 )
-from worker.registry import SHARED_SEGMENT, Registry, VersionRecord
-from worker.train import (
+from worker.learn.train import (
     Metrics,
     TrainResult,
     score_segment,
@@ -44,6 +43,7 @@ from worker.train import (
     train_segment_adapter,
     train_shared,
 )
+from worker.state.registry import SHARED_SEGMENT, Registry, VersionRecord
 
 log = structlog.get_logger(__name__)
 

@@ -38,11 +38,10 @@ from typing import Any
 import numpy as np
 
 from worker.config import Settings, load_settings
-from worker.datasets import Dataset, load_dataset
 from worker.events import ClickEvent
-from worker.history import QueryHistory
-from worker.model import Backbone, ClickModel, SegmentAdapter, load_backbone, new_click_model
-from worker.train import (
+from worker.learn.history import QueryHistory
+from worker.learn.model import Backbone, ClickModel, SegmentAdapter, load_backbone, new_click_model
+from worker.learn.train import (
     Metrics,
     fit,
     labels_of,
@@ -55,6 +54,7 @@ from worker.train import (
     train_segment_adapter,
     train_shared,
 )
+from worker.tools.datasets import Dataset, load_dataset
 
 CHECKPOINTS = (0, 16, 64, 256)
 CHECKPOINT_NAMES = (*(str(k) for k in CHECKPOINTS), "end")
@@ -634,7 +634,7 @@ def cli_main(args: argparse.Namespace, settings: Settings | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.evaluate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m worker.tools.evaluate", description=__doc__)
     add_arguments(parser)
     return cli_main(parser.parse_args(argv))
 

@@ -1,7 +1,7 @@
 """The poll loop: decode, validate, dead-letter or buffer; rebalance callbacks; pause and resume.
 
 Delivery is at-least-once, results effectively-once: each consume batch is written to Redis by one script
-per partition that stores the events *and* the next offset together (see `worker.buffer`), and on
+per partition that stores the events *and* the next offset together (see `worker.state.buffer`), and on
 assignment the consumer seeks to the offsets stored in Redis. A crash between the Redis write and the
 Kafka commit therefore neither loses nor doubles an event; Kafka commits are asynchronous and only feed
 lag monitoring.
@@ -46,14 +46,14 @@ from confluent_kafka import (
 )
 from pydantic import ValidationError
 
-from worker.buffer import Buffer, InflightWrite, PartitionWrite, Pending, WriteResult, pair_key
 from worker.config import Settings, load_settings
 from worker.events import SCHEMA_VERSION, ClickEvent
-from worker.kafka import ensure_topics, make_consumer, make_producer
 from worker.logs import configure_logging
-from worker.trigger import DueSegment, Trigger
+from worker.state.buffer import Buffer, InflightWrite, PartitionWrite, Pending, WriteResult, pair_key
+from worker.stream.kafka import ensure_topics, make_consumer, make_producer
+from worker.stream.trigger import DueSegment, Trigger
 
-log = structlog.get_logger("worker.ingest")
+log = structlog.get_logger("worker.stream.ingest")
 
 COMMIT_INTERVAL_S = 1.0
 PROGRESS_LOG_INTERVAL_S = 10.0
@@ -191,7 +191,7 @@ def _or_beginning(offset: int | None) -> int:
 class Ingestor:
     """Consumes `settings.input_topic` in group `settings.group_id` into the Redis buffer.
 
-    With a `jobs` queue, due segments are put on it (see `worker.trigger`) and the input partitions are
+    With a `jobs` queue, due segments are put on it (see `worker.stream.trigger`) and the input partitions are
     paused while it is full; without one, it only ingests.
     """
 

@@ -29,7 +29,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from worker.config import Settings
-from worker.history import fold_of
+from worker.learn.history import fold_of
 
 log = structlog.get_logger(__name__)
 
@@ -258,7 +258,7 @@ class _IngestStats(Protocol):
 
 
 class _Ingestor(Protocol):
-    """What `Metrics.refresh` reads from `worker.ingest.Ingestor` (a protocol, so this module imports
+    """What `Metrics.refresh` reads from `worker.stream.ingest.Ingestor` (a protocol, so this module imports
     no Kafka or Redis code)."""
 
     consumer: Any

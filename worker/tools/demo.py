@@ -23,8 +23,8 @@ import orjson
 from confluent_kafka import Consumer, TopicPartition
 
 from worker.config import Settings, isolated, load_settings, settings_env
-from worker.kafka import client_config, ensure_topics
-from worker.replay import replay
+from worker.stream.kafka import client_config, ensure_topics
+from worker.tools.replay import replay
 
 # Sized for a 2-core CPU: shorter sequences and earlier shared runs than the defaults, and the shared
 # learning rate that measured best on a few thousand pooled events (docs/learning.md).
@@ -98,7 +98,7 @@ def _request_scores(settings: Settings, data: str, limit: int) -> None:
 
     from confluent_kafka import Producer
 
-    from worker.replay import dataset_events
+    from worker.tools.replay import dataset_events
 
     events, _ = dataset_events(data, limit)
     top = [s for s, _ in Counter(e.segment for e in events).most_common(2)]

@@ -1,6 +1,6 @@
 """The click model: a cross-encoder over `query [SEP] item_text`, mean pooling and a logistic head that
-also takes the pair's lexical match features (`worker.match`) and its query's click history
-(`worker.history`).
+also takes the pair's lexical match features (`worker.learn.match`) and its query's click history
+(`worker.learn.history`).
 
 The shared model is a full encoder plus head. A segment's model is the shared model with a LoRA adapter
 on the encoder and a two-number calibration (scale, bias) on the shared head's logit, so the head stays
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker import history, match
 from worker.config import Settings
+from worker.learn import history, match
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -70,7 +70,7 @@ class Row(NamedTuple):
 @dataclass
 class Backbone:
     """What never changes between models: tokenizer, base directory, device, sequence length, and
-    whether pairs carry lexical match features (`worker.match`) into the head."""
+    whether pairs carry lexical match features (`worker.learn.match`) into the head."""
 
     tokenizer: Any
     base_path: Path
@@ -116,7 +116,7 @@ class Backbone:
         self, rows: Sequence[Row], query_history: np.ndarray | None = None
     ) -> dict[str, torch.Tensor]:
         """Pads to the longest row of this batch only (dynamic padding); `match` when every row has it,
-        `history` when the model has a query history (one row of `worker.history` features per row)."""
+        `history` when the model has a query history (one row of `worker.learn.history` features per row)."""
         width = max(len(r.ids) for r in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         types = torch.zeros((len(rows), width), dtype=torch.long)
@@ -180,7 +180,7 @@ class ClickModel(nn.Module):
     def history_features(
         self, pairs: Sequence[Pair], folds: Sequence[int | None] | None = None
     ) -> np.ndarray | None:
-        """The pairs' `worker.history` features under this model's table; `folds` for pairs that are
+        """The pairs' `worker.learn.history` features under this model's table; `folds` for pairs that are
         events the table may have counted (their own fold is left out)."""
         if self.query_history is None:
             return None

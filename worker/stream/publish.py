@@ -15,7 +15,7 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from worker.config import Settings
 from worker.events import ModelVersionEvent, ScoreUpdate
-from worker.kafka import make_producer
+from worker.stream.kafka import make_producer
 
 log = structlog.get_logger(__name__)
 

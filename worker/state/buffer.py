@@ -44,7 +44,7 @@ import redis
 
 from worker.config import Settings
 from worker.events import ClickEvent
-from worker.keys import segment_hash
+from worker.state.keys import segment_hash
 
 _WRITE_LUA = r"""
 local function chunked(cmd, key, flat, step)

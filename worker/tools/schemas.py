@@ -8,10 +8,8 @@ from pathlib import Path
 
 from worker.config import settings_table
 from worker.events import write_schemas
+from worker.tools.paths import README, SCHEMAS_DIR
 
-REPO = Path(__file__).resolve().parent.parent
-SCHEMAS_DIR = REPO / "schemas"
-README = REPO / "README.md"
 TABLE_START = "<!-- settings-table:start -->"
 TABLE_END = "<!-- settings-table:end -->"
 
