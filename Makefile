@@ -14,7 +14,7 @@ TEST_ENV := WORKER_CACHE_DIR=.cache/test WORKER_KAFKA_BOOTSTRAP=127.0.0.1:29092 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[tools,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

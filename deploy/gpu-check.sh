@@ -22,7 +22,7 @@ prepare() {
   local wheels
   read -ra wheels <<< "$("$python" -c 'from importlib.metadata import version as v
 print(*(f"{n}=={v(n)}" for n in ("pydantic", "pydantic-core", "pydantic-settings", "python-dotenv",
-      "typing-inspection", "annotated-types", "orjson")))')"
+      "typing-inspection", "annotated-types", "orjson", "structlog")))')"
   "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$dir/wheels" "${wheels[@]}"

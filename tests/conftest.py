@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 from worker_helpers import WorkerProc
 
-from worker.config import Settings, load_settings
+from worker.config import Settings, isolated, load_settings
 
 
 def _stack_settings() -> Settings:
@@ -46,21 +47,10 @@ def unique() -> str:
 
 
 @pytest.fixture
-def settings(stack: Settings, unique: str, tmp_path: pytest.TempPathFactory) -> Iterator[Settings]:
-    """Settings isolated per test: own topics, consumer group, Redis key prefix and model store."""
-    s = stack.model_copy(
-        update={
-            "input_topic": f"clicks-{unique}",
-            "dlq_topic": f"clicks-dlq-{unique}",
-            "scores_topic": f"scores-{unique}",
-            "versions_topic": f"model-versions-{unique}",
-            "requests_topic": f"score-requests-{unique}",
-            "group_id": f"g-{unique}",
-            "model_store": tmp_path / "models",  # type: ignore[operator]
-            "redis_prefix": f"t{unique}",
-        }
-    )
-    yield s
+def settings(stack: Settings, unique: str, tmp_path: Path) -> Iterator[Settings]:
+    """Settings isolated per test: own topics, consumer group, Redis key prefix and model store. The run
+    id starts with `t`, so the Redis prefix never occurs inside a key's hex segment hash."""
+    yield isolated(stack, f"t{unique}", model_store=tmp_path / "models")
 
 
 @pytest.fixture

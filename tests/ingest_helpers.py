@@ -12,6 +12,7 @@ from confluent_kafka import TopicPartition
 
 from worker.config import Settings
 from worker.state.buffer import Buffer
+from worker.state.entry import decode_entry
 from worker.stream.ingest import Ingestor
 from worker.stream.kafka import make_consumer, make_producer
 
@@ -120,7 +121,7 @@ def stored_event_ids(buffer: Buffer, partitions: int) -> list[str]:
     for p in range(partitions):
         for seg in buffer.segments(p):
             for raw in buffer.redis.lrange(buffer.segment_key(p, seg, "sample"), 0, -1):
-                ids.append(orjson.loads(raw[1:])["event_id"])
+                ids.append(orjson.loads(decode_entry(raw)[1])["event_id"])
     return ids
 
 

@@ -36,7 +36,8 @@ from ingest_helpers import high_watermarks, ingest_all, total_stats
 from worker.config import Settings
 from worker.events import ClickEvent
 from worker.state.buffer import Buffer
-from worker.stream.ingest import Rejection, decode
+from worker.state.entry import decode_entry
+from worker.stream.decode import Rejection, decode
 from worker.stream.kafka import ensure_topics, make_consumer, make_producer
 
 pytestmark = pytest.mark.badinput
@@ -530,8 +531,10 @@ def _check(s: Settings, msgs: list[Msg], where: list[tuple[int, int]], stats: An
             want["dups"],
         )
         sample = buffer.redis.lrange(buffer.segment_key(p, name, "sample"), 0, -1)
-        assert [raw[1:] for raw in sample] == [msgs[i].value for i in want["ids"]], name[:50]
-        assert [raw[:1] for raw in sample] == [b"1" if msgs[i].doc["clicked"] else b"0" for i in want["ids"]]  # type: ignore[index]
+        assert [decode_entry(raw) for raw in sample] == [
+            (1 if msgs[i].doc["clicked"] else 0, msgs[i].value)  # type: ignore[index]
+            for i in want["ids"]
+        ], name[:50]
 
 
 # ------------------------------------------------------------------------------------------ tests

@@ -11,7 +11,10 @@ from ingest_helpers import event_doc
 
 from worker.config import Settings
 from worker.events import ClickEvent
-from worker.state.buffer import Buffer, PartitionWrite, Pending, pair_key, segment_hash
+from worker.state import keys
+from worker.state.buffer import Buffer, PartitionWrite, Pending
+from worker.state.entry import decode_entry, encode_entry, pair_key
+from worker.state.keys import segment_hash
 
 pytestmark = pytest.mark.integration
 
@@ -130,3 +133,57 @@ def test_keys_share_the_partition_hash_tag_and_never_contain_the_name(buffer: Bu
     assert all(re.fullmatch(r"[A-Za-z0-9_.{}:-]+", k) for k in keys)
     assert any(segment_hash(name) in k for k in keys)
     assert buffer.segments(4) == [name]
+
+
+def test_key_strings_are_the_stored_layout() -> None:
+    """Stored data is found by these exact strings: a change here must come with a migration."""
+    h = segment_hash("s")
+    tag = keys.partition_tag("w", "clicks", 3)
+    assert tag == "w:{clicks-3}"
+    assert [keys.partition_key(tag, p) for p in ("offsets", "dedup", "stats", "segs")] == [
+        "w:{clicks-3}:offsets",
+        "w:{clicks-3}:dedup",
+        "w:{clicks-3}:stats",
+        "w:{clicks-3}:segs",
+    ]
+    assert keys.segment_key_base(tag, h) == f"w:{{clicks-3}}:seg:{h}:"
+    assert [keys.segment_key(tag, h, p) for p in ("meta", "new", "sample", "cand", "candz")] == [
+        f"w:{{clicks-3}}:seg:{h}:{p}" for p in ("meta", "new", "sample", "cand", "candz")
+    ]
+    assert keys.registry_key("w", h, "champion") == f"w:reg:{{{h}}}:champion"
+    assert keys.registry_index_key(keys.shared_registry_prefix("w")) == "w:shared:reg:index"
+    assert keys.prefix_pattern("w") == "w:*"
+
+
+def test_entries_are_a_label_byte_and_the_json_as_sent() -> None:
+    assert encode_entry(1, b'{"a":1}') == b'1{"a":1}'
+    assert encode_entry(0, b'{"a":1}') == b'0{"a":1}'
+    assert decode_entry(b'1{"a":1}') == (1, b'{"a":1}')
+    assert decode_entry(b"0{}") == (0, b"{}")
+    with pytest.raises(ValueError, match="label"):
+        decode_entry(b"2{}")
+    assert pair_key(None, "i") != pair_key("", "i")
+
+
+def test_the_write_script_writes_exactly_the_keys_of_the_layout(buffer: Buffer) -> None:
+    """The script gets its keys from Python (`worker.state.keys`) and writes those, no others."""
+    write(buffer, [pending(0, "x")], partition=1)
+    tag = keys.partition_tag(buffer.prefix, buffer.topic, 1)
+    stored = {k.decode() for k in buffer.redis.scan_iter(match=keys.prefix_pattern(buffer.prefix))}
+    h = segment_hash("x")
+    assert stored == {
+        *(keys.partition_key(tag, p) for p in ("offsets", "dedup", "stats", "segs")),
+        *(keys.segment_key(tag, h, p) for p in ("meta", "new", "sample", "cand", "candz")),
+    }
+
+
+def test_a_script_redis_lost_is_loaded_again_and_applied_once(buffer: Buffer) -> None:
+    """Building a buffer asks Redis nothing; a write that finds its script gone (a restart, SCRIPT FLUSH)
+    loads it and runs again, and the offsets already stored keep the batch from counting twice."""
+    write(buffer, [pending(0, clicked=1)])
+    buffer.redis.script_flush()
+    write(buffer, [pending(1, clicked=0), pending(2, clicked=1)])
+    write(buffer, [pending(1, clicked=0), pending(2, clicked=1)])
+    c = buffer.counts(0, "s")
+    assert (c.events, c.positives, c.negatives) == (3, 2, 1)
+    assert buffer.stored_offsets([0])[0] == 3

@@ -7,7 +7,21 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from worker.events import WIRE_TYPES, ClickEvent, ScoreRequest, write_schemas
+from worker.events import (
+    CLICKED,
+    ID_MAX_CHARS,
+    ITEM_TEXT_MAX_CHARS,
+    MIN_CHARS,
+    NOT_CLICKED,
+    QUERY_MAX_CHARS,
+    SCHEMA_VERSION,
+    SEGMENT_MAX_CHARS,
+    WIRE_TYPES,
+    ClickEvent,
+    ScoreRequest,
+    write_schemas,
+)
+from worker.stream.decode import _FastEvent, fast_decode
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,3 +104,49 @@ def test_score_request_bounds() -> None:
     assert len(ScoreRequest.model_validate({"request_id": "r", "segment": "s", "pairs": [pair]}).pairs) == 1
     with pytest.raises(ValidationError):
         ScoreRequest.model_validate({"request_id": "r", "segment": "s", "pairs": []})
+
+
+_LENGTHS = {
+    "event_id": (MIN_CHARS, ID_MAX_CHARS),
+    "segment": (MIN_CHARS, SEGMENT_MAX_CHARS),
+    "item_id": (MIN_CHARS, ID_MAX_CHARS),
+    "item_text": (MIN_CHARS, ITEM_TEXT_MAX_CHARS),
+    "query": (0, QUERY_MAX_CHARS),
+}
+
+
+def _limit_cases() -> list[object]:
+    cases: list[object] = []
+    for field, (lo, hi) in _LENGTHS.items():
+        for n in sorted({lo - 1, lo, lo + 1, hi - 1, hi, hi + 1} - {-1}):
+            for char in ("x", "é", "😀"):
+                cases.append(pytest.param({field: char * n}, lo <= n <= hi, id=f"{field}-{n}-{char!a}"))
+    for clicked in (NOT_CLICKED - 1, NOT_CLICKED, CLICKED, CLICKED + 1):
+        cases.append(pytest.param({"clicked": clicked}, clicked in (0, 1), id=f"clicked-{clicked}"))
+    for version in (SCHEMA_VERSION - 1, SCHEMA_VERSION, SCHEMA_VERSION + 1, True, 1.0):
+        ok = type(version) is int and version == SCHEMA_VERSION
+        cases.append(pytest.param({"schema_version": version}, ok, id=f"schema_version-{version!r}"))
+    cases += [
+        pytest.param({"colour": "red"}, False, id="unknown-field"),
+        pytest.param({"segment": "a\n"}, False, id="segment-trailing-newline"),
+        pytest.param({"segment": "a\x7f"}, False, id="segment-del"),
+        pytest.param({"query": None}, True, id="query-null"),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize(("change", "valid"), _limit_cases())
+def test_fast_decoder_and_click_event_agree_at_every_limit(change: dict[str, object], valid: bool) -> None:
+    """The msgspec fast path and the pydantic model read the same limits; at each edge they must agree."""
+    raw = orjson.dumps(_event(**change))
+    try:
+        ClickEvent.model_validate_json(raw)
+        pydantic_ok = True
+    except ValidationError:
+        pydantic_ok = False
+    fast_ok = fast_decode(raw, -1e13, 1e13) is not None
+    assert (pydantic_ok, fast_ok) == (valid, valid)
+
+
+def test_fast_decoder_has_the_fields_of_click_event() -> None:
+    assert set(_FastEvent.__struct_fields__) == set(ClickEvent.model_fields)

@@ -408,6 +408,7 @@ def test_broken_model_store_fails_that_segment_and_ingest_goes_on(
 # ---------------------------------------------------------------- 5. diverging training
 
 _DIVERGE = """
+import dataclasses
 import sys
 import worker.learn.train as train
 
@@ -415,13 +416,12 @@ _fit = train.fit
 TARGET = sys.argv[1]
 
 
-def fit(backbone, model, events, **kw):
+def fit(backbone, model, events, options, **kw):
     # A learning rate of 1e30 (over the setting's bound, so injected here) for TARGET only: the
     # parameters blow up after the first step and the next loss is not finite.
     if events and all(e.segment == TARGET for e in events):
-        kw["lr"] = 1e30
-        kw["batch_size"] = 4
-    return _fit(backbone, model, events, **kw)
+        options = dataclasses.replace(options, lr=1e30, batch_size=4)
+    return _fit(backbone, model, events, options, **kw)
 
 
 train.fit = fit

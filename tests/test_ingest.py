@@ -35,9 +35,10 @@ from ingest_helpers import (
 
 from worker.config import Settings
 from worker.state.buffer import Buffer
-from worker.stream.ingest import Ingestor, Rejection, decode
+from worker.stream.decode import Rejection, decode
+from worker.stream.ingest import Ingestor
 from worker.stream.kafka import ensure_topics
-from worker.stream.trigger import DueSegment
+from worker.stream.trigger import DueSegment, Trigger
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,7 +157,8 @@ def test_full_training_queue_pauses_and_resumes(settings: Settings) -> None:
     ensure_topics(s, [s.input_topic, s.dlq_topic], partitions=2)
     produce_docs(s, [event_doc(i, f"seg-{i % 4}", clicked=(i // 4) % 2) for i in range(400)])
     jobs: queue.Queue[DueSegment] = queue.Queue(1)
-    ingestor = Ingestor(s, jobs=jobs)
+    buffer = Buffer(s)
+    ingestor = Ingestor(s, buffer=buffer, trigger=Trigger(s, jobs, buffer))
     ingestor.subscribe()
     deadline = time.monotonic() + 30
     while not ingestor.paused:
@@ -305,10 +307,10 @@ _WIDE = Settings(max_event_age_s=4e9, max_clock_skew_s=4e9)
 
 def _agree(raw: bytes, now: float) -> bool:
     """The fast path accepts only what `decode` accepts, with the same fields. True if it accepted."""
-    from worker.state.buffer import pair_key
-    from worker.stream.ingest import _fast_decode
+    from worker.state.entry import pair_key
+    from worker.stream.decode import fast_decode
 
-    fast = _fast_decode(raw, now - _WIDE.max_event_age_s, now + _WIDE.max_clock_skew_s)
+    fast = fast_decode(raw, now - _WIDE.max_event_age_s, now + _WIDE.max_clock_skew_s)
     slow = decode(raw, _WIDE, now)
     if fast is None or len(raw) > _WIDE.max_message_bytes:  # ingest checks the size first
         return False
@@ -318,7 +320,7 @@ def _agree(raw: bytes, now: float) -> bool:
 
 
 def test_fast_path_agrees_with_pydantic_on_valid_and_odd_events() -> None:
-    from worker.stream.ingest import _fast_decode
+    from worker.stream.decode import fast_decode
 
     now = time.time()
     base = event_doc(1, "seg")
@@ -364,7 +366,7 @@ def test_fast_path_agrees_with_pydantic_on_valid_and_odd_events() -> None:
     accepted += sum(_agree(raw, now) for raw in raw_variants)
     assert _agree(orjson.dumps(base), now)
     for edge in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):
-        assert _fast_decode(orjson.dumps({**base, "ts": edge}), -1e13, 1e13) is None
+        assert fast_decode(orjson.dumps({**base, "ts": edge}), -1e13, 1e13) is None
     assert accepted >= 8, "the fast path must take the plain events, not send everything to pydantic"
 
 

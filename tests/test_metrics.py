@@ -1,10 +1,12 @@
-"""worker.ops.metrics: the endpoints over real HTTP, the counters, prequential AUC, the cardinality cap."""
+"""worker.ops.metrics and worker.ops.http: the endpoints over real HTTP, the counters, the prequential
+gauges, the cardinality cap."""
 
 from __future__ import annotations
 
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -12,22 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sklearn.metrics import log_loss as sk_log_loss
-from sklearn.metrics import roc_auc_score
 
 from worker.config import Settings
-from worker.learn.history import fold_of
-from worker.ops.metrics import (
-    METRIC_NAMES,
-    OTHER,
-    Metrics,
-    Prequential,
-    Readiness,
-    consumer_lag,
-    log_loss,
-    rank_auc,
-    start,
-)
+from worker.ops.http import Readiness, start
+from worker.ops.metrics import METRIC_NAMES, Metrics, consumer_lag
+from worker.ops.quality import OTHER
 
 
 def _get(port: int, path: str) -> tuple[int, str, str]:
@@ -185,37 +176,6 @@ def test_dlq_reason_cardinality_capped() -> None:
     assert len(reasons) <= 33 and "other" in reasons
 
 
-def test_rank_auc_and_logloss_match_sklearn() -> None:
-    rng = np.random.default_rng(7)
-    y = rng.integers(0, 2, 400)
-    p = np.clip(0.3 * y + rng.random(400) * 0.7, 0, 1)
-    p = np.round(p, 2)  # ties, which rank AUC must average like sklearn does
-    auc = rank_auc(p, y)
-    assert auc is not None and auc == pytest.approx(roc_auc_score(y, p), abs=1e-12)
-    assert log_loss(p, y) == pytest.approx(sk_log_loss(y, np.clip(p, 1e-7, 1 - 1e-7)), rel=1e-9)
-    assert rank_auc([0.1, 0.9], [1, 1]) is None
-
-
-def test_prequential_window_matches_sklearn_on_last_events() -> None:
-    rng = np.random.default_rng(1)
-    pq = Prequential(window=100)
-    y = rng.integers(0, 2, 250)
-    p = rng.random(250) * 0.5 + 0.5 * y
-    for i in range(0, 250, 50):
-        pq.record("a", p[i : i + 50], y[i : i + 50])
-    auc, loss, n = pq.snapshot()["a"]
-    assert n == 100
-    assert auc == pytest.approx(roc_auc_score(y[-100:], p[-100:]))
-    assert loss == pytest.approx(sk_log_loss(y[-100:], p[-100:]))
-
-
-def test_prequential_skips_ids_already_recorded() -> None:
-    pq = Prequential(window=10)
-    assert pq.record("a", [0.1, 0.9], [0, 1], ["e1", "e2"]) == 2
-    assert pq.record("a", [0.5, 0.5, 0.7], [0, 1, 1], ["e1", "e2", "e3"]) == 1
-    assert pq.snapshot()["a"][2] == 3
-
-
 def test_segment_cardinality_cap() -> None:
     m = Metrics(max_segments=5)
     for i in range(40):  # traffic falls with i: the first five are the busiest
@@ -233,15 +193,17 @@ def test_segment_cardinality_cap() -> None:
 
 
 def test_score_before_learning_groups_by_segment() -> None:
+    """Per segment, the last `window` events go to the caller's scorer (which computes their history
+    folds: `Learner.score_events`, tested in test_learner.py)."""
     m = Metrics(window=3)
     calls: list[tuple[str, int]] = []
-    folds_seen: list[int | None] = []
+    events_seen: list[SimpleNamespace] = []
 
-    def score(segment: str, pairs: list[tuple[str | None, str]], folds: list[int | None]) -> tuple[Any, int]:
-        calls.append((segment, len(pairs)))
-        assert len(folds) == len(pairs)
-        folds_seen.extend(folds)
-        return np.linspace(0.1, 0.9, len(pairs)), 0
+    def score(segment: str, events: Sequence[SimpleNamespace]) -> tuple[Any, int]:
+        calls.append((segment, len(events)))
+        assert all(e.segment == segment for e in events)
+        events_seen.extend(events)
+        return np.linspace(0.1, 0.9, len(events)), 0
 
     events = [
         SimpleNamespace(event_id=f"e{i}", segment="ab"[i % 2], query="q", item_text="t", clicked=i % 3 == 0)
@@ -250,7 +212,7 @@ def test_score_before_learning_groups_by_segment() -> None:
     assert m.score_before_learning(score, events) == 6
     assert sorted(calls) == [("a", 3), ("b", 3)]
     scored = [e for e in events if e.segment == "a"][-3:] + [e for e in events if e.segment == "b"][-3:]
-    assert sorted(folds_seen, key=str) == sorted((fold_of(e.event_id) for e in scored), key=str)
+    assert sorted(e.event_id for e in events_seen) == sorted(e.event_id for e in scored)
     s = _samples(m.render().decode())
     assert s[("ctr_worker_scoring_duration_seconds_count", (("kind", "prequential"),))] == 2
 

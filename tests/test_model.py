@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +22,13 @@ from worker.learn.model import (
     ClickModel,
     attach_lora,
     extract_adapter,
-    load_adapter,
     load_backbone,
-    load_shared,
     mean_pool,
     new_click_model,
-    save_adapter,
-    save_shared,
     score_pairs,
     zero_shot_scores,
 )
+from worker.learn.store import load_adapter, load_shared, save_adapter, save_shared
 from worker.learn.train import pairs_of, score_segment
 from worker.tools.datasets import load_homedepot
 
@@ -183,6 +183,48 @@ def test_match_features_move_scores_and_can_be_switched_off(
     assert not np.allclose(with_features, without, atol=1e-3)
     zeroed = new_click_model(backbone, seed=1)
     np.testing.assert_allclose(score_pairs(backbone, zeroed, pairs), without, rtol=1e-5, atol=1e-6)
+
+
+def test_a_backbone_without_match_features_is_the_plain_one(
+    settings: Settings, backbone: Backbone, shared: ClickModel, events: list[ClickEvent]
+) -> None:
+    """What the evaluation's naive procedure uses: the same tokenizer, no match features, its own cache."""
+    pairs = pairs_of(events[:12])
+    lexical = copy.deepcopy(shared)
+    lexical.query_history = None
+    before = score_pairs(backbone, lexical, pairs)
+    plain = backbone.without_match_features()
+    assert plain.match_features is False and backbone.match_features is True
+    assert plain.tokenizer is backbone.tokenizer and plain.device == backbone.device
+    assert all(row.match is None for row in plain.encode(pairs))
+    assert all(row.match is not None for row in backbone.encode(pairs))
+    loaded = load_backbone(settings.model_copy(update={"match_features": False}))
+    np.testing.assert_allclose(score_pairs(plain, lexical, pairs), score_pairs(loaded, lexical, pairs))
+    np.testing.assert_array_equal(score_pairs(backbone, lexical, pairs), before)
+    backbone.clear_token_cache()
+    np.testing.assert_array_equal(score_pairs(backbone, lexical, pairs), before)
+
+
+def test_importing_the_model_changes_no_environment_and_loading_is_offline(settings: Settings) -> None:
+    """The Hugging Face environment is set by loading, before huggingface_hub reads it (at its import)."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
+    code = (
+        "import os, sys, json\n"
+        "import worker.learn.model as model\n"
+        f"names = {names!r}\n"
+        "imported = {n: os.environ.get(n) for n in names}\n"
+        "from worker.config import Settings\n"
+        "model.load_backbone(Settings(device='cpu'))\n"
+        "import huggingface_hub.constants as hub\n"
+        "loaded = {n: os.environ.get(n) for n in names}\n"
+        "print(json.dumps([imported, loaded, hub.HF_HUB_OFFLINE]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    imported, loaded, offline = json.loads(out.stdout.strip().splitlines()[-1])
+    assert imported == dict.fromkeys(names)
+    assert loaded == {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    assert offline is True
 
 
 def test_a_shared_model_saved_without_match_or_history_loads_as_the_plain_model(

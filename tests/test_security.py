@@ -30,7 +30,8 @@ from registry_helpers import version_record
 from worker.app import StartupError, check_dependencies
 from worker.config import ConfigError, Settings, load_settings
 from worker.events import HoldoutMetrics
-from worker.state.buffer import Buffer, PartitionWrite, Pending, pair_key
+from worker.state.buffer import Buffer, PartitionWrite, Pending
+from worker.state.entry import pair_key
 from worker.state.registry import Registry
 from worker.stream.kafka import ensure_topics
 
@@ -325,7 +326,7 @@ def _adapter_config(directory: Path) -> None:
 
 
 def test_a_pickle_adapter_is_refused_and_never_unpickled(tmp_path: Path) -> None:
-    from worker.learn.model import load_adapter
+    from worker.learn.store import load_adapter
 
     marker = tmp_path / "unpickled"
     payload = pickle.dumps({"calibration": _Boom(marker)})

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections import Counter
 
 import numpy as np
 import pytest
+import structlog
 import torch
 
 from worker.config import Settings
@@ -24,7 +26,8 @@ from worker.learn.model import (
     with_adapter,
 )
 from worker.learn.train import (
-    Metrics,
+    FitOptions,
+    NonFiniteLoss,
     evaluate_model,
     fit,
     gate,
@@ -34,6 +37,7 @@ from worker.learn.train import (
     train_segment_adapter,
     train_shared,
 )
+from worker.ops.quality import HoldoutScore
 from worker.tools.datasets import load_homedepot
 
 
@@ -69,9 +73,8 @@ def shared(backbone: Backbone, settings: Settings, events: list[ClickEvent]) -> 
 
 def test_fit_loss_falls(backbone: Backbone, events: list[ClickEvent]) -> None:
     model = new_click_model(backbone, seed=0)
-    losses = fit(
-        backbone, model, events[:32], lr=3e-4, epochs=6, batch_size=16, weight_decay=0.01, seed=0
-    ).losses
+    options = FitOptions(lr=3e-4, epochs=6, batch_size=16, weight_decay=0.01, seed=0)
+    losses = fit(backbone, model, events[:32], options).losses
     assert len(losses) == 12
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.05
 
@@ -83,14 +86,15 @@ def test_early_stopping_keeps_the_best_epoch(backbone: Backbone, events: list[Cl
     flipped = [
         e.model_copy(update={"event_id": f"flip-{e.event_id}", "clicked": 1 - e.clicked}) for e in train
     ]
-    kw = {"lr": 3e-4, "epochs": 6, "batch_size": 16, "weight_decay": 0.01, "seed": 0}
+    options = FitOptions(lr=3e-4, epochs=6, batch_size=16, weight_decay=0.01, seed=0, patience=2)
     model = new_click_model(backbone, seed=0)
-    fitted = fit(backbone, model, train, holdout=flipped, patience=2, **kw)
+    fitted = fit(backbone, model, train, options, holdout=flipped)
     assert fitted.kept_epoch == 1 and fitted.epochs == 3
     assert fitted.holdout_logloss == sorted(fitted.holdout_logloss) and len(fitted.losses) == 6
     assert evaluate_model(backbone, model, flipped).logloss == pytest.approx(fitted.holdout_logloss[0])
 
-    without = fit(backbone, new_click_model(backbone, seed=0), train, holdout=flipped, patience=0, **kw)
+    no_stopping = dataclasses.replace(options, patience=0)
+    without = fit(backbone, new_click_model(backbone, seed=0), train, no_stopping, holdout=flipped)
     assert (without.epochs, without.kept_epoch, without.holdout_logloss) == (6, 6, [])
     assert without.losses[:6] == fitted.losses
 
@@ -109,15 +113,15 @@ def test_train_shared_measures_holdout(
 
 
 def test_gate_rules() -> None:
-    champ = Metrics(0.70, 0.60, 50)
-    assert gate(Metrics(0.71, 0.60, 50), champ, 0.01)[0]
-    assert gate(Metrics(0.70, 0.605, 50), champ, 0.01)[0]
-    assert not gate(Metrics(0.69, 0.50, 50), champ, 0.01)[0]
-    assert not gate(Metrics(0.75, 0.62, 50), champ, 0.01)[0]
-    assert not gate(Metrics(0.75, float("nan"), 50), champ, 0.01)[0]
-    assert not gate(Metrics(None, float("nan"), 0), champ, 0.01)[0]
-    assert gate(Metrics(0.6, 0.7, 50), None, 0.01)[0]
-    assert gate(Metrics(None, 0.59, 50), Metrics(None, 0.60, 50), 0.0)[0]
+    champ = HoldoutScore(0.70, 0.60, 50)
+    assert gate(HoldoutScore(0.71, 0.60, 50), champ, 0.01)[0]
+    assert gate(HoldoutScore(0.70, 0.605, 50), champ, 0.01)[0]
+    assert not gate(HoldoutScore(0.69, 0.50, 50), champ, 0.01)[0]
+    assert not gate(HoldoutScore(0.75, 0.62, 50), champ, 0.01)[0]
+    assert not gate(HoldoutScore(0.75, float("nan"), 50), champ, 0.01)[0]
+    assert not gate(HoldoutScore(None, float("nan"), 0), champ, 0.01)[0]
+    assert gate(HoldoutScore(0.6, 0.7, 50), None, 0.01)[0]
+    assert gate(HoldoutScore(None, 0.59, 50), HoldoutScore(None, 0.60, 50), 0.0)[0]
 
 
 def test_gate_rejects_broken_challenger(
@@ -148,9 +152,13 @@ def test_nan_and_errors_are_failed_results(
     poisoned = new_click_model(backbone, seed=0)
     with torch.no_grad():
         poisoned.head.weight.fill_(float("nan"))
-    result = train_shared(backbone, poisoned, events[:16], [], events[64:80], settings)
+    with structlog.testing.capture_logs() as logs:
+        result = train_shared(backbone, poisoned, events[:16], [], events[64:80], settings)
     assert result.decision == "failed" and "loss" in result.reason
     assert result.shared is None and result.challenger is None
+    failed = [e for e in logs if e["event"] == "training failed"]
+    assert len(failed) == 1 and failed[0]["log_level"] == "error" and failed[0]["scope"] == "shared"
+    assert isinstance(failed[0]["exc_info"], NonFiniteLoss), "the traceback must reach the log"
 
     seg = train_segment_adapter(backbone, poisoned, None, events[:16], [], events[64:80], settings)
     assert seg.decision == "failed" and seg.adapter is None

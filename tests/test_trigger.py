@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import queue
+import subprocess
+import sys
 
 import pytest
 
 from worker.config import Settings
 from worker.state.buffer import SegmentState
-from worker.stream.trigger import DueSegment, Trigger, is_due
+from worker.stream.trigger import DueSegment, Trigger, enough_new_events, is_due
 
 
 @pytest.fixture
@@ -40,6 +42,25 @@ def test_rule_needs_counts_and_cooldown(cfg: Settings) -> None:
     assert not is_due(state(neg=2), cfg, now)
     assert not is_due(state(trained_s=now - 59), cfg, now)
     assert is_due(state(trained_s=now - 60), cfg, now)
+
+
+def test_count_rule_on_plain_counts(cfg: Settings) -> None:
+    """The rule the offline simulation replays: the same thresholds, on counts instead of a state."""
+    assert enough_new_events(10, 2, 3, cfg)
+    assert not enough_new_events(9, 2, 3, cfg)
+    assert not enough_new_events(10, 1, 3, cfg)
+    assert not enough_new_events(10, 2, 2, cfg)
+
+
+def test_trigger_imports_no_client_torch_or_learner() -> None:
+    """The evaluation imports the rule from here on machines without Kafka or Redis clients."""
+    code = (
+        "import sys, worker.stream.trigger; "
+        "print(sorted(m for m in ('redis', 'confluent_kafka', 'torch', 'worker.learn', 'worker.state.buffer')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_due_segment_is_queued_once_until_done(cfg: Settings) -> None:

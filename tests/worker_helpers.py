@@ -3,10 +3,6 @@ readers for the topics they publish to."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -16,8 +12,9 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer
 
-from worker.config import Settings, settings_env
+from worker.config import Settings
 from worker.stream.kafka import client_config
+from worker.tools.procs import WORKER_RUN, child_env, start_worker, stop_worker
 
 # Tiny and fast on a CPU, with the gate opened so every challenger is promoted: these tests exercise the
 # running worker, the gate's own decisions are tested in test_train.py.
@@ -42,8 +39,7 @@ def worker_env(
 ) -> dict[str, str]:
     """Exactly `settings` + SMALL + `overrides` for the child (no `WORKER_*` of the parent's leaks in),
     then `extra` raw variables on top."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-    return {**env, **settings_env(settings, **{**SMALL, **(overrides or {})}), **extra}
+    return {**child_env(settings, **{**SMALL, **(overrides or {})}), **extra}
 
 
 class WorkerProc:
@@ -59,12 +55,7 @@ class WorkerProc:
         self.log = log
         self.killed_at: float | None = None
         self.offset = log.stat().st_size if log.exists() else 0
-        self.proc = subprocess.Popen(
-            argv or [sys.executable, "-m", "worker", "run"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("ab"),
-        )
+        self.proc = start_worker(env, log, argv or WORKER_RUN)
 
     def raw(self) -> bytes:
         return self.log.read_bytes()[self.offset :]
@@ -112,13 +103,11 @@ class WorkerProc:
     def kill(self) -> None:
         if self.alive():
             self.killed_at = time.time()
-            self.proc.send_signal(signal.SIGKILL)
+            self.proc.kill()
         self.proc.wait(timeout=30)
 
     def terminate(self, timeout_s: float = 90) -> int:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout_s)
+        return stop_worker(self.proc, timeout_s)
 
 
 class TopicReader:

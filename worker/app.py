@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import Enum
 from types import FrameType
 from typing import Any
 
@@ -35,14 +36,15 @@ from worker.config import ConfigError, Settings, load_settings
 from worker.events import ClickEvent, ScoreRequest, ScoreUpdate
 from worker.learn.learner import Abandoned, Learner
 from worker.logs import configure_logging
-from worker.ops.metrics import Metrics, Readiness
-from worker.ops.metrics import start as start_metrics
+from worker.ops.http import MetricsServer, Readiness
+from worker.ops.http import start as start_metrics
+from worker.ops.metrics import Metrics
 from worker.state.buffer import Buffer, WriteResult
 from worker.state.registry import Registry, VersionRecord
 from worker.stream.ingest import Ingestor
 from worker.stream.kafka import ensure_topics, make_consumer
 from worker.stream.publish import Publisher
-from worker.stream.trigger import DueSegment
+from worker.stream.trigger import DueSegment, Trigger
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +58,15 @@ class WorkerStats:
     scores_published: int = 0
     requests_answered: int = 0
     requests_rejected: int = 0
+
+
+class Outcome(Enum):
+    """How a segment job ended, which decides its back-off: it counted, it waits for a shared model, or
+    it failed (backed off twice as long each time in a row)."""
+
+    DONE = "done"
+    WAIT = "wait"
+    FAILED = "failed"
 
 
 class StartupError(RuntimeError):
@@ -129,31 +140,17 @@ class Worker:
             }
         )
         self.redis: redis.Redis[bytes] = redis.Redis.from_url(settings.redis_url, socket_timeout=30)
-        check_dependencies(settings, self.redis)
-        try:
-            self.metrics_server = start_metrics(settings, self.readiness, metrics=self.metrics)
-        except OSError as exc:
-            raise StartupError(str(exc)) from None
-        log.info("metrics endpoint", host=self.metrics_server.host, port=self.metrics_server.port)
-        ensure_topics(
-            settings,
-            [
-                settings.input_topic,
-                settings.dlq_topic,
-                settings.scores_topic,
-                settings.versions_topic,
-                settings.requests_topic,
-            ],
-        )
+        self.metrics_server: MetricsServer | None = None
         self.buffer = Buffer(settings, self.redis)
         self.registry = Registry.from_settings(settings, self.redis)
         self.publisher = Publisher(settings)
         self.train_jobs: queue.Queue[DueSegment] = queue.Queue(settings.train_queue_size)
         self.requests: queue.Queue[Message] = queue.Queue(REQUEST_QUEUE)
+        self.trigger = Trigger(settings, self.train_jobs, self.buffer)
         self.ingestor = Ingestor(
             settings,
             buffer=self.buffer,
-            jobs=self.train_jobs,
+            trigger=self.trigger,
             on_write=self._on_write,
             before_revoke=self._before_revoke,
         )
@@ -209,6 +206,17 @@ class Worker:
                 continue
             self.requests.put_nowait(msg)
 
+    def start(self) -> None:
+        """The start-up I/O, kept out of `__init__` so building a worker touches nothing: dependency
+        checks that name the setting to fix, the metrics endpoint, the topics."""
+        check_dependencies(self.settings, self.redis)
+        try:
+            self.metrics_server = start_metrics(self.settings, self.readiness, metrics=self.metrics)
+        except OSError as exc:
+            raise StartupError(str(exc)) from None
+        s = self.settings
+        ensure_topics(s, [s.input_topic, s.dlq_topic, s.scores_topic, s.versions_topic, s.requests_topic])
+
     def run(self) -> int:
         """Serve until `stop` is set, then drain; returns the exit code."""
         log.info("starting", group=self.settings.group_id, topic=self.settings.input_topic)
@@ -252,7 +260,8 @@ class Worker:
         except Exception as exc:
             log.error("flush failed", error=str(exc))
         log.info("stopped", seconds=round(time.monotonic() - started, 3), **self.publisher.stats())
-        self.metrics_server.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
 
     def compute_busy(self) -> bool:
         return self._compute.is_alive()
@@ -335,88 +344,85 @@ class Worker:
         self.publisher.version(rec.event())
         return rec
 
-    def _backoff_s(self, job: DueSegment, outcome: str) -> float:
+    def _backoff_s(self, job: DueSegment, outcome: Outcome) -> float:
         """0 after a run that counted; a fixed wait while no shared model serves; after failures in a row,
         twice as long each time."""
         key = (job.partition, job.segment)
-        if outcome == "ok":
+        if outcome is Outcome.DONE:
             self._failures.pop(key, None)
             return 0.0
-        if outcome == "wait":
+        if outcome is Outcome.WAIT:
             return self.settings.train_backoff_s
         self._failures[key] = self._failures.get(key, 0) + 1
         return float(min(3600.0, self.settings.train_backoff_s * 2 ** (self._failures[key] - 1)))
 
     def _run_segment(self, job: DueSegment) -> None:
-        assert self.learner is not None
         bound = log.bind(segment=job.segment, partition=job.partition)
-        outcome = "failed"
+        outcome = Outcome.FAILED
         try:
-            if not self.ingestor.trigger or not self.ingestor.trigger.still_owned(job):
-                bound.info("skipping training: partition no longer owned")
-                outcome = "ok"
-                return
-            snap = self.buffer.training_snapshot(job.partition, job.segment)
-            if not snap.new_events:
-                outcome = "ok"
-                return
-            seq = (snap.seq_from, snap.seq_to)
-            bound.info("training", events=len(snap.new_events), seq_from=snap.seq_from, seq_to=snap.seq_to)
-            self.learner.refresh_shared()
-            if self.learner.shared is None and not self._bootstrap_shared():
-                bound.info("no shared model serves yet: segment waits")
-                outcome = "wait"
-                return
-            self.metrics.score_before_learning(self.learner.score, snap.new_events)
-            trigger = self.ingestor.trigger
-            self._training_partition = job.partition
-            self._training_done.clear()
-            try:
-                with self.metrics.training("segment") as run:
-                    out = self.learner.train_segment(
-                        job.segment,
-                        snap.new_events,
-                        snap.sample_events,
-                        seq,
-                        lambda: trigger.still_owned(job),
-                    )
-                    run.decision = out[0].decision if out is not None else "failed"
-            except Abandoned as exc:
-                bound.warning("training abandoned", reason=str(exc))
-                outcome = "ok"
-                return
-            if out is None:
-                bound.info("no shared model serves yet: segment waits")
-                outcome = "wait"
-                return
-            rec, _ = out
-            self.stats.trainings[rec.decision] += 1
-            bound.info(
-                "segment run",
-                model_version=rec.version,
-                decision=rec.decision,
-                reason=rec.reason,
-                events=len(snap.new_events),
-                seq_from=snap.seq_from,
-                seq_to=snap.seq_to,
-                seconds=rec.train_seconds,
-            )
-            self.publisher.version(rec.event())
-            if rec.decision == "promoted":
-                self._publish_scores(job.partition, job.segment)
-            if rec.decision != "failed":
-                self.buffer.mark_trained(job.partition, job.segment, snap.seq_to)
-                outcome = "ok"
+            outcome = self._train_segment(job, bound)
         except Exception:
             bound.exception("training job failed")
         finally:
             self._training_partition = None
             self._training_done.set()
-            if self.ingestor.trigger is not None:
-                backoff = self._backoff_s(job, outcome)
-                if backoff:
-                    bound.info("backing off", seconds=backoff)
-                self.ingestor.trigger.done(job, backoff_s=backoff)
+            backoff = self._backoff_s(job, outcome)
+            if backoff:
+                bound.info("backing off", seconds=backoff)
+            self.trigger.done(job, backoff_s=backoff)
+
+    def _train_segment(self, job: DueSegment, bound: Any) -> Outcome:
+        assert self.learner is not None
+        if not self.trigger.still_owned(job):
+            bound.info("skipping training: partition no longer owned")
+            return Outcome.DONE
+        snap = self.buffer.training_snapshot(job.partition, job.segment)
+        if not snap.new_events:
+            return Outcome.DONE
+        seq = (snap.seq_from, snap.seq_to)
+        bound.info("training", events=len(snap.new_events), seq_from=snap.seq_from, seq_to=snap.seq_to)
+        self.learner.refresh_shared()
+        if self.learner.shared is None and not self._bootstrap_shared():
+            bound.info("no shared model serves yet: segment waits")
+            return Outcome.WAIT
+        self.metrics.score_before_learning(self.learner.score_events, snap.new_events)
+        self._training_partition = job.partition
+        self._training_done.clear()
+        try:
+            with self.metrics.training("segment") as run:
+                out = self.learner.train_segment(
+                    job.segment,
+                    snap.new_events,
+                    snap.sample_events,
+                    seq,
+                    lambda: self.trigger.still_owned(job),
+                )
+                run.decision = out[0].decision if out is not None else "failed"
+        except Abandoned as exc:
+            bound.warning("training abandoned", reason=str(exc))
+            return Outcome.DONE
+        if out is None:
+            bound.info("no shared model serves yet: segment waits")
+            return Outcome.WAIT
+        rec, _ = out
+        self.stats.trainings[rec.decision] += 1
+        bound.info(
+            "segment run",
+            model_version=rec.version,
+            decision=rec.decision,
+            reason=rec.reason,
+            events=len(snap.new_events),
+            seq_from=snap.seq_from,
+            seq_to=snap.seq_to,
+            seconds=rec.train_seconds,
+        )
+        self.publisher.version(rec.event())
+        if rec.decision == "promoted":
+            self._publish_scores(job.partition, job.segment)
+        if rec.decision == "failed":
+            return Outcome.FAILED
+        self.buffer.mark_trained(job.partition, job.segment, snap.seq_to)
+        return Outcome.DONE
 
     def _bootstrap_shared(self) -> bool:
         """The first segment run needs a shared model: train one now if enough events are buffered."""
@@ -513,8 +519,9 @@ def cli_main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    worker = Worker(settings)
     try:
-        worker = Worker(settings)
+        worker.start()
     except StartupError as exc:
         log.error("start-up failed", error=str(exc))
         print(f"error: {exc}", file=sys.stderr)

@@ -5,19 +5,28 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol, cast
 
 from worker.config import ConfigError
 
 
-class _Command(Protocol):
+class Command(Protocol):
+    """What a command's module offers the table: its options, and its entry point given them."""
+
     def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
 
     def cli_main(self, args: argparse.Namespace) -> int: ...
 
 
-COMMANDS: dict[str, tuple[str, str]] = {
+class ToolingMissing(RuntimeError):
+    """A command whose module is not installed (the production image ships without `worker/tools`)."""
+
+
+Table = Mapping[str, tuple[str, str]]
+"""Command name -> (module, one-line help)."""
+
+COMMANDS: Table = {
     "stack": ("worker.tools.stack", "start, stop or check the local Kafka and Redis"),
     "schemas": ("worker.tools.schemas", "regenerate schemas/ and the README settings table from the code"),
     "replay": ("worker.tools.replay", "produce a data set's click events into the input topic"),
@@ -31,8 +40,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _load(module: str) -> _Command:
-    return cast(_Command, importlib.import_module(module))
+def dispatch(table: Table, name: str, argv: Sequence[str], prog: str) -> int:
+    """Runs command `name` of `table` on `argv`, importing only that command's module, so that
+    `stack status` and `bench ingest` do not pay for importing torch."""
+    module, help_text = table[name]
+    try:
+        command = cast(Command, importlib.import_module(module))
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module.startswith(exc.name):
+            raise
+        raise ToolingMissing(
+            f"`{name}` is tooling ({module}), which this installation leaves out: the production image "
+            "holds what `run` needs; install the project with its `tools` extra for the rest"
+        ) from None
+    parser = argparse.ArgumentParser(prog=f"{prog} {name}", description=help_text)
+    command.add_arguments(parser)
+    return command.cli_main(parser.parse_args(argv))
 
 
 def _usage() -> str:
@@ -42,7 +65,7 @@ def _usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Imports only the chosen command's module, so `stack status` does not pay for importing torch."""
+    """Exit status 2, with the message, for an unknown command or a bad setting: what to fix, no traceback."""
     args_in = list(sys.argv[1:] if argv is None else argv)
     if not args_in or args_in[0] in ("-h", "--help"):
         print(_usage())
@@ -51,14 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module, help_text = COMMANDS[name]
-    command = _load(module)
-    parser = argparse.ArgumentParser(prog=f"python -m worker {name}", description=help_text)
-    command.add_arguments(parser)
-    args = parser.parse_args(args_in[1:])
     try:
-        return command.cli_main(args)
-    except ConfigError as exc:
+        return dispatch(COMMANDS, name, args_in[1:], "python -m worker")
+    except (ConfigError, ToolingMissing) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,19 +7,35 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-SCHEMA_VERSION = 1
+SchemaVersion = Literal[1]
+SCHEMA_VERSION: Final[SchemaVersion] = 1
 
-Text = Annotated[str, Field(min_length=1)]
-SegmentName = Annotated[str, Field(min_length=1, max_length=16_384, pattern=r"^[^\x00-\x1f\x7f]+$")]
-EventId = Annotated[str, Field(min_length=1, max_length=256)]
-ItemId = Annotated[str, Field(min_length=1, max_length=256)]
-QueryText = Annotated[str, Field(max_length=2_048)]
-ItemText = Annotated[str, Field(min_length=1, max_length=8_192)]
+# The limits of the wire strings, in characters, and of `clicked`: one copy, read by these pydantic types
+# and by the msgspec fast path of `worker.stream.decode`, which must accept nothing these reject.
+MIN_CHARS: Final = 1
+ID_MAX_CHARS: Final = 256
+SEGMENT_MAX_CHARS: Final = 16_384
+QUERY_MAX_CHARS: Final = 2_048
+ITEM_TEXT_MAX_CHARS: Final = 8_192
+CONTROL_CHARS: Final = r"\x00-\x1f\x7f"
+"""A regex character range: what a segment name may not contain."""
+NOT_CLICKED: Final = 0
+CLICKED: Final = 1
+
+Text = Annotated[str, Field(min_length=MIN_CHARS)]
+SegmentName = Annotated[
+    str, Field(min_length=MIN_CHARS, max_length=SEGMENT_MAX_CHARS, pattern=rf"^[^{CONTROL_CHARS}]+$")
+]
+EventId = Annotated[str, Field(min_length=MIN_CHARS, max_length=ID_MAX_CHARS)]
+ItemId = Annotated[str, Field(min_length=MIN_CHARS, max_length=ID_MAX_CHARS)]
+QueryText = Annotated[str, Field(max_length=QUERY_MAX_CHARS)]
+ItemText = Annotated[str, Field(min_length=MIN_CHARS, max_length=ITEM_TEXT_MAX_CHARS)]
+Clicked = Annotated[int, Field(strict=True, ge=NOT_CLICKED, le=CLICKED)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
@@ -55,7 +71,7 @@ class ClickEvent(_Wire):
         frozen=True, extra="forbid", title="ClickEvent", json_schema_extra={"$id": "click-event.v1"}
     )
 
-    schema_version: Literal[1] = 1
+    schema_version: SchemaVersion = SCHEMA_VERSION
     event_id: EventId
     ts: datetime = Field(description="Event time, ISO 8601; naive times are read as UTC.")
     segment: SegmentName = Field(
@@ -64,7 +80,7 @@ class ClickEvent(_Wire):
     query: QueryText | None = Field(None, description="Search query or context text; optional.")
     item_id: ItemId
     item_text: ItemText
-    clicked: Annotated[int, Field(strict=True, ge=0, le=1)] = Field(description="1 clicked, 0 not.")
+    clicked: Clicked = Field(description="1 clicked, 0 not.")
 
     @field_validator("ts")
     @classmethod
@@ -87,8 +103,8 @@ class ScoreRequest(_Wire):
         frozen=True, extra="forbid", title="ScoreRequest", json_schema_extra={"$id": "score-request.v1"}
     )
 
-    schema_version: Literal[1] = 1
-    request_id: Annotated[str, Field(min_length=1, max_length=256)]
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    request_id: Annotated[str, Field(min_length=MIN_CHARS, max_length=ID_MAX_CHARS)]
     segment: SegmentName
     pairs: Annotated[list[ScorePair], Field(min_length=1, max_length=10_000)]
 
@@ -100,7 +116,7 @@ class ScoreUpdate(_Wire):
         frozen=True, extra="forbid", title="ScoreUpdate", json_schema_extra={"$id": "score-update.v1"}
     )
 
-    schema_version: Literal[1] = 1
+    schema_version: SchemaVersion = SCHEMA_VERSION
     segment: SegmentName
     query: QueryText | None
     item_id: ItemId
@@ -130,7 +146,7 @@ class ModelVersionEvent(_Wire):
         json_schema_extra={"$id": "model-version.v1"},
     )
 
-    schema_version: Literal[1] = 1
+    schema_version: SchemaVersion = SCHEMA_VERSION
     scope: Literal["segment", "shared"] = Field(
         "segment", description="`shared`: the model all segments share."
     )

@@ -26,29 +26,28 @@ from worker.learn.model import (
     Pair,
     SegmentAdapter,
     base_model_path,
-    load_adapter,
     load_backbone,
-    load_shared,
-    save_adapter,
-    save_shared,
     score_pairs,
     with_adapter,
 )
+from worker.learn.store import load_adapter, load_shared, save_adapter, save_shared
 from worker.learn.train import (
-    Metrics,
     TrainResult,
+    folds_of,
+    pairs_of,
     score_segment,
     segment_training_data,
     shared_training_data,
     train_segment_adapter,
     train_shared,
 )
+from worker.ops.quality import HoldoutScore
 from worker.state.registry import SHARED_SEGMENT, Registry, VersionRecord
 
 log = structlog.get_logger(__name__)
 
 
-def _wire_metrics(m: Metrics | None) -> HoldoutMetrics | None:
+def _wire_metrics(m: HoldoutScore | None) -> HoldoutMetrics | None:
     if m is None or m.n == 0:
         return None
     logloss = m.logloss if np.isfinite(m.logloss) else 1e9
@@ -127,6 +126,14 @@ class Learner:
             self._adapters.popitem(last=False)
         return version, adapter
 
+    def resident_adapters(self) -> int:
+        """Adapters held in memory now (at most `max_resident_adapters`)."""
+        return len(self._adapters)
+
+    def evict(self, segment: str) -> None:
+        """Drop the segment's adapter from memory; the next `adapter(segment)` loads it from the store."""
+        self._adapters.pop(segment, None)
+
     def score(
         self, segment: str, pairs: Sequence[Pair], folds: Sequence[int | None] | None = None
     ) -> tuple[np.ndarray, int]:
@@ -151,6 +158,11 @@ class Learner:
         else:
             self._composed.move_to_end(key)
         return score_pairs(self.backbone, model, pairs, folds=folds), version
+
+    def score_events(self, segment: str, events: Sequence[ClickEvent]) -> tuple[np.ndarray, int]:
+        """`score` for events, with their history folds: an event the shared model's query history
+        counted is scored without its own label, as the gate scores its holdout."""
+        return self.score(segment, pairs_of(events), folds_of(events))
 
     # Training
 

@@ -4,7 +4,9 @@ also takes the pair's lexical match features (`worker.learn.match`) and its quer
 
 The shared model is a full encoder plus head. A segment's model is the shared model with a LoRA adapter
 on the encoder and a two-number calibration (scale, bias) on the shared head's logit, so the head stays
-the shared one when the shared model moves on. Everything loads offline from a local directory.
+the shared one when the shared model moves on. Everything loads offline from a local directory: the
+functions that import the Hugging Face libraries set their environment first (`_offline_hub`), so
+importing this module changes nothing.
 
 No Kafka or Redis here: this module runs on a bare GPU machine.
 """
@@ -12,12 +14,9 @@ No Kafka or Redis here: this module runs on a bare GPU machine.
 from __future__ import annotations
 
 import copy
-import json
 import os
-import shutil
-import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,14 +27,23 @@ from torch import nn
 from worker.config import Settings
 from worker.learn import history, match
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_HUB_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 Pair = tuple[str | None, str]
 LORA_TARGETS = ("query", "key", "value", "dense")
 ZERO_SHOT_SCALE = 10.0
 ZERO_SHOT_CENTER = 0.35
+
+
+def _offline_hub() -> None:
+    """Offline Hugging Face libraries and no tokeniser threads, unless the environment says otherwise.
+
+    Call before importing transformers or peft: huggingface_hub reads HF_HUB_OFFLINE (or
+    TRANSFORMERS_OFFLINE) once, when it is first imported, and tokenizers reads TOKENIZERS_PARALLELISM
+    when it first uses threads (forked children of a tokeniser that used threads warn, and may hang).
+    """
+    for name, value in _HUB_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
 
 
 def default_base_model() -> Path:
@@ -112,6 +120,15 @@ class Backbone:
     def _match(self, pair: Pair) -> list[float] | None:
         return match.features(*pair) if self.match_features else None
 
+    def clear_token_cache(self) -> None:
+        """Forget every encoded pair, e.g. so that a benchmark times tokenisation too."""
+        self._tokens.clear()
+
+    def without_match_features(self) -> Backbone:
+        """The same tokenizer and device for a plain cross-encoder: pairs carry no match features, and
+        the token cache is its own (cached rows of this backbone hold match features)."""
+        return replace(self, match_features=False, _tokens={})
+
     def collate(
         self, rows: Sequence[Row], query_history: np.ndarray | None = None
     ) -> dict[str, torch.Tensor]:
@@ -146,6 +163,7 @@ class Backbone:
 
 
 def load_backbone(settings: Settings) -> Backbone:
+    _offline_hub()
     from transformers import AutoTokenizer
 
     apply_threads(settings)
@@ -201,9 +219,10 @@ class ClickModel(nn.Module):
         return logit * self.calibration[0] + self.calibration[1]
 
 
-def _load_encoder(path: Path, safetensors_only: bool = False) -> Any:
+def load_encoder(path: Path, safetensors_only: bool = False) -> Any:
     """`safetensors_only` for what the worker wrote itself (shared models): only safetensors are read there.
     The base model is the operator's own choice and may be in either format."""
+    _offline_hub()
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
@@ -216,7 +235,7 @@ def _load_encoder(path: Path, safetensors_only: bool = False) -> Any:
 def new_click_model(backbone: Backbone, seed: int = 0) -> ClickModel:
     """The pretrained encoder with a fresh head: the starting point of the shared model."""
     torch.manual_seed(seed)
-    encoder = _load_encoder(backbone.base_path)
+    encoder = load_encoder(backbone.base_path)
     hidden = int(encoder.config.hidden_size)
     model = ClickModel(encoder, hidden)
     return model.to(backbone.device)
@@ -306,7 +325,7 @@ def pretrained_encoder(backbone: Backbone) -> Any:
     """The untouched base encoder, loaded once per process, for zero-shot scoring."""
     key = (backbone.base_path, str(backbone.device))
     if key not in _ZERO_SHOT_ENCODERS:
-        _ZERO_SHOT_ENCODERS[key] = _load_encoder(backbone.base_path).to(backbone.device).eval()
+        _ZERO_SHOT_ENCODERS[key] = load_encoder(backbone.base_path).to(backbone.device).eval()
     return _ZERO_SHOT_ENCODERS[key]
 
 
@@ -325,6 +344,7 @@ class SegmentAdapter:
     dropout: float = 0.0
 
     def lora_config(self, base_path: Path | str = "") -> Any:
+        _offline_hub()
         from peft import LoraConfig
 
         return LoraConfig(
@@ -339,6 +359,7 @@ class SegmentAdapter:
 
 def attach_lora(model: ClickModel, rank: int, alpha: int, dropout: float, seed: int) -> ClickModel:
     """A copy of `model` whose encoder carries a fresh LoRA; only LoRA and calibration are trainable."""
+    _offline_hub()
     from peft import LoraConfig, get_peft_model
 
     seg = copy.deepcopy(model)
@@ -358,6 +379,7 @@ def attach_lora(model: ClickModel, rank: int, alpha: int, dropout: float, seed: 
 
 def with_adapter(model: ClickModel, adapter: SegmentAdapter | None, seed: int = 0) -> ClickModel:
     """The segment's model: shared weights plus its adapter, or a copy of the shared model if none."""
+    _offline_hub()
     from peft import set_peft_model_state_dict
 
     if adapter is None:
@@ -373,6 +395,7 @@ def with_adapter(model: ClickModel, adapter: SegmentAdapter | None, seed: int = 
 
 
 def extract_adapter(seg: ClickModel) -> SegmentAdapter:
+    _offline_hub()
     from peft import get_peft_model_state_dict
 
     config: Any = seg.encoder.peft_config["default"]
@@ -385,107 +408,3 @@ def extract_adapter(seg: ClickModel) -> SegmentAdapter:
         target_modules=sorted(config.target_modules),
         dropout=float(config.lora_dropout),
     )
-
-
-# ---- files: safetensors and JSON only, written to a temp dir and renamed into place -------------
-
-
-def _atomic_dir(directory: Path) -> Path:
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    return tmp
-
-
-def _commit_dir(tmp: Path, directory: Path) -> None:
-    try:
-        os.rename(tmp, directory)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def save_adapter(directory: Path, adapter: SegmentAdapter, meta: dict[str, Any] | None = None) -> Path:
-    """PEFT's own layout (adapter_config.json + adapter_model.safetensors), plus head.safetensors
-    (the calibration) and meta.json; `PeftModel.from_pretrained(shared_encoder, directory)` loads it."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    tmp = _atomic_dir(directory)
-    try:
-        adapter.lora_config(str((meta or {}).get("base_model", ""))).save_pretrained(str(tmp))
-        save_file(
-            {k: v.contiguous() for k, v in adapter.lora.items()}, str(tmp / "adapter_model.safetensors")
-        )
-        save_file({"calibration": adapter.calibration.contiguous()}, str(tmp / "head.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2, sort_keys=True, default=str))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _commit_dir(tmp, directory)
-    return directory
-
-
-def load_adapter(directory: Path) -> tuple[SegmentAdapter, dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config = json.loads((directory / "adapter_config.json").read_text())
-    lora = load_file(str(directory / "adapter_model.safetensors"))
-    head = load_file(str(directory / "head.safetensors"))
-    meta_path = directory / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    targets = config["target_modules"]
-    adapter = SegmentAdapter(
-        lora=lora,
-        calibration=head["calibration"],
-        rank=int(config["r"]),
-        alpha=int(config["lora_alpha"]),
-        target_modules=sorted(targets) if isinstance(targets, list) else [targets],
-        dropout=float(config.get("lora_dropout", 0.0)),
-    )
-    return adapter, meta
-
-
-def save_shared(directory: Path, model: ClickModel, meta: dict[str, Any] | None = None) -> Path:
-    """`encoder/` in Hugging Face layout (safetensors), `head.safetensors`, the query history table
-    (`history.json`, if any) and `meta.json`; atomic."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    tmp = _atomic_dir(directory)
-    try:
-        model.encoder.save_pretrained(str(tmp / "encoder"), safe_serialization=True)
-        head = {
-            f"{part}.{k}": v.detach().float().cpu().contiguous()
-            for part, module in (("head", model.head), ("match", model.match), ("history", model.history))
-            for k, v in module.state_dict().items()
-        }
-        save_file(head, str(tmp / "head.safetensors"))
-        if model.query_history is not None:
-            model.query_history.save(tmp)
-        (tmp / "meta.json").write_text(json.dumps(meta or {}, indent=2, sort_keys=True, default=str))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _commit_dir(tmp, directory)
-    return directory
-
-
-def load_shared(directory: Path, backbone: Backbone) -> tuple[ClickModel, dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    encoder = _load_encoder(directory / "encoder", safetensors_only=True)
-    model = ClickModel(encoder, int(encoder.config.hidden_size))
-    head = load_file(str(directory / "head.safetensors"))
-    model.head.load_state_dict({k.removeprefix("head."): v for k, v in head.items() if k.startswith("head.")})
-    for part, module in (("match", model.match), ("history", model.history)):
-        wide = {k.removeprefix(f"{part}."): v for k, v in head.items() if k.startswith(f"{part}.")}
-        if wide:
-            module.load_state_dict(wide)
-    model.query_history = history.QueryHistory.load(directory)
-    meta_path = directory / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    return model.to(backbone.device), meta

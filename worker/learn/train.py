@@ -9,7 +9,8 @@ Two levels, because pooled knowledge is what carries quality on few-shot segment
 A training of several epochs stops early on the same holdout slice and keeps its best epoch. The shared
 model also carries the query history (`worker.learn.history`) counted from the run's events.
 Both train a copy and never mutate their inputs. A non-finite loss or any exception yields a
-`failed` result (never promoted) instead of raising. Seeded: the same inputs give the same result on CPU.
+`failed` result (never promoted) instead of raising, its traceback logged. Seeded: the same inputs give the
+same result on CPU. Holdout numbers come from `worker.ops.quality`, the same code `/metrics` uses.
 See docs/learning.md for the measurements behind the defaults.
 """
 
@@ -20,10 +21,11 @@ import hashlib
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import structlog
 import torch
 
 from worker.config import Settings
@@ -42,30 +44,22 @@ from worker.learn.model import (
     with_adapter,
     zero_shot_scores,
 )
+from worker.ops.quality import HoldoutScore, holdout_score
+
+log = structlog.get_logger(__name__)
 
 Decision = Literal["promoted", "rejected", "failed"]
-LOGLOSS_EPS = 1e-7
 AUC_TIE = 1e-9
 
 
-@dataclass(frozen=True)
-class Metrics:
-    auc: float | None
-    logloss: float
-    n: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
+@dataclass(kw_only=True)
 class TrainResult:
     """What one training produced; `adapter` (segment) or `shared` is set unless it failed."""
 
     decision: Decision
     reason: str
-    challenger: Metrics | None
-    champion: Metrics | None
+    challenger: HoldoutScore | None
+    champion: HoldoutScore | None
     train_seconds: float
     device: str
     losses: list[float] = field(default_factory=list)
@@ -95,23 +89,11 @@ def labels_of(events: Sequence[ClickEvent]) -> np.ndarray:
     return np.array([e.clicked for e in events], dtype=np.float64)
 
 
-def metrics(labels: np.ndarray, probs: np.ndarray) -> Metrics:
-    """ROC AUC (None when one class only) and mean log loss with clipped probabilities."""
-    from sklearn.metrics import roc_auc_score
-
-    n = len(labels)
-    if n == 0:
-        return Metrics(None, float("nan"), 0)
-    if not np.all(np.isfinite(probs)):
-        return Metrics(None, float("inf"), n)
-    p = np.clip(probs, LOGLOSS_EPS, 1 - LOGLOSS_EPS)
-    logloss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
-    auc = float(roc_auc_score(labels, probs)) if 0 < labels.sum() < n else None
-    return Metrics(auc, logloss, n)
-
-
 def gate(
-    challenger: Metrics | None, champion: Metrics | None, margin: float, auc_tolerance: float = 0.0
+    challenger: HoldoutScore | None,
+    champion: HoldoutScore | None,
+    margin: float,
+    auc_tolerance: float = 0.0,
 ) -> tuple[bool, str]:
     """Promote only if holdout AUC is not lower and log loss not worse than the champion's by > margin."""
     if challenger is None or challenger.n == 0:
@@ -192,11 +174,57 @@ def shared_training_data(
     return TrainingData(train_new, replay, holdout, [*older, *new])
 
 
-def _param_groups(
-    model: ClickModel, lr: float, weight_decay: float, calibration_lr: float, match_lr: float
-) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class FitOptions:
+    """How `fit` trains: the optimiser's rates and schedule, batches, seed and early stopping.
+
+    Built once per training from the settings (`for_shared`, `for_segment`), so a knob is written out
+    in one place; `dataclasses.replace` makes the variants the evaluation's reference procedures need.
+    """
+
+    lr: float
+    epochs: int
+    batch_size: int
+    weight_decay: float
+    seed: int
+    warmup_frac: float = 0.1
+    calibration_lr: float = 1e-2
+    match_lr: float = 1e-2
+    patience: int = 0
+
+    @classmethod
+    def for_shared(cls, settings: Settings) -> FitOptions:
+        """A shared run's: encoder and head at `shared_lr`, the match and history weights at `match_lr`."""
+        return cls(
+            lr=settings.shared_lr,
+            epochs=settings.shared_epochs,
+            batch_size=settings.shared_batch_size,
+            weight_decay=settings.weight_decay,
+            seed=settings.seed,
+            warmup_frac=settings.warmup_frac,
+            match_lr=settings.match_lr,
+            patience=settings.early_stopping_patience,
+        )
+
+    @classmethod
+    def for_segment(cls, settings: Settings) -> FitOptions:
+        """A segment run's: LoRA at `adapter_lr`, the calibration at `calibration_lr`."""
+        return cls(
+            lr=settings.adapter_lr,
+            epochs=settings.adapter_epochs,
+            batch_size=settings.batch_size,
+            weight_decay=settings.weight_decay,
+            seed=settings.seed,
+            warmup_frac=settings.warmup_frac,
+            calibration_lr=settings.calibration_lr,
+            patience=settings.early_stopping_patience,
+        )
+
+
+def _param_groups(model: ClickModel, options: FitOptions) -> list[dict[str, Any]]:
     """The few head-side numbers learn at their own, larger rates: from zero they must reach weights of
     order 1 within a run, where the encoder's weights move by 1e-4 per step."""
+    lr, weight_decay = options.lr, options.weight_decay
     decay, no_decay, calib, wide = [], [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -212,8 +240,8 @@ def _param_groups(
     groups = [
         {"params": decay, "lr": lr, "weight_decay": weight_decay},
         {"params": no_decay, "lr": lr, "weight_decay": 0.0},
-        {"params": calib, "lr": calibration_lr, "weight_decay": 0.0},
-        {"params": wide, "lr": match_lr, "weight_decay": 0.0},
+        {"params": calib, "lr": options.calibration_lr, "weight_decay": 0.0},
+        {"params": wide, "lr": options.match_lr, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
 
@@ -233,37 +261,29 @@ def fit(
     backbone: Backbone,
     model: ClickModel,
     events: Sequence[ClickEvent],
-    *,
-    lr: float,
-    epochs: int,
-    batch_size: int,
-    weight_decay: float,
-    seed: int,
-    warmup_frac: float = 0.1,
-    calibration_lr: float = 1e-2,
-    match_lr: float = 1e-2,
+    options: FitOptions,
     holdout: Sequence[ClickEvent] = (),
-    patience: int = 0,
 ) -> Fitted:
-    """Train `model` in place with AdamW, linear warm-up then linear decay over `epochs`.
+    """Train `model` in place with AdamW, linear warm-up then linear decay over `options.epochs`.
 
-    Early stopping (`patience` > 0, a `holdout` and more than one epoch): after each epoch the holdout
-    log loss is measured; training stops once `patience` epochs in a row did not improve on the best,
-    and the trainable weights of the best epoch are put back.
+    Early stopping (`options.patience` > 0, a `holdout` and more than one epoch): after each epoch the
+    holdout log loss is measured; training stops once `patience` epochs in a row did not improve on the
+    best, and the trainable weights of the best epoch are put back.
     Raises NonFiniteLoss at the first NaN/inf loss so that a diverging run never reaches the gate.
     """
     if not events:
         return Fitted([])
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
     pairs = pairs_of(events)
     rows = backbone.encode(pairs)
     hist = model.history_features(pairs, folds_of(events))
     labels = torch.tensor([e.clicked for e in events], dtype=torch.float32)
+    batch_size, epochs, patience = options.batch_size, options.epochs, options.patience
     steps_per_epoch = math.ceil(len(rows) / batch_size)
     total = steps_per_epoch * epochs
-    warmup = max(1, int(total * warmup_frac))
-    optimizer = torch.optim.AdamW(_param_groups(model, lr, weight_decay, calibration_lr, match_lr))
+    warmup = max(1, int(total * options.warmup_frac))
+    optimizer = torch.optim.AdamW(_param_groups(model, options))
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     stopping = patience > 0 and bool(holdout) and epochs > 1
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
@@ -313,18 +333,64 @@ def fit(
     return done
 
 
-def evaluate_model(backbone: Backbone, model: ClickModel, events: Sequence[ClickEvent]) -> Metrics:
+def evaluate_model(backbone: Backbone, model: ClickModel, events: Sequence[ClickEvent]) -> HoldoutScore:
     if not events:
-        return Metrics(None, float("nan"), 0)
-    return metrics(labels_of(events), score_pairs(backbone, model, pairs_of(events), folds=folds_of(events)))
-
-
-def _failed(
-    reason: str, started: float, backbone: Backbone, champion: Metrics | None, losses: list[float]
-) -> TrainResult:
-    return TrainResult(
-        "failed", reason, None, champion, time.perf_counter() - started, str(backbone.device), losses
+        return holdout_score([], [])
+    return holdout_score(
+        labels_of(events), score_pairs(backbone, model, pairs_of(events), folds=folds_of(events))
     )
+
+
+@dataclass
+class _Attempt:
+    """One training as it goes: what it measured so far, so a failure at any step still reports the
+    champion's score and the losses of a finished `fit`, and both trainers end the same way."""
+
+    scope: Literal["segment", "shared"]
+    backbone: Backbone
+    settings: Settings
+    started: float = field(default_factory=time.perf_counter)
+    champion: HoldoutScore | None = None
+    losses: list[float] = field(default_factory=list)
+
+    def failed(self, exc: Exception) -> TrainResult:
+        """Never raises: the caller records a failed version and backs off; the traceback goes to the log."""
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("training failed", scope=self.scope, error=reason, exc_info=exc)
+        return TrainResult(
+            decision="failed",
+            reason=reason,
+            challenger=None,
+            champion=self.champion,
+            train_seconds=time.perf_counter() - self.started,
+            device=str(self.backbone.device),
+            losses=self.losses,
+        )
+
+    def judged(
+        self,
+        challenger: HoldoutScore,
+        fitted: Fitted,
+        n_train: int,
+        *,
+        adapter: SegmentAdapter | None = None,
+        shared: ClickModel | None = None,
+    ) -> TrainResult:
+        s = self.settings
+        ok, reason = gate(challenger, self.champion, s.gate_logloss_margin, s.gate_auc_tolerance)
+        return TrainResult(
+            decision="promoted" if ok else "rejected",
+            reason=reason,
+            challenger=challenger,
+            champion=self.champion,
+            train_seconds=time.perf_counter() - self.started,
+            device=str(self.backbone.device),
+            losses=self.losses,
+            n_train=n_train,
+            adapter=adapter,
+            shared=shared,
+            kept_epoch=fitted.kept_epoch,
+        )
 
 
 class _Same:
@@ -353,18 +419,16 @@ def train_shared(
     With `settings.query_history` the challenger gets a new query history table counted from `counted`
     (default: the new, replayed and holdout events), and is gated with it against the champion's own.
     """
-    started = time.perf_counter()
-    champion_metrics: Metrics | None = None
-    losses: list[float] = []
+    attempt = _Attempt("shared", backbone, settings)
     events = [*new_events, *replay_events]
     try:
         serving = model if isinstance(champion, _Same) else champion
         if serving is None:
             labels = labels_of(holdout_events)
             probs = zero_shot_scores(backbone, pretrained_encoder(backbone), pairs_of(holdout_events))
-            champion_metrics = metrics(labels, probs) if holdout_events else None
+            attempt.champion = holdout_score(labels, probs) if holdout_events else None
         else:
-            champion_metrics = evaluate_model(backbone, serving, holdout_events)
+            attempt.champion = evaluate_model(backbone, serving, holdout_events)
         challenger_model = new_click_model(backbone, settings.seed) if model is None else copy.deepcopy(model)
         for param in challenger_model.parameters():
             param.requires_grad = True
@@ -377,36 +441,13 @@ def train_shared(
             else None
         )
         fitted = fit(
-            backbone,
-            challenger_model,
-            events,
-            lr=settings.shared_lr,
-            epochs=settings.shared_epochs,
-            batch_size=settings.shared_batch_size,
-            weight_decay=settings.weight_decay,
-            seed=settings.seed,
-            warmup_frac=settings.warmup_frac,
-            match_lr=settings.match_lr,
-            holdout=holdout_events,
-            patience=settings.early_stopping_patience,
+            backbone, challenger_model, events, FitOptions.for_shared(settings), holdout=holdout_events
         )
-        losses = fitted.losses
+        attempt.losses = fitted.losses
         challenger = evaluate_model(backbone, challenger_model, holdout_events)
     except Exception as exc:
-        return _failed(f"{type(exc).__name__}: {exc}", started, backbone, champion_metrics, losses)
-    ok, reason = gate(challenger, champion_metrics, settings.gate_logloss_margin, settings.gate_auc_tolerance)
-    return TrainResult(
-        "promoted" if ok else "rejected",
-        reason,
-        challenger,
-        champion_metrics,
-        time.perf_counter() - started,
-        str(backbone.device),
-        losses,
-        n_train=len(events),
-        shared=challenger_model,
-        kept_epoch=fitted.kept_epoch,
-    )
+        return attempt.failed(exc)
+    return attempt.judged(challenger, fitted, len(events), shared=challenger_model)
 
 
 def train_segment_adapter(
@@ -423,12 +464,11 @@ def train_segment_adapter(
     The champion is measured as it would be served now: current shared model plus champion adapter
     (or the shared model alone when the segment has none yet).
     """
-    started = time.perf_counter()
-    champion: Metrics | None = None
-    losses: list[float] = []
+    attempt = _Attempt("segment", backbone, settings)
+    events = [*new_events, *replay_events]
     try:
         serving = with_adapter(shared, champion_adapter, settings.seed)
-        champion = evaluate_model(backbone, serving, holdout_events)
+        attempt.champion = evaluate_model(backbone, serving, holdout_events)
         del serving
         if champion_adapter is None:
             seg = attach_lora(
@@ -436,39 +476,13 @@ def train_segment_adapter(
             )
         else:
             seg = with_adapter(shared, champion_adapter, settings.seed)
-        events = [*new_events, *replay_events]
-        fitted = fit(
-            backbone,
-            seg,
-            events,
-            lr=settings.adapter_lr,
-            epochs=settings.adapter_epochs,
-            batch_size=settings.batch_size,
-            weight_decay=settings.weight_decay,
-            seed=settings.seed,
-            warmup_frac=settings.warmup_frac,
-            calibration_lr=settings.calibration_lr,
-            holdout=holdout_events,
-            patience=settings.early_stopping_patience,
-        )
-        losses = fitted.losses
+        fitted = fit(backbone, seg, events, FitOptions.for_segment(settings), holdout=holdout_events)
+        attempt.losses = fitted.losses
         challenger = evaluate_model(backbone, seg, holdout_events)
         adapter = extract_adapter(seg)
     except Exception as exc:
-        return _failed(f"{type(exc).__name__}: {exc}", started, backbone, champion, losses)
-    ok, reason = gate(challenger, champion, settings.gate_logloss_margin, settings.gate_auc_tolerance)
-    return TrainResult(
-        "promoted" if ok else "rejected",
-        reason,
-        challenger,
-        champion,
-        time.perf_counter() - started,
-        str(backbone.device),
-        losses,
-        n_train=len(events),
-        adapter=adapter,
-        kept_epoch=fitted.kept_epoch,
-    )
+        return attempt.failed(exc)
+    return attempt.judged(challenger, fitted, len(events), adapter=adapter)
 
 
 def score_segment(

@@ -1,42 +1,30 @@
-"""Prometheus metrics, online (prequential) model quality, and the `/metrics`, `/healthz`, `/readyz` server.
+"""Prometheus metrics: the worker's counters, gauges and histograms, and the online (prequential) quality
+gauges computed from `worker.ops.quality`.
 
 Everything lives in one `Metrics` object with its own `CollectorRegistry`, not prometheus-client's global
-one, so tests (and a process hosting several workers) can build as many as they like. The HTTP server is
-the standard library's, in a daemon thread: a scrape or a probe never touches the poll loop or the
-compute thread, and it binds to `WORKER_METRICS_HOST` (127.0.0.1 unless told otherwise).
-
-Online AUC and log loss are prequential: each event is scored by the serving model *before* any model
-learns from it, so the numbers say how the model does on traffic it has not seen, with no holdout spent.
+one, so tests (and a process hosting several workers) can build as many as they like. Serving them over
+HTTP is `worker.ops.http`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from worker.config import Settings
-from worker.learn.history import fold_of
+from worker.ops.quality import Prequential
 
 log = structlog.get_logger(__name__)
 
 PREFIX = "ctr_worker_"
-OTHER = "__other__"
-"""Label value that pools the segments past the cardinality cap (a name no real segment is likely to use)."""
-
 SCOPES = ("segment", "shared")
 DECISIONS = ("promoted", "rejected", "failed")
 TRAIN_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
@@ -69,141 +57,6 @@ METRIC_NAMES: tuple[str, ...] = (
     "ctr_worker_online_logloss",
     "ctr_worker_online_window_events",
 )
-
-
-# ------------------------------------------------------------------ online quality
-
-
-def rank_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float | None:
-    """ROC AUC by the Mann-Whitney rank sum, ties given their average rank (what sklearn computes).
-
-    None when the labels hold one class only: AUC is undefined there, and a made-up 0.5 would read as
-    a real (bad) number on a dashboard.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.int64)
-    pos = int(y.sum())
-    neg = len(y) - pos
-    if pos == 0 or neg == 0:
-        return None
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # Average rank within each run of equal scores.
-    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
-    ends = np.r_[starts[1:], len(s)]
-    avg = (starts + ends + 1) / 2.0  # ranks are 1-based: mean of start+1 .. end
-    ranks[order] = np.repeat(avg, ends - starts)
-    return float((ranks[y == 1].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
-
-
-def log_loss(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float | None:
-    """Mean binary cross-entropy, probabilities clipped so one confident miss cannot give infinity."""
-    p = np.clip(np.asarray(scores, dtype=np.float64), 1e-7, 1 - 1e-7)
-    y = np.asarray(labels, dtype=np.float64)
-    if len(y) == 0:
-        return None
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
-class _Window:
-    __slots__ = ("ids", "labels", "scores")
-
-    def __init__(self, size: int) -> None:
-        self.scores: deque[float] = deque(maxlen=size)
-        self.labels: deque[int] = deque(maxlen=size)
-        self.ids: deque[str | None] = deque(maxlen=size)
-
-    def add(self, score: float, label: int, event_id: str | None) -> None:
-        self.scores.append(score)
-        self.labels.append(label)
-        self.ids.append(event_id)
-
-
-class Prequential:
-    """Per segment, the last `window` (score, label) pairs scored before learning; AUC and log loss.
-
-    Label cardinality is bounded: only the `max_segments` busiest segments (by events recorded) get their
-    own window and label; all others share one pooled window under `OTHER`. A quieter segment is
-    replaced only when another has strictly more traffic, so labels do not flap between equals. Memory
-    is (max_segments + 1) windows plus one integer per segment seen (capped at `max_tracked`).
-    """
-
-    def __init__(self, window: int = 500, max_segments: int = 50, max_tracked: int = 100_000) -> None:
-        if window < 2 or max_segments < 1:
-            raise ValueError("window must be >= 2 and max_segments >= 1")
-        self.window = window
-        self.max_segments = max_segments
-        self.max_tracked = max_tracked
-        self._lock = threading.Lock()
-        self._traffic: dict[str, int] = {}
-        self._windows: dict[str, _Window] = {}
-        self._other = _Window(window)
-
-    def record(
-        self,
-        segment: str,
-        scores: Sequence[float] | np.ndarray,
-        labels: Sequence[int] | np.ndarray,
-        event_ids: Sequence[str] | None = None,
-    ) -> int:
-        """Add pairs scored before any model learned from them; returns how many were new.
-
-        With `event_ids`, an id already in the segment's window is skipped: the shared run and the
-        segment run may both score the same new events first, and each must count once.
-        """
-        if len(scores) != len(labels) or (event_ids is not None and len(event_ids) != len(labels)):
-            raise ValueError("scores, labels and event_ids must have the same length")
-        with self._lock:
-            self._traffic[segment] = self._traffic.get(segment, 0) + len(labels)
-            if len(self._traffic) > self.max_tracked:
-                self._prune_traffic()
-            win = self._admit(segment)
-            seen = set(win.ids) if event_ids is not None else set()
-            added = 0
-            for i, (score, label) in enumerate(zip(scores, labels, strict=True)):
-                eid = event_ids[i] if event_ids is not None else None
-                if eid is not None and eid in seen:
-                    continue
-                if eid is not None:
-                    seen.add(eid)
-                win.add(float(score), int(label), eid)
-                added += 1
-            return added
-
-    def _admit(self, segment: str) -> _Window:
-        win = self._windows.get(segment)
-        if win is not None:
-            return win
-        if len(self._windows) < self.max_segments:
-            win = self._windows[segment] = _Window(self.window)
-            return win
-        quietest = min(self._windows, key=lambda s: self._traffic.get(s, 0))
-        if self._traffic[segment] > self._traffic.get(quietest, 0):
-            del self._windows[quietest]
-            win = self._windows[segment] = _Window(self.window)
-            return win
-        return self._other
-
-    def _prune_traffic(self) -> None:
-        keep = sorted(self._traffic.items(), key=lambda kv: kv[1], reverse=True)[: self.max_tracked // 2]
-        self._traffic = dict(keep)
-        for s in self._windows:
-            self._traffic.setdefault(s, 0)
-
-    def labelled_segments(self) -> list[str]:
-        """Segments with their own label right now (at most `max_segments`), plus `OTHER` when used."""
-        with self._lock:
-            names = sorted(self._windows)
-            return [*names, OTHER] if self._other.labels else names
-
-    def snapshot(self) -> dict[str, tuple[float | None, float | None, int]]:
-        """segment -> (AUC or None, log loss or None, pairs in window), for every label value."""
-        with self._lock:
-            wins = [(s, list(w.scores), list(w.labels)) for s, w in self._windows.items()]
-            if self._other.labels:
-                wins.append((OTHER, list(self._other.scores), list(self._other.labels)))
-        return {s: (rank_auc(sc, lb), log_loss(sc, lb), len(lb)) for s, sc, lb in wins}
 
 
 class _PrequentialCollector:
@@ -272,16 +125,17 @@ class _Ingestor(Protocol):
 
 
 class _Event(Protocol):
+    """What prequential scoring reads of an event; the scoring itself is the caller's."""
+
     @property
     def event_id(self) -> str: ...
     @property
     def segment(self) -> str: ...
     @property
-    def query(self) -> str | None: ...
-    @property
-    def item_text(self) -> str: ...
-    @property
     def clicked(self) -> int: ...
+
+
+E = TypeVar("E", bound=_Event)
 
 
 @dataclass
@@ -513,17 +367,17 @@ class Metrics:
 
     def score_before_learning(
         self,
-        score: Callable[[str, list[tuple[str | None, str]], list[int | None]], tuple[Any, int]],
-        events: Sequence[_Event],
+        score: Callable[[str, Sequence[E]], tuple[Any, int]],
+        events: Sequence[E],
     ) -> int:
         """Score events the serving models have not learned from yet, and record them prequentially.
 
         Call on the compute thread right before a training consumes `events`. Per segment, only the last
         `window` events are scored (older ones would fall out of the window anyway). Returns events
-        recorded. Never raises: a failed measurement must not cost the training. `score` gets the events'
-        history folds, so a label the shared model's query history already counted is not read back.
+        recorded. Never raises: a failed measurement must not cost the training. `score(segment, events)`
+        returns (probabilities, version), e.g. `Learner.score_events`.
         """
-        by_segment: dict[str, list[_Event]] = {}
+        by_segment: dict[str, list[E]] = {}
         for ev in events:
             by_segment.setdefault(ev.segment, []).append(ev)
         recorded = 0
@@ -531,8 +385,7 @@ class Metrics:
             evs = evs[-self.prequential.window :]
             started = time.perf_counter()
             try:
-                pairs = [(e.query, e.item_text) for e in evs]
-                probs, _ = score(segment, pairs, [fold_of(e.event_id) for e in evs])
+                probs, _ = score(segment, evs)
             except Exception as exc:
                 log.warning("prequential scoring failed", segment=segment, error=str(exc)[:300])
                 continue
@@ -592,123 +445,3 @@ def consumer_lag(
                 pos = max(low, 0)
         lags[tp.partition] = max(0, high - pos)
     return lags
-
-
-# ------------------------------------------------------------------ readiness
-
-
-class Readiness:
-    """Named checks for `/readyz`, each cached for `ttl_s` so a probe storm cannot hammer Redis or Kafka.
-
-    A check that raises counts as not ready (during start-up the attributes it reads may not exist yet).
-    """
-
-    def __init__(self, checks: Mapping[str, Callable[[], bool]], ttl_s: float = 5.0) -> None:
-        self.checks = dict(checks)
-        self.ttl_s = ttl_s
-        self._lock = threading.Lock()
-        self._cache: dict[str, tuple[float, bool]] = {}
-
-    def __call__(self) -> dict[str, bool]:
-        now = time.monotonic()
-        out: dict[str, bool] = {}
-        with self._lock:
-            for name, check in self.checks.items():
-                cached = self._cache.get(name)
-                if cached is not None and now - cached[0] < self.ttl_s:
-                    out[name] = cached[1]
-                    continue
-                try:
-                    ok = bool(check())
-                except Exception:
-                    ok = False
-                self._cache[name] = (now, ok)
-                out[name] = ok
-        return out
-
-
-# ------------------------------------------------------------------ the server
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            self._send(200, self.server.metrics.render(), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
-            self._send(200, b"ok\n", "text/plain; charset=utf-8")
-        elif path == "/readyz":
-            try:
-                checks = self.server.ready()
-            except Exception as exc:
-                body = {"ready": False, "missing": [], "error": str(exc)[:300]}
-                self._send(503, json.dumps(body).encode(), "application/json")
-                return
-            missing = sorted(name for name, ok in checks.items() if not ok)
-            body = {"ready": not missing, "missing": missing, "checks": checks}
-            self._send(200 if not missing else 503, json.dumps(body).encode(), "application/json")
-        else:
-            self._send(404, b"not found\n", "text/plain; charset=utf-8")
-
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Probes arrive every few seconds: keep them out of the worker's log."""
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(
-        self, address: tuple[str, int], metrics: Metrics, ready: Callable[[], dict[str, bool]]
-    ) -> None:
-        self.metrics = metrics
-        self.ready = ready
-        super().__init__(address, _Handler)
-
-
-@dataclass
-class MetricsServer:
-    """A running endpoint; `close()` stops it (idempotent)."""
-
-    metrics: Metrics
-    host: str
-    port: int
-    _server: _Server
-    _thread: threading.Thread
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-        self._server.server_close()
-
-
-def start(
-    settings: Settings,
-    ready: Callable[[], dict[str, bool]],
-    metrics: Metrics | None = None,
-) -> MetricsServer:
-    """Serve `/metrics`, `/healthz` and `/readyz` on `settings.metrics_host:metrics_port` (port 0: any
-    free port, see `.port`). Raises OSError naming the settings when the address cannot be bound."""
-    m = metrics if metrics is not None else Metrics()
-    host, port = settings.metrics_host, settings.metrics_port
-    try:
-        server = _Server((host, port), m, ready)
-    except OSError as exc:
-        raise OSError(
-            exc.errno, f"cannot serve metrics on WORKER_METRICS_HOST={host} WORKER_METRICS_PORT={port}: {exc}"
-        ) from None
-    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
-    thread.start()
-    bound = int(server.server_address[1])
-    log.info("metrics endpoint", host=host, port=bound)
-    return MetricsServer(m, host, bound, server, thread)

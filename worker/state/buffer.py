@@ -23,10 +23,12 @@ and by size (`dedup_max_ids`) inside the same script, so memory is bounded, and 
 partition's slot, so the check and the write are one atomic step. Producers key by segment, so a
 redelivered event comes back on the same partition; dedup's scope is the partition.
 
-The write script gets the four partition keys in KEYS and builds the segment keys from the same prefix
-(one packed argument carries every segment's events, one string carries the reply: per-argument and
-per-element costs in redis-py were most of the Python time). All of them share the partition's hash tag,
-so on Redis Cluster they are in the script's slot, though not declared.
+Every key is built by `worker.state.keys`. The write script gets the four partition keys in KEYS and
+each segment's key base in its one packed argument, with that segment's events (one string carries the
+reply: per-argument and per-element costs in redis-py were most of the Python time). The segment keys
+share the partition's hash tag, so on Redis Cluster they are in the script's slot, though not declared.
+The scripts live next to this module (`buffer_write.lua`, `buffer_mark_trained.lua`); entries are
+encoded by `worker.state.entry`.
 
 The write script also skips any message whose offset is below the stored `next`: a replayed or zombie
 batch changes nothing, which is what makes results effectively-once on top of at-least-once delivery.
@@ -34,6 +36,7 @@ batch changes nothing, which is what makes results effectively-once on top of at
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -44,197 +47,17 @@ import redis
 
 from worker.config import Settings
 from worker.events import ClickEvent
-from worker.state.keys import segment_hash
+from worker.state import keys
+from worker.state.entry import decode_entry, encode_entry
+from worker.state.keys import PartitionPart, SegmentPart, segment_hash
+from worker.state.scripts import lua
 
-_WRITE_LUA = r"""
-local function chunked(cmd, key, flat, step)
-  local r = 0
-  for s = 1, #flat, step do
-    r = redis.call(cmd, key, unpack(flat, s, math.min(s + step - 1, #flat)))
-  end
-  return r
-end
-local now = ARGV[1]
-local dedup_max, new_cap = tonumber(ARGV[3]), tonumber(ARGV[4])
-local sample_cap, cand_cap = tonumber(ARGV[5]), tonumber(ARGV[6])
-local nseg, ndead = tonumber(ARGV[8]), tonumber(ARGV[9])
-local tag = string.sub(KEYS[1], 1, -9)
-local stored = tonumber(redis.call('HGET', KEYS[1], 'next') or '-1')
-local check = stored > tonumber(ARGV[10])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2])
-local function split(s)
-  local t, pos = {}, 1
-  while true do
-    local e = string.find(s, '\255', pos, true)
-    if not e then
-      t[#t + 1] = string.sub(s, pos)
-      return t
-    end
-    t[#t + 1] = string.sub(s, pos, e - 1)
-    pos = e + 1
-  end
-end
-local ids, segs, hs, names = {}, {}, {}, {}
-local blob = split(ARGV[11])
-local at = 1
-for i = 1, nseg do
-  hs[i], names[i] = blob[at], blob[at + 1]
-  local first, last = at + 3, at + 2 + 4 * tonumber(blob[at + 2])
-  segs[i] = {first, last}
-  for b = first + 1, last, 4 do ids[#ids + 1] = blob[b] end
-  at = last + 1
-end
-local deadbase = 12
-local known = {}
-for s = 1, #ids, 4000 do
-  local part = redis.call('ZMSCORE', KEYS[2], unpack(ids, s, math.min(s + 3999, #ids)))
-  for j = 1, #part do known[s + j - 1] = part[j] end
-end
-local seen, fresh = {}, {}
-local idx, added, dups, stale = 0, 0, 0, 0
-local out = {0, 0, 0, 0}
-for i = 1, nseg do
-  local f = blob
-  local items, prs, pos, dup = {}, {}, 0, 0
-  for b = segs[i][1], segs[i][2], 4 do
-    idx = idx + 1
-    local id = f[b + 1]
-    if check and tonumber(f[b]) < stored then
-      stale = stale + 1
-    elseif known[idx] or seen[id] then
-      dup = dup + 1
-    else
-      seen[id] = true
-      fresh[#fresh + 1] = now
-      fresh[#fresh + 1] = id
-      local item = f[b + 2]
-      items[#items + 1] = item
-      prs[#prs + 1] = f[b + 3]
-      if string.byte(item, 1) == 49 then pos = pos + 1 end
-    end
-  end
-  local n = #items
-  if n > 0 or dup > 0 then
-    local k0 = tag .. ':seg:' .. hs[i] .. ':'
-    local meta, new, sample = k0 .. 'meta', k0 .. 'new', k0 .. 'sample'
-    local cand, candz = k0 .. 'cand', k0 .. 'candz'
-    local m = redis.call('HMGET', meta, 'seq', 'pos', 'neg', 'new_pos', 'new_neg', 'dropped', 'duplicates',
-      'ncand', 'last_trained_ms')
-    local seq = tonumber(m[1] or '0')
-    local new_pos, new_neg = tonumber(m[4] or '0') + pos, tonumber(m[5] or '0') + n - pos
-    local dropped, ncand = tonumber(m[6] or '0'), tonumber(m[8] or '0')
-    local newlen = 0
-    if n > 0 then
-      if seq == 0 then
-        redis.call('HSET', meta, 'name', names[i])
-        redis.call('SADD', KEYS[4], hs[i])
-      end
-      newlen = chunked('RPUSH', new, items, 4000)
-      if newlen > new_cap then
-        local drop = newlen - new_cap
-        local dpos = 0
-        for _, v in ipairs(redis.call('LRANGE', new, 0, drop - 1)) do
-          if string.byte(v, 1) == 49 then dpos = dpos + 1 end
-        end
-        redis.call('LTRIM', new, drop, -1)
-        dropped = dropped + drop
-        new_pos, new_neg = new_pos - dpos, new_neg - (drop - dpos)
-        newlen = new_cap
-      end
-      if chunked('RPUSH', sample, items, 4000) > sample_cap then
-        redis.call('LTRIM', sample, -sample_cap, -1)
-      end
-      local hflat, zflat = {}, {}
-      for j = 1, n do
-        hflat[2 * j - 1] = prs[j]
-        hflat[2 * j] = items[j]
-        zflat[2 * j - 1] = seq + j
-        zflat[2 * j] = prs[j]
-      end
-      chunked('HSET', cand, hflat, 4000)
-      ncand = ncand + chunked('ZADD', candz, zflat, 4000)
-      if ncand > cand_cap then
-        local gone = redis.call('ZPOPMIN', candz, ncand - cand_cap)
-        local fields = {}
-        for j = 1, #gone, 2 do fields[#fields + 1] = gone[j] end
-        chunked('HDEL', cand, fields, 4000)
-        ncand = cand_cap
-      end
-      seq = seq + n
-      added = added + n
-      out[#out + 1] = i
-      out[#out + 1] = seq
-      out[#out + 1] = newlen
-      out[#out + 1] = new_pos
-      out[#out + 1] = new_neg
-      out[#out + 1] = m[9] or '0'
-    end
-    redis.call('HSET', meta, 'seq', seq, 'pos', tonumber(m[2] or '0') + pos,
-      'neg', tonumber(m[3] or '0') + n - pos, 'new_pos', new_pos, 'new_neg', new_neg, 'dropped', dropped,
-      'duplicates', tonumber(m[7] or '0') + dup, 'ncand', ncand)
-    dups = dups + dup
-  end
-end
-for s = 1, #fresh, 4000 do
-  redis.call('ZADD', KEYS[2], unpack(fresh, s, math.min(s + 3999, #fresh)))
-end
-local dead = 0
-local codes = {}
-for b = deadbase, deadbase + ndead * 2 - 1, 2 do
-  if tonumber(ARGV[b]) >= stored then
-    codes[ARGV[b + 1]] = (codes[ARGV[b + 1]] or 0) + 1
-    dead = dead + 1
-  else
-    stale = stale + 1
-  end
-end
-for code, c in pairs(codes) do redis.call('HINCRBY', KEYS[3], 'dlq.' .. code, c) end
-if dead > 0 then redis.call('HINCRBY', KEYS[3], 'dlq', dead) end
-if added > 0 then redis.call('HINCRBY', KEYS[3], 'events', added) end
-if dups > 0 then redis.call('HINCRBY', KEYS[3], 'duplicates', dups) end
-if stale > 0 then redis.call('HINCRBY', KEYS[3], 'stale', stale) end
-if tonumber(ARGV[7]) > stored then redis.call('HSET', KEYS[1], 'next', ARGV[7]) end
-if #fresh > 0 then
-  local ndedup = redis.call('ZCARD', KEYS[2])
-  if ndedup > dedup_max then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, ndedup - dedup_max - 1) end
-end
-out[1], out[2], out[3], out[4] = added, dups, stale, dead
-return table.concat(out, ',')
-"""
+_WRITE_LUA = lua("entry.lua", "buffer_write.lua")
+_MARK_TRAINED_LUA = lua("entry.lua", "buffer_mark_trained.lua")
 
-_MARK_TRAINED_LUA = r"""
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-local seq_to = math.min(tonumber(ARGV[1]), seq)
-local len = redis.call('LLEN', KEYS[2])
-local n = math.min(seq_to - (seq - len + 1) + 1, len)
-if n > 0 then
-  local pos = 0
-  for _, v in ipairs(redis.call('LRANGE', KEYS[2], 0, n - 1)) do
-    if string.byte(v, 1) == 49 then pos = pos + 1 end
-  end
-  redis.call('LTRIM', KEYS[2], n, -1)
-  redis.call('HINCRBY', KEYS[1], 'new_pos', 0 - pos)
-  redis.call('HINCRBY', KEYS[1], 'new_neg', pos - n)
-else
-  n = 0
-end
-if seq_to > tonumber(redis.call('HGET', KEYS[1], 'trained_seq') or '0') then
-  redis.call('HSET', KEYS[1], 'trained_seq', seq_to)
-end
-redis.call('HSET', KEYS[1], 'last_trained_ms', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'trainings', 1)
-return n
-"""
-
-_SEG_PARTS = ("meta", "new", "sample", "cand", "candz")
 _SEP = b"\xff"
 
 _HASH_CACHE_MAX = 100_000
-
-
-def pair_key(query: str | None, item_id: str) -> bytes:
-    """The identity of a candidate: the query (None and "" differ) and the item id, unambiguously."""
-    return orjson.dumps([query, item_id])
 
 
 class Pending(NamedTuple):
@@ -323,14 +146,16 @@ class Buffer:
         self.topic = topic or settings.input_topic
         self.prefix = settings.redis_prefix
         self.redis: redis.Redis[bytes] = client or redis.Redis.from_url(settings.redis_url, socket_timeout=30)
-        self._write_sha = self.redis.script_load(_WRITE_LUA)  # type: ignore[no-untyped-call]
+        # The script's SHA1 is known without asking Redis, so building a buffer does no I/O: the first
+        # write that finds the script missing loads it (see `InflightWrite.wait`).
+        self._write_sha = hashlib.sha1(_WRITE_LUA.encode()).hexdigest()
         self._mark = self.redis.register_script(_MARK_TRAINED_LUA)
         self._hashes: dict[str, str] = {}
 
     # Keys
 
     def _tag(self, partition: int, topic: str | None = None) -> str:
-        return f"{self.prefix}:{{{topic or self.topic}-{partition}}}"
+        return keys.partition_tag(self.prefix, topic or self.topic, partition)
 
     def _hash(self, segment: str) -> str:
         h = self._hashes.get(segment)
@@ -340,11 +165,11 @@ class Buffer:
             h = self._hashes[segment] = segment_hash(segment)
         return h
 
-    def partition_key(self, partition: int, part: str, topic: str | None = None) -> str:
-        return f"{self._tag(partition, topic)}:{part}"
+    def partition_key(self, partition: int, part: PartitionPart, topic: str | None = None) -> str:
+        return keys.partition_key(self._tag(partition, topic), part)
 
-    def segment_key(self, partition: int, segment: str, part: str, topic: str | None = None) -> str:
-        return f"{self._tag(partition, topic)}:seg:{self._hash(segment)}:{part}"
+    def segment_key(self, partition: int, segment: str, part: SegmentPart, topic: str | None = None) -> str:
+        return keys.segment_key(self._tag(partition, topic), self._hash(segment), part)
 
     # Writes
 
@@ -359,13 +184,15 @@ class Buffer:
             group += (
                 b"%d" % e.offset,
                 e.event_id.encode(),
-                (b"1" if e.clicked else b"0") + e.payload,
+                encode_entry(e.clicked, e.payload),
                 e.pair,
             )
         blob: list[bytes] = []
         for name, group in groups.items():
+            h = self._hash(name)
             blob += (
-                self._hash(name).encode(),
+                h.encode(),
+                keys.segment_key_base(tag, h).encode(),
                 name.encode("utf-8", "surrogatepass"),
                 b"%d" % (len(group) // 4),
             )
@@ -385,8 +212,8 @@ class Buffer:
         ]
         for offset, code in w.dead:
             args += (offset, code)
-        keys = [f"{tag}:offsets", f"{tag}:dedup", f"{tag}:stats", f"{tag}:segs"]
-        return keys, args, list(groups)
+        parts: tuple[PartitionPart, ...] = ("offsets", "dedup", "stats", "segs")
+        return [keys.partition_key(tag, part) for part in parts], args, list(groups)
 
     def write(self, writes: Sequence[PartitionWrite]) -> WriteResult:
         """Apply each partition's batch atomically (one script per partition, one round trip for all)."""
@@ -451,7 +278,7 @@ class Buffer:
         tag = self._tag(partition)
         pipe = self.redis.pipeline(transaction=False)
         for h in hashes:
-            pipe.hget(f"{tag}:seg:{h.decode()}:meta", "name")
+            pipe.hget(keys.segment_key(tag, h.decode(), "meta"), "name")
         return sorted(raw.decode("utf-8", "surrogatepass") for raw in pipe.execute() if raw is not None)
 
     def segment_states(self, partition: int) -> list[SegmentState]:
@@ -471,6 +298,15 @@ class Buffer:
                 SegmentState(partition, name, seq, int(replies[2 * i + 1]), new_pos, new_neg, trained)
             )
         return states
+
+    def segment_state(self, partition: int, segment: str) -> SegmentState | None:
+        """The trigger's view of one segment, None when nothing was ever stored for it."""
+        c = self.counts(partition, segment)
+        if c.seq == 0:
+            return None
+        return SegmentState(
+            partition, segment, c.seq, c.new, c.new_positives, c.new_negatives, c.last_trained_ms
+        )
 
     def counts(self, partition: int, segment: str) -> SegmentCounts:
         pipe = self.redis.pipeline(transaction=True)
@@ -527,21 +363,22 @@ class Buffer:
         for field in order:
             raw = payloads.get(field)
             if raw is not None:
-                doc = orjson.loads(raw[1:])
+                doc = orjson.loads(decode_entry(raw)[1])
                 out.append(Candidate(doc.get("query"), doc["item_id"], doc["item_text"]))
         return out
 
     def mark_trained(self, partition: int, segment: str, seq_to: int, now_ms: int | None = None) -> int:
         """Drop new events up to `seq_to` (later arrivals stay new), start the cooldown; returns how many."""
-        keys = [self.segment_key(partition, segment, "meta"), self.segment_key(partition, segment, "new")]
+        meta = self.segment_key(partition, segment, "meta")
+        new = self.segment_key(partition, segment, "new")
         stamp = int(time.time() * 1000) if now_ms is None else now_ms
-        return int(self._mark(keys=keys, args=[seq_to, stamp]))
+        return int(self._mark(keys=[meta, new], args=[seq_to, stamp]))
 
     def purge(self) -> int:
         """Delete every key under this prefix (tests, demos); returns how many."""
         removed = 0
         batch: list[bytes] = []
-        for key in self.redis.scan_iter(match=f"{self.prefix}:*", count=1000):
+        for key in self.redis.scan_iter(match=keys.prefix_pattern(self.prefix), count=1000):
             batch.append(key)
             if len(batch) >= 500:
                 removed += int(self.redis.unlink(*batch))
@@ -615,4 +452,4 @@ class InflightWrite:
 
 
 def _events(raw: Sequence[bytes]) -> list[ClickEvent]:
-    return [ClickEvent.model_validate_json(item[1:]) for item in raw]
+    return [ClickEvent.model_validate_json(decode_entry(item)[1]) for item in raw]

@@ -1,10 +1,59 @@
-"""Names derived from segment strings, safe for Redis keys and file paths whatever the segment is."""
+"""Every Redis key the worker uses, and the hashes of segment names that go into keys and paths.
+
+One module owns the layout, as arq keeps its key prefixes in one place: stored data is found again by
+these exact strings, so changing one here is a data migration, not a refactoring. Scripts get their keys
+from here too, in KEYS or as a segment's key base (`segment_key_base`) to which they append a
+`SegmentPart`; no script derives a key from another one.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from typing import Literal
+
+PartitionPart = Literal["offsets", "dedup", "stats", "segs"]
+SegmentPart = Literal["meta", "new", "sample", "cand", "candz"]
+RegistryPart = Literal["next", "name", "records", "champion"]
 
 
 def segment_hash(segment: str) -> str:
     """A fixed-length hex digest: no `:`, `*`, `/`, `..`, newline or length survives into a key or path."""
     return hashlib.blake2b(segment.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def prefix_pattern(prefix: str) -> str:
+    """The SCAN/ACL pattern of every key under `prefix`."""
+    return f"{prefix}:*"
+
+
+def partition_tag(prefix: str, topic: str, partition: int) -> str:
+    """`P:{T-p}`: the braces are the Redis Cluster hash tag, so a partition's keys share one slot."""
+    return f"{prefix}:{{{topic}-{partition}}}"
+
+
+def partition_key(tag: str, part: PartitionPart) -> str:
+    return f"{tag}:{part}"
+
+
+def segment_key_base(tag: str, seg_hash: str) -> str:
+    """What a segment's keys start with; a key is the base and a `SegmentPart`, nothing between."""
+    return f"{tag}:seg:{seg_hash}:"
+
+
+def segment_key(tag: str, seg_hash: str, part: SegmentPart) -> str:
+    return segment_key_base(tag, seg_hash) + part
+
+
+def registry_key(prefix: str, seg_hash: str, part: RegistryPart) -> str:
+    """A registry key of one segment; the hash is its hash tag, so a segment's keys share one slot."""
+    return f"{prefix}:reg:{{{seg_hash}}}:{part}"
+
+
+def registry_index_key(prefix: str) -> str:
+    """The hash of segment hash -> name over every segment the registry has seen."""
+    return f"{prefix}:reg:index"
+
+
+def shared_registry_prefix(prefix: str) -> str:
+    """The shared model's registry lives under its own prefix, out of reach of any segment's keys."""
+    return f"{prefix}:shared"

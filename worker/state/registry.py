@@ -2,8 +2,9 @@
 
 Metadata lives in Redis, adapters in the model store (`<store>/<segment hash>/<version>/`). Version numbers
 come from INCR, so no two trainers, threads or workers ever hand out the same one. The champion pointer
-moves forward only through a Lua compare-and-set (a slow trainer cannot overwrite a newer champion) and
-only ever names a version whose directory is complete (adapters are written to a temp dir, then renamed).
+moves forward only through a Lua compare-and-set (`registry_promote.lua`: a slow trainer cannot overwrite
+a newer champion) and only ever names a version whose directory is complete (adapters are written to a
+temp dir, then renamed). Every key comes from `worker.state.keys`.
 """
 
 from __future__ import annotations
@@ -19,21 +20,14 @@ from pydantic import ConfigDict
 
 from worker.config import Settings, load_settings
 from worker.events import ModelVersionEvent
-from worker.state.keys import segment_hash
+from worker.state import keys
+from worker.state.keys import RegistryPart, segment_hash
+from worker.state.scripts import lua
 
 SHARED_SEGMENT = "shared"
 """The shared model's name inside its own registry (`Registry.shared`), a namespace no segment reaches."""
 
-_PROMOTE = """
-local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-local version = tonumber(ARGV[1])
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if ARGV[3] == '1' and version > current then
-  redis.call('SET', KEYS[2], ARGV[1])
-  return 1
-end
-return 0
-"""
+_PROMOTE = lua("registry_promote.lua")
 
 
 class RegistryError(RuntimeError):
@@ -66,10 +60,12 @@ class Registry:
 
     def shared(self) -> Registry:
         """The registry of the model shared by all segments: same Redis, its own key prefix and directory."""
-        return Registry(self.client, self.store / "shared", f"{self.prefix}:shared", self.keep)
+        return Registry(
+            self.client, self.store / "shared", keys.shared_registry_prefix(self.prefix), self.keep
+        )
 
-    def _key(self, segment: str, what: str) -> str:
-        return f"{self.prefix}:reg:{{{segment_hash(segment)}}}:{what}"
+    def _key(self, segment: str, part: RegistryPart) -> str:
+        return keys.registry_key(self.prefix, segment_hash(segment), part)
 
     def adapter_dir(self, segment: str, version: int) -> Path:
         return self.store / segment_hash(segment) / f"{version:08d}"
@@ -79,7 +75,11 @@ class Registry:
         pipe = self.client.pipeline(transaction=True)
         pipe.incr(self._key(segment, "next"))
         pipe.set(self._key(segment, "name"), segment.encode("utf-8", "surrogatepass"))
-        pipe.hset(f"{self.prefix}:reg:index", segment_hash(segment), segment.encode("utf-8", "surrogatepass"))
+        pipe.hset(
+            keys.registry_index_key(self.prefix),
+            segment_hash(segment),
+            segment.encode("utf-8", "surrogatepass"),
+        )
         version, _, _ = pipe.execute()
         return int(version)
 
@@ -112,7 +112,7 @@ class Registry:
         return sorted(records, key=lambda r: r.version)
 
     def segments(self) -> list[str]:
-        names = self.client.hvals(f"{self.prefix}:reg:index")
+        names = self.client.hvals(keys.registry_index_key(self.prefix))
         return sorted(n.decode("utf-8", "surrogatepass") for n in names)
 
     def rollback(self, segment: str, version: int | None = None) -> VersionRecord:

@@ -1,4 +1,4 @@
-"""The poll loop: decode, validate, dead-letter or buffer; rebalance callbacks; pause and resume.
+"""The poll loop: decode (`worker.stream.decode`), dead-letter or buffer; rebalance callbacks, pausing.
 
 Delivery is at-least-once, results effectively-once: each consume batch is written to Redis by one script
 per partition that stores the events *and* the next offset together (see `worker.state.buffer`), and on
@@ -20,19 +20,13 @@ rather than store offsets past dead letters that might be lost.
 from __future__ import annotations
 
 import argparse
-import queue
-import re
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from types import FrameType
-from typing import Annotated, Literal
 
-import msgspec
-import orjson
 import redis
 import structlog
 from confluent_kafka import (
@@ -44,14 +38,15 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from pydantic import ValidationError
 
 from worker.config import Settings, load_settings
-from worker.events import SCHEMA_VERSION, ClickEvent
+from worker.events import ClickEvent
 from worker.logs import configure_logging
-from worker.state.buffer import Buffer, InflightWrite, PartitionWrite, Pending, WriteResult, pair_key
+from worker.state.buffer import Buffer, InflightWrite, PartitionWrite, Pending, WriteResult
+from worker.state.entry import pair_key
+from worker.stream.decode import Rejection, decode, fast_decode
 from worker.stream.kafka import ensure_topics, make_consumer, make_producer
-from worker.stream.trigger import DueSegment, Trigger
+from worker.stream.trigger import Trigger
 
 log = structlog.get_logger("worker.stream.ingest")
 
@@ -61,106 +56,6 @@ PROGRESS_LOG_INTERVAL_S = 10.0
 
 class DeadLetterError(RuntimeError):
     """The dead-letter topic did not confirm in time; offsets past those messages must not be stored."""
-
-
-@dataclass(frozen=True)
-class Rejection:
-    code: str
-    message: str
-
-
-def decode(value: bytes | None, settings: Settings, now_s: float) -> ClickEvent | Rejection:
-    """One message value to a valid click event, or the reason it goes to the dead-letter topic.
-
-    The fast path is one pydantic JSON validation; only a failing message pays for finding out why.
-    """
-    if value is None:
-        return Rejection("empty", "message has no value")
-    if len(value) > settings.max_message_bytes:
-        return Rejection("oversize", f"{len(value)} bytes > max_message_bytes {settings.max_message_bytes}")
-    try:
-        event = ClickEvent.model_validate_json(value)
-    except ValidationError as exc:
-        return _diagnose(value, exc)
-    ts = event.ts.timestamp()
-    if ts < now_s - settings.max_event_age_s:
-        return Rejection(
-            "too_old", f"ts {_iso(event.ts)} older than max_event_age_s {settings.max_event_age_s:g}"
-        )
-    if ts > now_s + settings.max_clock_skew_s:
-        return Rejection(
-            "too_new",
-            f"ts {_iso(event.ts)} ahead by more than max_clock_skew_s {settings.max_clock_skew_s:g}",
-        )
-    return event
-
-
-def _iso(ts: datetime) -> str:
-    return ts.isoformat()
-
-
-def _diagnose(value: bytes, exc: ValidationError) -> Rejection:
-    try:
-        value.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return Rejection("undecodable", f"not UTF-8: {err}")
-    try:
-        doc = orjson.loads(value)
-    except orjson.JSONDecodeError as err:
-        return Rejection("invalid_json", f"not JSON: {err}")
-    if not isinstance(doc, dict):
-        return Rejection("schema", f"expected a JSON object, got {type(doc).__name__}")
-    version = doc.get("schema_version", SCHEMA_VERSION)
-    if type(version) is not int or version != SCHEMA_VERSION:
-        return Rejection("unknown_schema_version", f"schema_version {version!r} is not {SCHEMA_VERSION}")
-    errors = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'event'}: {e['msg']}" for e in exc.errors()[:5]
-    )
-    return Rejection("schema", errors[:1000])
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-class _FastEvent(msgspec.Struct, forbid_unknown_fields=True):
-    """`ClickEvent`'s rules as a msgspec type: the same fields, lengths and strict JSON types."""
-
-    event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-    ts: datetime
-    segment: Annotated[str, msgspec.Meta(min_length=1, max_length=16_384)]
-    item_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-    item_text: Annotated[str, msgspec.Meta(min_length=1, max_length=8_192)]
-    clicked: Annotated[int, msgspec.Meta(ge=0, le=1)]
-    query: Annotated[str, msgspec.Meta(max_length=2_048)] | None = None
-    schema_version: Literal[1] = 1
-
-
-_FAST = msgspec.json.Decoder(_FastEvent)
-
-
-def _fast_decode(value: bytes, lo_s: float, hi_s: float) -> tuple[str, str, int, bytes] | None:
-    """(segment, event_id, clicked, pair key) of a plainly valid event, or None: ask `decode`.
-
-    msgspec validates in one C pass, about 7x cheaper than pydantic and the largest per-event cost of
-    ingest before it. It accepts a subset of what `ClickEvent` accepts (strict JSON types, RFC 3339
-    times), with the same fields; anything else, including times out of range, goes through `decode`,
-    which gives the same answer for what this accepts and the reason for the rest.
-    """
-    try:
-        event = _FAST.decode(value)
-    except (msgspec.MsgspecError, UnicodeDecodeError):
-        return None
-    if _CONTROL.search(event.segment) is not None:
-        return None
-    ts = event.ts
-    if ts.year == 1 or ts.year == 9999:  # its UTC form may not exist: `decode` says
-        return None
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    t = ts.timestamp()
-    if t < lo_s or t > hi_s:
-        return None
-    return event.segment, event.event_id, event.clicked, orjson.dumps([event.query, event.item_id])
 
 
 @dataclass(slots=True)
@@ -191,8 +86,8 @@ def _or_beginning(offset: int | None) -> int:
 class Ingestor:
     """Consumes `settings.input_topic` in group `settings.group_id` into the Redis buffer.
 
-    With a `jobs` queue, due segments are put on it (see `worker.stream.trigger`) and the input partitions are
-    paused while it is full; without one, it only ingests.
+    With a `trigger` (see `worker.stream.trigger`), due segments go on its job queue and the input
+    partitions are paused while that queue is full; without one, it only ingests.
     """
 
     def __init__(
@@ -200,7 +95,7 @@ class Ingestor:
         settings: Settings,
         *,
         buffer: Buffer | None = None,
-        jobs: queue.Queue[DueSegment] | None = None,
+        trigger: Trigger | None = None,
         consumer: Consumer | None = None,
         producer: Producer | None = None,
         on_write: Callable[[WriteResult], None] | None = None,
@@ -208,7 +103,7 @@ class Ingestor:
     ) -> None:
         self.settings = settings
         self.buffer = buffer or Buffer(settings)
-        self.trigger = Trigger(settings, jobs, self.buffer) if jobs is not None else None
+        self.trigger = trigger
         self.consumer = consumer or make_consumer(settings, error_cb=self._on_kafka_error)
         self.producer = producer or make_producer(settings)
         self.on_write = on_write
@@ -375,7 +270,7 @@ class Ingestor:
             offset: int = msg.offset()  # type: ignore[assignment]
             slot.next_offset = offset + 1
             value: bytes = msg.value()  # type: ignore[assignment]
-            fast = _fast_decode(value, lo, hi) if value is not None and len(value) <= max_bytes else None
+            fast = fast_decode(value, lo, hi) if value is not None and len(value) <= max_bytes else None
             if fast is not None:
                 events.append(Pending(offset, fast[0], fast[1], fast[2], fast[3], value))
                 continue

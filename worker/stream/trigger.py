@@ -10,6 +10,9 @@ checked again, so a segment that was due when the previous owner died is queued 
 
 Threads: `observe`, `tick`, `assigned` and `revoked` run on the ingest thread; `done` and `still_owned` on
 the training thread. One lock guards the state.
+
+The rule itself (`enough_new_events`, `cooldown_over`) needs neither Redis nor Kafka, so the offline
+simulation of `worker.tools.evaluate` imports it from here and replays the worker's own rule.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from worker.config import Settings
-from worker.state.buffer import Buffer, SegmentState
+
+if TYPE_CHECKING:
+    from worker.state.buffer import Buffer, SegmentState
 
 
 @dataclass(frozen=True)
@@ -39,12 +45,17 @@ def is_due(state: SegmentState, settings: Settings, now_s: float) -> bool:
     return meets_thresholds(state, settings) and cooldown_over(state, settings, now_s)
 
 
-def meets_thresholds(state: SegmentState, settings: Settings) -> bool:
+def enough_new_events(new: int, positives: int, negatives: int, settings: Settings) -> bool:
+    """The thresholds on a segment's untrained events, on plain counts: the simulation has no buffer."""
     return (
-        state.new >= settings.min_new_events
-        and state.new_pos >= settings.min_positives
-        and state.new_neg >= settings.min_negatives
+        new >= settings.min_new_events
+        and positives >= settings.min_positives
+        and negatives >= settings.min_negatives
     )
+
+
+def meets_thresholds(state: SegmentState, settings: Settings) -> bool:
+    return enough_new_events(state.new, state.new_pos, state.new_neg, settings)
 
 
 def cooldown_over(state: SegmentState, settings: Settings, now_s: float) -> bool:
@@ -104,7 +115,7 @@ class Trigger:
             recheck, self._recheck = list(self._recheck), set()
             self._flush_pending()
         if recheck and self.buffer is not None:
-            states = [self._fresh_state(p, seg) for p, seg in recheck]
+            states = [self.buffer.segment_state(p, seg) for p, seg in recheck]
             self.observe(s for s in states if s is not None)
 
     def assigned(self, partitions: Iterable[int]) -> None:
@@ -167,12 +178,3 @@ class Trigger:
                 return
             del self._pending[key]
             self.queued_total += 1
-
-    def _fresh_state(self, partition: int, segment: str) -> SegmentState | None:
-        assert self.buffer is not None
-        c = self.buffer.counts(partition, segment)
-        if c.seq == 0:
-            return None
-        return SegmentState(
-            partition, segment, c.seq, c.new, c.new_positives, c.new_negatives, c.last_trained_ms
-        )

@@ -9,10 +9,6 @@ been quiet for a while (or the time budget is spent), stops it with SIGTERM, and
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import defaultdict
@@ -22,8 +18,9 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
-from worker.config import Settings, isolated, load_settings, settings_env
+from worker.config import Settings, isolated, load_settings
 from worker.stream.kafka import client_config, ensure_topics
+from worker.tools.procs import child_env, start_worker, stop_worker
 from worker.tools.replay import replay
 
 # Sized for a 2-core CPU: shorter sequences and earlier shared runs than the defaults, and the shared
@@ -169,39 +166,30 @@ def _plot(versions: list[dict[str, Any]], path: Path) -> None:
 def cli_main(args: argparse.Namespace) -> int:
     run_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     settings = isolated(load_settings(), run_id, **DEMO_SETTINGS)
-    env = {**os.environ, **settings_env(settings)}
     print(f"demo run {run_id}: {args.events} events of {args.data}, worker settings {DEMO_SETTINGS}")
     ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
 
     log_path = settings.model_store.parent / "worker.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with log_path.open("wb") as log_file:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "worker", "run"], env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-        try:
-            produced = replay(settings, args.data, limit=args.events, progress=True)
-            print(f"replayed {produced} events into {settings.input_topic}; worker log: {log_path}")
-            last_count, last_change = -1, time.monotonic()
-            while time.monotonic() - started < args.budget_s and worker.poll() is None:
-                count = _versions_seen(settings)
-                if count != last_count or _busy(log_path):
-                    if count != last_count:
-                        print(
-                            f"  {time.monotonic() - started:6.0f} s: {count} model-version events", flush=True
-                        )
-                    last_count, last_change = count, time.monotonic()
-                elif count > 0 and time.monotonic() - last_change > args.quiet_s:
-                    print(f"  worker idle for {args.quiet_s:.0f} s: stopping it")
-                    break
-                time.sleep(5)
-            if worker.poll() is None:
-                _request_scores(settings, args.data, args.events)
-        finally:
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-            code = worker.wait(timeout=120)
+    worker = start_worker(child_env(settings), log_path, stdout_to_log=True)
+    try:
+        produced = replay(settings, args.data, limit=args.events, progress=True)
+        print(f"replayed {produced} events into {settings.input_topic}; worker log: {log_path}")
+        last_count, last_change = -1, time.monotonic()
+        while time.monotonic() - started < args.budget_s and worker.poll() is None:
+            count = _versions_seen(settings)
+            if count != last_count or _busy(log_path):
+                if count != last_count:
+                    print(f"  {time.monotonic() - started:6.0f} s: {count} model-version events", flush=True)
+                last_count, last_change = count, time.monotonic()
+            elif count > 0 and time.monotonic() - last_change > args.quiet_s:
+                print(f"  worker idle for {args.quiet_s:.0f} s: stopping it")
+                break
+            time.sleep(5)
+        if worker.poll() is None:
+            _request_scores(settings, args.data, args.events)
+    finally:
+        code = stop_worker(worker, 120)
     print(f"worker stopped with exit code {code} after {time.monotonic() - started:.0f} s")
 
     versions = _read_all(settings, settings.versions_topic)

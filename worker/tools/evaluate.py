@@ -42,10 +42,9 @@ from worker.events import ClickEvent
 from worker.learn.history import QueryHistory
 from worker.learn.model import Backbone, ClickModel, SegmentAdapter, load_backbone, new_click_model
 from worker.learn.train import (
-    Metrics,
+    FitOptions,
     fit,
     labels_of,
-    metrics,
     pairs_of,
     sample_replay,
     score_segment,
@@ -54,6 +53,8 @@ from worker.learn.train import (
     train_segment_adapter,
     train_shared,
 )
+from worker.ops.quality import HoldoutScore, holdout_score
+from worker.stream.trigger import enough_new_events
 from worker.tools.datasets import Dataset, load_dataset
 
 CHECKPOINTS = (0, 16, 64, 256)
@@ -229,12 +230,7 @@ class _WorkerSim:
         s = self.settings
         new = self.seg_new[segment]
         positives = sum(e.clicked for e in new)
-        if (
-            self.shared_serving is None
-            or len(new) < s.min_new_events
-            or positives < s.min_positives
-            or len(new) - positives < s.min_negatives
-        ):
+        if self.shared_serving is None or not enough_new_events(len(new), positives, len(new) - positives, s):
             return
         older = [e for e in self.seg_sample[segment] if e.event_id not in {x.event_id for x in new}]
         runs = sum(self.decisions["segment"].values())
@@ -257,7 +253,7 @@ class _WorkerSim:
             self.adapters[segment] = result.adapter
         self.seg_new[segment] = []
 
-    def _check_not_worse(self, challenger: Metrics | None, champion: Metrics | None) -> None:
+    def _check_not_worse(self, challenger: HoldoutScore | None, champion: HoldoutScore | None) -> None:
         if challenger is None or champion is None:
             return
         worse_auc = (
@@ -312,7 +308,7 @@ class _WorkerSim:
         return score_segment(self.backbone, self.shared_serving, self.adapters.get(segment), pairs)
 
 
-def _metric_dict(m: Metrics | None) -> dict[str, float | None] | None:
+def _metric_dict(m: HoldoutScore | None) -> dict[str, float | None] | None:
     if m is None:
         return None
     return {"auc": m.auc, "logloss": m.logloss if math.isfinite(m.logloss) else None}
@@ -368,7 +364,7 @@ def run_evaluation(
     results: dict[str, dict[str, dict[str, Any]]] = {s: {p: {} for p in PROCEDURES} for s in segments}
 
     def measure(segment: str, probs: np.ndarray) -> dict[str, float | None] | None:
-        return _metric_dict(metrics(labels[segment], probs))
+        return _metric_dict(holdout_score(labels[segment], probs))
 
     zero_shot = {s: score_segment(backbone, None, None, pairs[s]) for s in segments}
     for s in segments:
@@ -485,29 +481,26 @@ def run_evaluation(
                 else:
                     due.setdefault(j, []).append((s, name))
         advance = bars.task("batch snapshots", len(due))
+        batch_options = dataclasses.replace(FitOptions.for_shared(settings), epochs=plan.batch_epochs)
         for j in sorted(due):
             model = new_click_model(backbone, settings.seed)
             if settings.query_history:
                 model.query_history = QueryHistory.from_events(stream[: snapshots[j]])
-            fit(
-                backbone,
-                model,
-                stream[: snapshots[j]],
-                lr=settings.shared_lr,
-                epochs=plan.batch_epochs,
-                batch_size=settings.shared_batch_size,
-                weight_decay=settings.weight_decay,
-                seed=settings.seed,
-                warmup_frac=settings.warmup_frac,
-                match_lr=settings.match_lr,
-            )
+            fit(backbone, model, stream[: snapshots[j]], batch_options)
             for s, name in due[j]:
                 results[s]["batch"][name] = measure(s, score_segment(backbone, model, None, pairs[s]))
             del model
             advance(1)
         phase_done("batch")
 
-        plain = dataclasses.replace(backbone, match_features=False, _tokens={})
+        plain = backbone.without_match_features()
+        naive_options = FitOptions(
+            lr=plan.naive_lr,
+            epochs=plan.naive_epochs,
+            batch_size=settings.batch_size,
+            weight_decay=settings.weight_decay,
+            seed=settings.seed,
+        )
         naive_segments = segments if "naive" in procedures else []
         advance = bars.task("naive per-segment", len(naive_segments) * (len(naive_ks) + 1))
         for s in naive_segments:
@@ -525,16 +518,7 @@ def run_evaluation(
                     advance(1)
                     continue
                 model = new_click_model(plain, settings.seed)
-                fit(
-                    plain,
-                    model,
-                    seg_events[s][: sizes[name]],
-                    lr=plan.naive_lr,
-                    epochs=plan.naive_epochs,
-                    batch_size=settings.batch_size,
-                    weight_decay=settings.weight_decay,
-                    seed=settings.seed,
-                )
+                fit(plain, model, seg_events[s][: sizes[name]], naive_options)
                 results[s]["naive"][name] = measure(s, score_segment(plain, model, None, pairs[s]))
                 advance(1)
 

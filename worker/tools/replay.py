@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from confluent_kafka import KafkaError, Message, Producer
@@ -64,7 +64,9 @@ def produce_events(
         for event in events:
             if restamp:
                 event = event.model_copy(update={"ts": now_utc()})
-            _produce(prod, target, event.segment.encode("utf-8", "surrogatepass"), event.to_json(), done)
+            produce_when_room(
+                prod, target, event.segment.encode("utf-8", "surrogatepass"), event.to_json(), done
+            )
             sent += 1
             if rate:
                 ahead = sent / rate - (time.monotonic() - start)
@@ -83,10 +85,18 @@ def produce_events(
     return done.ok
 
 
-def _produce(prod: Producer, topic: str, key: bytes, value: bytes, done: _Deliveries) -> None:
+def produce_when_room(
+    prod: Producer,
+    topic: str,
+    key: bytes,
+    value: bytes,
+    on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
+) -> None:
+    """The producer's local queue is bounded: when it is full, serve deliveries until there is room,
+    rather than lose the message."""
     while True:
         try:
-            prod.produce(topic, key=key, value=value, on_delivery=done)
+            prod.produce(topic, key=key, value=value, on_delivery=on_delivery)
             return
         except BufferError:
             prod.poll(0.05)

@@ -12,9 +12,7 @@ as JSON. Exit status 0 only when no event was lost or doubled and the worker sta
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +24,9 @@ from typing import Any
 
 import orjson
 
-from worker.config import Settings, isolated, load_settings, settings_env
+from worker.config import Settings, isolated, load_settings
+from worker.tools.procs import child_env, free_port, start_worker, stop_worker, wait_healthy
+from worker.tools.replay import produce_when_room
 
 SAMPLE_EVERY_S = 5.0
 
@@ -69,7 +69,8 @@ _SOAK_DEFAULTS: dict[str, object] = {
 
 
 def _soak_settings(settings: Settings, run: str, out_dir: Path) -> Settings:
-    """The run's own topics, group, Redis prefix and model store, plus the CPU-sized defaults."""
+    """The run's own topics, group, Redis prefix and model store, plus the CPU-sized defaults. No fixed
+    metrics port: `soak` picks a free one when it starts the worker, so it knows where to sample."""
     defaults = {k: v for k, v in _SOAK_DEFAULTS.items() if k not in settings.model_fields_set}
     return isolated(settings, f"soak-{run}", model_store=out_dir / "models", metrics_port=0, **defaults)
 
@@ -108,17 +109,13 @@ class _Producer(threading.Thread):
             event = base.model_copy(
                 update={"event_id": f"{base.event_id}-{self.run_id}-{i}", "ts": now_utc()}
             )
-            while True:
-                try:
-                    self.producer.produce(
-                        self.settings.input_topic,
-                        key=event.segment.encode("utf-8", "surrogatepass"),
-                        value=event.to_json(),
-                        on_delivery=self._done,
-                    )
-                    break
-                except BufferError:
-                    self.producer.poll(0.05)
+            produce_when_room(
+                self.producer,
+                self.settings.input_topic,
+                event.segment.encode("utf-8", "surrogatepass"),
+                event.to_json(),
+                self._done,
+            )
             i += 1
             self.sent = i
             self.producer.poll(0)
@@ -147,13 +144,10 @@ def soak(
     ]
     ensure_topics(settings, topics)
     log_path = out_dir / "worker.log"
-    env = {**os.environ, **settings_env(settings), **(extra_env or {})}
-    with log_path.open("ab") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "run"], env=env, stdout=subprocess.DEVNULL, stderr=err
-        )
+    port = free_port()
+    proc = start_worker({**child_env(settings, metrics_port=port), **(extra_env or {})}, log_path)
     print(f"soak {run}: worker pid {proc.pid}, log {log_path}", flush=True)
-    port = _wait_port(log_path, proc, 120)
+    wait_healthy(proc, port, log_path, 120)
     buffer = Buffer(settings)
     partitions = range(partition_count(settings, settings.input_topic))
 
@@ -196,16 +190,11 @@ def soak(
     settle_s = time.monotonic() - settle_started
     if alive_at_end:
         samples.append(_sample(proc.pid, port, started, producer.acked))
-    code: int | None
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-    else:
-        code = proc.returncode
+    try:
+        code = stop_worker(proc, 120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
     lags = [s["lag"] for s in samples if "lag" in s]
     backlogs = [s["backlog"] for s in samples if "backlog" in s]
     rss = [s["rss_mib"] for s in samples if s["rss_mib"]]
@@ -245,18 +234,6 @@ def soak(
             print(f"could not delete a soak topic: {exc}", file=sys.stderr)
     buffer.purge()
     return result
-
-
-def _wait_port(log_path: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for raw in log_path.read_bytes().splitlines():
-            if b'"metrics endpoint"' in raw:
-                return int(orjson.loads(raw)["port"])
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
-    raise RuntimeError(f"worker did not start within {timeout_s} s:\n{log_path.read_text()[-3000:]}")
 
 
 def _sample(pid: int, port: int, started: float, produced: int) -> dict[str, Any]:

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-from typing import Protocol, cast
 
-BENCHES = {
-    "ingest": "worker.tools.bench.ingest",
-    "train": "worker.tools.bench.train",
-    "freshness": "worker.tools.bench.freshness",
-    "scale": "worker.tools.bench.scale",
-    "capacity": "worker.tools.bench.capacity",
+from worker.cli import Table, dispatch
+
+BENCHES: Table = {
+    "ingest": ("worker.tools.bench.ingest", "the worker's ingest path against a raw consume loop"),
+    "train": ("worker.tools.bench.train", "training and scoring speed against a plain torch loop"),
+    "freshness": ("worker.tools.bench.freshness", "from a triggering click to refreshed scores"),
+    "scale": ("worker.tools.bench.scale", "ingest throughput as worker processes are added"),
+    "capacity": ("worker.tools.bench.capacity", "what many segments cost one worker's memory"),
 }
-
-
-class _Bench(Protocol):
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
-
-    def cli_main(self, args: argparse.Namespace) -> int: ...
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +21,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """Imports only the chosen benchmark, so `bench ingest` does not import torch."""
-    bench = cast(_Bench, importlib.import_module(BENCHES[args.name]))
-    parser = argparse.ArgumentParser(prog=f"python -m worker bench {args.name}")
-    bench.add_arguments(parser)
-    return bench.cli_main(parser.parse_args(args.bench_args))
+    return dispatch(BENCHES, args.name, args.bench_args, "python -m worker bench")

@@ -34,7 +34,7 @@ import redis
 from worker.config import Settings, load_settings
 from worker.events import ClickEvent
 from worker.state.registry import SHARED_SEGMENT, Registry, VersionRecord
-from worker.tools.bench.ingest import synthetic_events
+from worker.tools.bench.synthetic import synthetic_events
 
 TRAIN_EVENTS = 64
 
@@ -90,7 +90,8 @@ def _record(
 def _prepare_models(settings: Settings, shared_dir: Path, adapter_dir: Path) -> float:
     """In a child process, so training's memory never shows in the figures: an (untrained) shared
     model and one adapter really trained on it; returns the training seconds."""
-    from worker.learn.model import load_backbone, new_click_model, save_adapter, save_shared
+    from worker.learn.model import load_backbone, new_click_model
+    from worker.learn.store import save_adapter, save_shared
     from worker.learn.train import train_segment_adapter
 
     backbone = load_backbone(settings)
@@ -110,7 +111,7 @@ def run_bench(settings: Settings, segments: int, cap: int, cold_loads: int) -> d
     from safetensors.torch import load_file
 
     from worker.learn.learner import Learner
-    from worker.learn.model import load_adapter, save_adapter
+    from worker.learn.store import load_adapter, save_adapter
 
     store = Path(tempfile.mkdtemp(prefix="bench-capacity-"))
     s = settings.model_copy(
@@ -167,7 +168,7 @@ def run_bench(settings: Settings, segments: int, cap: int, cold_loads: int) -> d
             if len(score_s) % 100 == 0:
                 _say(f"scored {len(score_s)} of {segments}")
         rss["after_scoring_mib"] = rss_mib()
-        resident = len(learner._adapters)
+        resident = learner.resident_adapters()
         _say(
             f"scored {segments} segments; {resident} adapters resident (cap {cap}); "
             f"RSS {rss['after_scoring_mib']:.0f} MiB"
@@ -176,7 +177,7 @@ def run_bench(settings: Settings, segments: int, cap: int, cold_loads: int) -> d
         cold, raw = [], []
         for i in range(cold_loads):
             name = names[i % segments]
-            learner._adapters.pop(name, None)  # make it cold, whatever the cap
+            learner.evict(name)  # make it cold, whatever the cap
             t = time.perf_counter()
             learner.adapter(name)
             cold.append(time.perf_counter() - t)

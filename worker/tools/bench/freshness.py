@@ -276,7 +276,8 @@ def _e2e(args: argparse.Namespace) -> dict[str, Any]:
 
 def _raw_start(settings: Settings) -> dict[str, Any]:
     """The models the worker serves after the warm-up round, loaded here for the in-process baseline."""
-    from worker.learn.model import load_adapter, load_backbone, load_shared
+    from worker.learn.model import load_backbone
+    from worker.learn.store import load_adapter, load_shared
     from worker.state.registry import SHARED_SEGMENT, Registry
 
     registry = Registry.from_settings(settings)

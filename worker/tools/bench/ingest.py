@@ -9,73 +9,20 @@ takes a fraction of a second, so it runs `raw_repeats` times and the median coun
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from worker.config import Settings, load_settings
+from worker.config import Settings, isolated, load_settings
 from worker.state.buffer import Buffer
 from worker.stream.ingest import Ingestor
 from worker.stream.kafka import ensure_topics, make_admin, make_consumer, make_producer
-from worker.tools.replay import ReplayError
-
-_WORDS = [
-    "drill",
-    "cordless",
-    "brushless",
-    "ladder",
-    "faucet",
-    "kitchen",
-    "pendant",
-    "light",
-    "ceiling",
-    "fan",
-    "hex",
-    "bolt",
-    "stainless",
-    "steel",
-    "outdoor",
-    "patio",
-    "door",
-    "knob",
-    "deadbolt",
-    "garden",
-    "hose",
-    "nozzle",
-    "vinyl",
-    "plank",
-    "flooring",
-    "white",
-    "gloss",
-]
-
-
-def synthetic_events(n: int, segments: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
-    """(key, value) pairs shaped like the Home Depot events: distinct ids, ~250-byte JSON, current time."""
-    rng = random.Random(seed)
-    now = datetime.now(UTC).isoformat()
-    names = [f"brand-{i:04d}" for i in range(segments)]
-    out = []
-    for i in range(n):
-        seg = names[rng.randrange(segments)]
-        doc = {
-            "schema_version": 1,
-            "event_id": f"bench-{seed}-{i}",
-            "ts": now,
-            "segment": seg,
-            "query": " ".join(rng.choices(_WORDS, k=3)),
-            "item_id": str(100000 + rng.randrange(5000)),
-            "item_text": " ".join(rng.choices(_WORDS, k=9)),
-            "clicked": rng.randrange(2),
-        }
-        out.append((seg.encode(), orjson.dumps(doc)))
-    return out
+from worker.tools.bench.synthetic import synthetic_events
+from worker.tools.replay import ReplayError, produce_when_room
 
 
 def preload(settings: Settings, messages: list[tuple[bytes, bytes]]) -> None:
@@ -87,12 +34,7 @@ def preload(settings: Settings, messages: list[tuple[bytes, bytes]]) -> None:
             errors.append(str(err))
 
     for key, value in messages:
-        while True:
-            try:
-                prod.produce(settings.input_topic, key=key, value=value, on_delivery=delivered)
-                break
-            except BufferError:
-                prod.poll(0.05)
+        produce_when_room(prod, settings.input_topic, key, value, delivered)
     prod.flush(120)
     if errors or len(prod):
         raise ReplayError(f"preload failed: {errors[:3]}, {len(prod)} unacknowledged")
@@ -147,15 +89,7 @@ def measure_worker(settings: Settings, n: int) -> tuple[float, int]:
 def run_bench(
     settings: Settings, events: int, segments: int, keep: bool = False, raw_repeats: int = 3
 ) -> dict[str, Any]:
-    tag = uuid.uuid4().hex[:8]
-    s = settings.model_copy(
-        update={
-            "input_topic": f"bench-clicks-{tag}",
-            "dlq_topic": f"bench-clicks-dlq-{tag}",
-            "group_id": f"bench-{tag}",
-            "redis_prefix": f"bench{tag}",
-        }
-    )
+    s = isolated(settings, f"bench-{uuid.uuid4().hex[:8]}")
     ensure_topics(s, [s.input_topic, s.dlq_topic])
     buffer = Buffer(s)
     try:

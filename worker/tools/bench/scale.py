@@ -35,10 +35,12 @@ from typing import Any
 import orjson
 from confluent_kafka import Producer
 
-from worker.config import Settings, load_settings
+from worker.config import Settings, isolated, load_settings
 from worker.state.buffer import Buffer
 from worker.stream.kafka import ensure_topics, make_admin, make_consumer, make_producer
-from worker.tools.bench.ingest import synthetic_events
+from worker.tools.bench.synthetic import synthetic_events
+from worker.tools.procs import child_env
+from worker.tools.replay import produce_when_room
 
 POLL_S = 0.005
 NOTE = "2 cores: shape only"
@@ -47,19 +49,6 @@ RAW_IDLE_S = 2.0
 
 def _say(msg: str) -> None:
     print(f"[bench scale] {msg}", file=sys.stderr, flush=True)
-
-
-def _child_env(settings: Settings, group: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "WORKER_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "WORKER_REDIS_URL": settings.redis_url,
-        "WORKER_INPUT_TOPIC": settings.input_topic,
-        "WORKER_DLQ_TOPIC": settings.dlq_topic,
-        "WORKER_GROUP_ID": group,
-        "WORKER_REDIS_PREFIX": settings.redis_prefix,
-        "WORKER_CONSUME_BATCH": str(settings.consume_batch),
-    }
 
 
 def _stop_all(procs: list[subprocess.Popen[bytes]], timeout_s: float, terminate: bool = False) -> list[int]:
@@ -88,12 +77,7 @@ def gated_preload(settings: Settings, messages: list[tuple[bytes, bytes]]) -> Pr
     prod.init_transactions(30)
     prod.begin_transaction()
     for key, value in messages:
-        while True:
-            try:
-                prod.produce(settings.input_topic, key=key, value=value)
-                break
-            except BufferError:
-                prod.poll(0.05)
+        produce_when_room(prod, settings.input_topic, key, value)
     if prod.flush(120):
         raise RuntimeError("preload: messages still unacknowledged after 120 s")
     return prod
@@ -168,7 +152,7 @@ def measure_raw(settings: Settings, workers: int, total: int, release: Callable[
                 "--idle-exit",
                 str(RAW_IDLE_S),
             ],
-            env=_child_env(settings, group),
+            env=child_env(settings, group_id=group),
             stdout=subprocess.PIPE,
         )
         for _ in range(workers)
@@ -215,7 +199,7 @@ def measure_worker(
     procs = [
         subprocess.Popen(
             cmd,
-            env=_child_env(settings, group),
+            env=child_env(settings, group_id=group),
             stdout=subprocess.DEVNULL,
             stderr=(logs / f"ingest-{workers}-{i}.log").open("wb"),
         )
@@ -251,16 +235,7 @@ def measure_worker(
 
 
 def _fresh(settings: Settings, what: str, partitions: int) -> Settings:
-    tag = uuid.uuid4().hex[:8]
-    s = settings.model_copy(
-        update={
-            "input_topic": f"bench-scale-{what}-{tag}",
-            "dlq_topic": f"bench-scale-{what}-dlq-{tag}",
-            "group_id": f"bench-scale-{tag}",
-            "redis_prefix": f"benchscale{tag}",
-            "topic_partitions": partitions,
-        }
-    )
+    s = isolated(settings, f"bench-scale-{what}-{uuid.uuid4().hex[:8]}", topic_partitions=partitions)
     ensure_topics(s, [s.input_topic, s.dlq_topic], partitions=partitions)
     return s
 

@@ -157,13 +157,13 @@ def run_bench(
     bs = 256
 
     def worker_train() -> None:
-        backbone._tokens.clear()
+        backbone.clear_token_cache()
         result = train_shared(backbone, warm, train_events, [], [], timed)
         if result.decision == "failed":
             raise RuntimeError(f"worker training failed: {result.reason}")
 
     def worker_score() -> None:
-        backbone._tokens.clear()
+        backbone.clear_token_cache()
         score_pairs(backbone, warm, score_set, batch_size=bs)
 
     runs: dict[str, list[float]] = {"train": [], "raw_train": [], "score": [], "raw_score": []}

@@ -1,0 +1,116 @@
+"""Models on disk: safetensors and JSON only (nothing that unpickles), each version written to a temp
+directory and renamed into place, so a reader never sees half a model and a crash leaves no partial one.
+
+A segment adapter is PEFT's own layout plus the calibration; a shared model is the encoder in Hugging Face
+layout plus the head, its wide weights and its query history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from worker.learn import history
+from worker.learn.model import Backbone, ClickModel, SegmentAdapter, load_encoder
+
+META = "meta.json"
+
+
+@contextmanager
+def _atomic_dir(directory: Path) -> Iterator[Path]:
+    """A temp directory beside `directory`, renamed to it when the block ends, removed if it fails."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_meta(directory: Path, meta: dict[str, Any] | None) -> None:
+    (directory / META).write_text(json.dumps(meta or {}, indent=2, sort_keys=True, default=str))
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    path = directory / META
+    return dict(json.loads(path.read_text())) if path.exists() else {}
+
+
+def save_adapter(directory: Path, adapter: SegmentAdapter, meta: dict[str, Any] | None = None) -> Path:
+    """PEFT's own layout (adapter_config.json + adapter_model.safetensors), plus head.safetensors
+    (the calibration) and meta.json; `PeftModel.from_pretrained(shared_encoder, directory)` loads it."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    with _atomic_dir(directory) as tmp:
+        adapter.lora_config(str((meta or {}).get("base_model", ""))).save_pretrained(str(tmp))
+        save_file(
+            {k: v.contiguous() for k, v in adapter.lora.items()}, str(tmp / "adapter_model.safetensors")
+        )
+        save_file({"calibration": adapter.calibration.contiguous()}, str(tmp / "head.safetensors"))
+        _write_meta(tmp, meta)
+    return directory
+
+
+def load_adapter(directory: Path) -> tuple[SegmentAdapter, dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    lora = load_file(str(directory / "adapter_model.safetensors"))
+    head = load_file(str(directory / "head.safetensors"))
+    targets = config["target_modules"]
+    adapter = SegmentAdapter(
+        lora=lora,
+        calibration=head["calibration"],
+        rank=int(config["r"]),
+        alpha=int(config["lora_alpha"]),
+        target_modules=sorted(targets) if isinstance(targets, list) else [targets],
+        dropout=float(config.get("lora_dropout", 0.0)),
+    )
+    return adapter, _read_meta(directory)
+
+
+def save_shared(directory: Path, model: ClickModel, meta: dict[str, Any] | None = None) -> Path:
+    """`encoder/` in Hugging Face layout (safetensors), `head.safetensors`, the query history table
+    (`history.json`, if any) and `meta.json`; atomic."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    with _atomic_dir(directory) as tmp:
+        model.encoder.save_pretrained(str(tmp / "encoder"), safe_serialization=True)
+        head = {
+            f"{part}.{k}": v.detach().float().cpu().contiguous()
+            for part, module in (("head", model.head), ("match", model.match), ("history", model.history))
+            for k, v in module.state_dict().items()
+        }
+        save_file(head, str(tmp / "head.safetensors"))
+        if model.query_history is not None:
+            model.query_history.save(tmp)
+        _write_meta(tmp, meta)
+    return directory
+
+
+def load_shared(directory: Path, backbone: Backbone) -> tuple[ClickModel, dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    encoder = load_encoder(directory / "encoder", safetensors_only=True)
+    model = ClickModel(encoder, int(encoder.config.hidden_size))
+    head = load_file(str(directory / "head.safetensors"))
+    model.head.load_state_dict({k.removeprefix("head."): v for k, v in head.items() if k.startswith("head.")})
+    for part, module in (("match", model.match), ("history", model.history)):
+        wide = {k.removeprefix(f"{part}."): v for k, v in head.items() if k.startswith(f"{part}.")}
+        if wide:
+            module.load_state_dict(wide)
+    model.query_history = history.QueryHistory.load(directory)
+    return model.to(backbone.device), _read_meta(directory)
