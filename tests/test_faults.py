@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from worker.state.registry import SHARED_SEGMENT, Registry
 from worker.stream.kafka import ensure_topics, partition_count
 from worker.tools import stack as stack_mod
 from worker.tools.datasets import load_homedepot
+from worker.tools.procs import free_port
 from worker.tools.replay import produce_events
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
@@ -57,12 +57,6 @@ def events() -> list[ClickEvent]:
     picked = [e for s in SEGMENTS for e in [x for x in stream if x.segment == s][:48]]
     others = [e for e in stream if e.segment not in SEGMENTS][:160]
     return sorted(picked + others, key=lambda e: int(e.event_id.split("-")[1]))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # On top of worker_helpers.SMALL: every version kept, a short back-off after a failed training.
@@ -229,8 +223,8 @@ def _private_stack(root: Path, shared: Settings) -> Settings:
     (root / "kafka").symlink_to((shared.cache_dir / "kafka").resolve())
     settings = load_settings(
         cache_dir=root,
-        kafka_bootstrap=f"127.0.0.1:{_free_port()}",
-        redis_url=f"redis://127.0.0.1:{_free_port()}/0",
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
     )
     stack_mod.up(settings)
     return settings
@@ -489,8 +483,8 @@ def secure_stack(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> I
     unique = uuid.uuid4().hex[:8]
     settings = load_settings(
         cache_dir=root,
-        kafka_bootstrap=f"127.0.0.1:{_free_port()}",
-        redis_url=f"redis://127.0.0.1:{_free_port()}/0",
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
         kafka_security_protocol="SASL_PLAINTEXT",
         kafka_sasl_mechanism="PLAIN",
         kafka_sasl_username=WORKER_USER,

@@ -16,14 +16,9 @@ from confluent_kafka import Consumer, Producer
 
 from worker.config import Settings, load_settings
 from worker.tools import stack as stack_mod
+from worker.tools.procs import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _running(pid: int) -> bool:
@@ -76,8 +71,8 @@ def test_up_then_down_leaves_no_process_behind(tmp_path: Path, stack: Settings) 
     """A second stack on free ports in its own directory: `down` stops exactly what `up` started."""
     env = {
         "WORKER_CACHE_DIR": str(tmp_path),
-        "WORKER_KAFKA_BOOTSTRAP": f"127.0.0.1:{_free_port()}",
-        "WORKER_REDIS_URL": f"redis://127.0.0.1:{_free_port()}/0",
+        "WORKER_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "WORKER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
     }
     (tmp_path / "kafka").symlink_to((stack.cache_dir / "kafka").resolve())
     settings = load_settings(
@@ -129,8 +124,8 @@ def test_up_refuses_a_port_another_process_holds(tmp_path: Path, service: str) -
         port = squatter.getsockname()[1]
         settings = load_settings(
             cache_dir=tmp_path,
-            kafka_bootstrap=f"127.0.0.1:{port if service == 'kafka' else _free_port()}",
-            redis_url=f"redis://127.0.0.1:{port if service == 'redis' else _free_port()}/0",
+            kafka_bootstrap=f"127.0.0.1:{port if service == 'kafka' else free_port()}",
+            redis_url=f"redis://127.0.0.1:{port if service == 'redis' else free_port()}/0",
         )
         ep = stack_mod.Endpoints.from_settings(settings)
         start = stack_mod.start_redis if service == "redis" else stack_mod.start_kafka
@@ -142,8 +137,8 @@ def test_up_refuses_a_port_another_process_holds(tmp_path: Path, service: str) -
 
 def test_down_finds_this_stacks_redis_under_other_settings(tmp_path: Path) -> None:
     """A `down` (or `up`) with another WORKER_REDIS_URL must not orphan the Redis this directory started."""
-    first = load_settings(cache_dir=tmp_path, redis_url=f"redis://127.0.0.1:{_free_port()}/0")
-    other = load_settings(cache_dir=tmp_path, redis_url=f"redis://127.0.0.1:{_free_port()}/0")
+    first = load_settings(cache_dir=tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    other = load_settings(cache_dir=tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     assert stack_mod.start_redis(first, stack_mod.Endpoints.from_settings(first)).startswith("started")
     pid = stack_mod.started_pids(first)[0]
     try:

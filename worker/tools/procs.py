@@ -72,3 +72,15 @@ def stop_worker(proc: subprocess.Popen[bytes], timeout_s: float = 120) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=timeout_s)
+
+
+def rss_kib(pid: int | None = None) -> int | None:
+    """Resident set size (VmRSS) of `pid`, or of this process, in KiB; None once the process is gone."""
+    try:
+        status = Path(f"/proc/{pid or 'self'}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return None

@@ -25,20 +25,10 @@ from typing import Any
 import orjson
 
 from worker.config import Settings, isolated, load_settings
-from worker.tools.procs import child_env, free_port, start_worker, stop_worker, wait_healthy
+from worker.tools.procs import child_env, free_port, rss_kib, start_worker, stop_worker, wait_healthy
 from worker.tools.replay import produce_when_room
 
 SAMPLE_EVERY_S = 5.0
-
-
-def _rss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def _metrics(port: int) -> dict[str, float]:
@@ -237,7 +227,7 @@ def soak(
 
 
 def _sample(pid: int, port: int, started: float, produced: int) -> dict[str, Any]:
-    rss = _rss_kib(pid)
+    rss = rss_kib(pid)
     s: dict[str, Any] = {
         "t": round(time.monotonic() - started, 1),
         "produced": produced,

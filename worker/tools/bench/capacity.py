@@ -31,10 +31,12 @@ import numpy as np
 import orjson
 import redis
 
-from worker.config import Settings, load_settings
+from worker.config import Settings, isolated, load_settings
 from worker.events import ClickEvent
+from worker.state import keys
 from worker.state.registry import SHARED_SEGMENT, Registry, VersionRecord
 from worker.tools.bench.synthetic import synthetic_events
+from worker.tools.procs import rss_kib
 
 TRAIN_EVENTS = 64
 
@@ -44,11 +46,9 @@ def _say(msg: str) -> None:
 
 
 def rss_mib() -> float:
-    """Resident set size of this process (VmRSS), MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident set size of this process, MiB."""
+    kib = rss_kib()
+    return float("nan") if kib is None else kib / 1024
 
 
 def _pcts(samples: list[float]) -> dict[str, float]:
@@ -114,14 +114,8 @@ def run_bench(settings: Settings, segments: int, cap: int, cold_loads: int) -> d
     from worker.learn.store import load_adapter, save_adapter
 
     store = Path(tempfile.mkdtemp(prefix="bench-capacity-"))
-    s = settings.model_copy(
-        update={
-            "model_store": store,
-            "redis_prefix": f"benchcap{uuid.uuid4().hex[:8]}",
-            "max_resident_adapters": cap,
-            "device": "cpu",
-        }
-    )
+    run_id = f"benchcap{uuid.uuid4().hex[:8]}"
+    s = isolated(settings, run_id, model_store=store, max_resident_adapters=cap, device="cpu")
     client: redis.Redis[bytes] = redis.Redis.from_url(s.redis_url)
     registry = Registry.from_settings(s, client)
     shared_reg = registry.shared()
@@ -208,7 +202,7 @@ def run_bench(settings: Settings, segments: int, cap: int, cold_loads: int) -> d
             ),
         }
     finally:
-        for key in client.scan_iter(match=f"{s.redis_prefix}:*", count=1000):
+        for key in client.scan_iter(match=keys.prefix_pattern(s.redis_prefix), count=1000):
             client.unlink(key)
         client.close()
         shutil.rmtree(store, ignore_errors=True)

@@ -15,9 +15,6 @@ machine: `--raw-only --events 512 --candidates 10000`.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -28,9 +25,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from worker.config import Settings, isolated, load_settings, settings_env
+from worker.config import Settings, isolated, load_settings
 from worker.events import ClickEvent
 from worker.tools.datasets import load_homedepot
+from worker.tools.procs import child_env, start_worker, stop_worker
 
 SEGMENT = "GE"
 
@@ -180,20 +178,12 @@ def _e2e(args: argparse.Namespace) -> dict[str, Any]:
         consume_timeout_s=0.05,
         metrics_port=0,
     )
-    env = {**os.environ, **settings_env(settings)}
     ensure_topics(settings, [settings.input_topic, settings.scores_topic, settings.versions_topic])
     versions = _TopicLog(settings, settings.versions_topic)
     scores = _TopicLog(settings, settings.scores_topic)
     versions.start()
     scores.start()
-    log_path = settings.model_store.parent / "worker.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "worker", "run"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log_path.open("wb"),
-    )
+    worker = start_worker(child_env(settings), settings.model_store.parent / "worker.log")
     producer = Producer(producer_config(settings))
     stream = load_homedepot().stream()
     pool = [e for e in stream if e.segment != SEGMENT][:240]
@@ -251,8 +241,7 @@ def _e2e(args: argparse.Namespace) -> dict[str, Any]:
             raw.append(seconds)
             print(f"raw round {r}: {seconds:.3f} s (worker idle meanwhile)", file=sys.stderr)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=120)
+        stop_worker(worker)
         versions.stop.set()
         scores.stop.set()
 
