@@ -140,16 +140,43 @@ def test_a_broken_source_file_is_caught() -> None:
     assert len(violations(tree)) == 2
 
 
+def loaded(modules: tuple[str, ...], candidates: tuple[str, ...]) -> list[str]:
+    """Which of `candidates` (packages or modules) a fresh interpreter has loaded after importing
+    `modules`: what the source rules mean at run time, third-party imports included."""
+    code = (
+        f"import sys\nimport {', '.join(modules)}\n"
+        f"print(sorted(c for c in {candidates!r}\n"
+        "             if any(m == c or m.startswith(c + '.') for m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return list(ast.literal_eval(out.stdout.strip()))
+
+
+def test_learning_modules_import_no_kafka_or_redis_client() -> None:
+    """model, train, evaluate and bench train must run on a GPU machine that has neither client."""
+    modules = (
+        "worker.learn.model",
+        "worker.learn.train",
+        "worker.tools.evaluate",
+        "worker.tools.bench.train",
+    )
+    assert loaded(modules, CLIENTS) == []
+
+
+def test_trigger_imports_no_client_torch_or_learner() -> None:
+    """The evaluation imports the due rule from stream/trigger on machines without Kafka or Redis clients."""
+    forbidden = (*CLIENTS, "torch", "worker.learn", "worker.state.buffer")
+    assert loaded(("worker.stream.trigger",), forbidden) == []
+
+
 def test_running_the_worker_loads_no_tooling() -> None:
     """`python -m worker run` and its modules are what the production image holds: no tools, no plots.
     (rich may load: structlog uses it for tracebacks where it is installed.)"""
-    code = (
-        "import sys, worker.cli, worker.app; "
-        "print(sorted(m for m in sys.modules if m.startswith('worker.tools') "
-        "or m.split('.')[0] in ('matplotlib', 'sklearn')))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert loaded(("worker.cli", "worker.app"), ("worker.tools", "matplotlib", "sklearn")) == []
+
+
+def test_the_loaded_check_can_fail() -> None:
+    assert loaded(("worker.state.buffer",), ("redis", "torch")) == ["redis"]
 
 
 def test_the_worker_runs_from_a_tree_without_tools(tmp_path: Path) -> None:
