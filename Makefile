@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DATA   ?= $(abspath ../shared/data/homedepot/train_with_brand.csv.gz)
+# The demo's data: `shop` (generated, synthetic, ships with the project); `homedepot` or a path: real data.
+DATA   ?= shop
 
 # `make test` runs its own stack on other ports, so a running demo stack is left alone.
 TEST_ENV := WORKER_CACHE_DIR=.cache/test WORKER_KAFKA_BOOTSTRAP=127.0.0.1:29092 \

@@ -67,14 +67,26 @@ def test_end_to_end_versions_scores_and_requests(
     assert shared and shared[0]["decision"] == "promoted"
 
     promoted_by_segment = {s: {v["version"] for v in _promoted(versions.seen, s)} for s in SEGMENTS}
+    gated_on = {
+        (v["segment"], v["version"]): v["shared_version"]
+        for s in SEGMENTS
+        for v in _promoted(versions.seen, s)
+    }
+    shared_promoted = {v["version"] for v in shared if v["decision"] == "promoted"}
     items = {s: {e.item_id for e in events if e.segment == s} for s in SEGMENTS}
-    scores.until(lambda seen: {x["segment"] for x in seen} >= set(SEGMENTS), 60)
+    scores.until(lambda seen: {x["segment"] for x in seen if x["model_version"]} >= set(SEGMENTS), 60)
     for segment in SEGMENTS:
         mine = [x for x in scores.seen if x["segment"] == segment]
         assert mine, f"no scores for {segment}"
         assert all(0.0 <= x["score"] <= 1.0 for x in mine)
         assert {x["item_id"] for x in mine} <= items[segment]
-        assert {x["model_version"] for x in mine} <= promoted_by_segment[segment]
+        assert {x["model_version"] for x in mine} <= promoted_by_segment[segment] | {0}
+        assert {x["shared_version"] for x in mine} <= shared_promoted, "scored by a promoted shared model"
+        for x in mine:
+            if x["model_version"]:
+                assert gated_on[(segment, x["model_version"])] == x["shared_version"], (
+                    "an adapter serves only on the shared version it was gated on"
+                )
 
     request_id = f"req-{uuid.uuid4().hex[:6]}"
     pairs = [

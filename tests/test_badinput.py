@@ -658,6 +658,53 @@ def test_decode_gives_the_exact_reason_per_kind(kind: str, value: bytes | None, 
     assert got.message
 
 
+def _schema_fields(doc: dict[str, Any]) -> set[str]:
+    """The fields an independent validator (jsonschema, on the published schema) finds at fault."""
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parents[1] / "schemas" / "click-event.v1.json").read_text())
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(doc))
+    fields = {str(e.path[0]) for e in errors if e.path}
+    fields |= set(schema["required"]) - set(doc)
+    fields |= set(doc) - set(schema["properties"])
+    return fields
+
+
+def test_a_dead_letter_names_every_violation_like_an_independent_validator() -> None:
+    doc = {
+        "schema_version": 1,
+        "event_id": 17,
+        "ts": [1],
+        "segment": "",
+        "item_text": None,
+        "clicked": 2,
+        "query": "q",
+        "extra": 1,
+    }  # seven faults: event_id, ts, segment, item_text, clicked, extra, and item_id missing
+    got = decode(orjson.dumps(doc), _limited(), time.time())
+    assert isinstance(got, Rejection) and got.code == "schema"
+    named = {part.split(":", 1)[0] for part in got.message.split("; ")}
+    assert named == _schema_fields(doc)
+    assert len(named) == 7, got.message
+
+
+def test_a_dead_letter_reason_is_bounded_and_counts_what_it_leaves_out() -> None:
+    from worker.stream.decode import DLQ_MESSAGE_MAX_CHARS
+
+    doc = {**_base(), **{f"unknown_{i:04d}_" + "x" * 300: i for i in range(3000)}}
+    got = decode(orjson.dumps(doc), _limited().model_copy(update={"max_message_bytes": 10**7}), time.time())
+    assert isinstance(got, Rejection) and got.code == "schema"
+    assert len(got.message) <= DLQ_MESSAGE_MAX_CHARS
+    parts = got.message.split("; ")
+    assert parts[-1].startswith("and ") and parts[-1].endswith(" more")
+    left_out = int(parts[-1].split()[1])
+    assert len(parts) - 1 + left_out == 3000
+    assert all(p.startswith("unknown_") and len(p.split(":", 1)[0]) <= 203 for p in parts[:-1])
+
+
 @pytest.mark.parametrize(
     "ts",
     ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+01:00"],

@@ -196,3 +196,125 @@ def test_operations_doc_lists_every_metric() -> None:
     text = (REPO / "docs" / "operations.md").read_text()
     for name in METRIC_NAMES:
         assert f"`{name}`" in text, name
+
+
+# ---------------------------------------------------------------- checked by Prometheus' own promtool
+
+
+def _promtool() -> str:
+    exe = shutil.which("promtool")
+    assert exe, (
+        "promtool missing: `make test` installs it (deploy/system-deps.sh: Debian's prometheus package)"
+    )
+    return exe
+
+
+def _run_promtool(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([_promtool(), *args], input=stdin, capture_output=True, timeout=60, check=False)
+
+
+def test_prometheus_config_passes_promtool(tmp_path: Path) -> None:
+    proc = _run_promtool("check", "config", str(REPO / "deploy" / "prometheus.yml"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    broken = tmp_path / "prometheus.yml"
+    broken.write_text(
+        (REPO / "deploy" / "prometheus.yml").read_text().replace("scrape_interval", "scrape_intervall")
+    )
+    assert _run_promtool("check", "config", str(broken)).returncode != 0
+
+
+_GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h", "$instance": ".*"}
+# Series Prometheus itself adds to every scrape target; the worker cannot export them.
+_SCRAPE_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
+
+
+def _dashboard_exprs() -> list[str]:
+    dash = json.loads((GRAFANA / "ctr-worker.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] if p.get("type") != "row" for t in p.get("targets", [])]
+    out = []
+    for expr in exprs:
+        for var, value in _GRAFANA_VARS.items():
+            expr = expr.replace(var, value)
+        assert "$" not in expr, f"a Grafana variable this test does not know: {expr}"
+        out.append(expr)
+    return out
+
+
+def _parse_with_promtool(exprs: list[str], tmp_path: Path) -> subprocess.CompletedProcess[bytes]:
+    """promtool has no bare expression parser; a recording rule per expression is checked by its parser."""
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"dashboard:expr_{i}", "expr": e} for i, e in enumerate(exprs)],
+            }
+        ]
+    }
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    return _run_promtool("check", "rules", str(path))
+
+
+def test_every_dashboard_expression_parses_in_promtool(tmp_path: Path) -> None:
+    exprs = _dashboard_exprs()
+    assert len(exprs) >= 20
+    proc = _parse_with_promtool(exprs, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (
+        _parse_with_promtool([*exprs, "sum(rate(ctr_worker_events_consumed_total[5m])"], tmp_path).returncode
+        != 0
+    )
+
+
+def _metric_names(expr: str) -> set[str]:
+    """Series names in a PromQL expression: identifiers right before a `{` selector or a `[` range."""
+    return set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*[{\[]", expr))
+
+
+def _exported_names(exposition: str) -> set[str]:
+    """Every series name a scrape of this exposition yields, with or without samples yet (a labelled
+    metric without children shows only its # TYPE line)."""
+    names: set[str] = set()
+    for line in exposition.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(maxsplit=3)
+            if kind == "histogram":
+                names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+            elif kind == "summary":
+                names |= {name, f"{name}_sum", f"{name}_count"}
+            else:
+                names.add(name)
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+@pytest.mark.integration
+def test_a_running_workers_metrics_pass_promtool_and_feed_every_dashboard_expression(
+    settings: Settings, procs: list[Any], tmp_path: Path
+) -> None:
+    import urllib.request
+
+    from worker_helpers import WorkerProc, worker_env
+
+    from worker.stream.kafka import ensure_topics
+
+    ensure_topics(settings, [settings.input_topic])
+    worker = WorkerProc(worker_env(settings), tmp_path / "worker.log")
+    procs.append(worker)
+    port = worker.wait_for_event("metrics endpoint", 120)["port"]
+    worker.wait_for_event("assigned", 120)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    assert worker.terminate() == 0
+    proc = _run_promtool("check", "metrics", stdin=body)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    exported = _exported_names(body.decode())
+    assert (
+        "ctr_worker_events_consumed_total" in exported
+        and "ctr_worker_training_duration_seconds_bucket" in exported
+    )
+    used = set().union(*(_metric_names(e) for e in _dashboard_exprs()))
+    assert len(used) >= 20
+    assert used - exported - _SCRAPE_SERIES == set(), "dashboard series the worker does not export"
+    bad = b"# TYPE x_seconds counter\nx_seconds 1\n"
+    assert _run_promtool("check", "metrics", stdin=bad).returncode != 0

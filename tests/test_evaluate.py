@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from worker.config import Settings
+from worker.learn.train import is_unseen_query
 from worker.tools.datasets import load_homedepot, load_jsonl
 from worker.tools.evaluate import (
     CHECKPOINT_NAMES,
@@ -52,6 +53,8 @@ def tiny_plan() -> EvalPlan:
             "adapter_epochs": 1,
             "shared_holdout_frac": 0.2,
             "shared_lr": 2e-4,
+            "shared_min_holdout": 8,
+            "gate_min_holdout": 4,
         },
         notes=("tiny test plan",),
     )
@@ -105,7 +108,11 @@ def test_cli_runs_the_evaluation_and_prints_json_last(
     assert result["worker"]["promoted_worse_than_parent"] == 0
     assert sum(result["worker"]["decisions"]["shared"].values()) >= 2
     runs = result["worker"]["shared_runs"]
-    assert [r["history_events"] for r in runs] == [r["events"] for r in runs]  # replayed events only
+    stream = load_jsonl(jsonl, holdout_frac=0.3, min_rows=20).stream()
+    frac = Settings().unseen_query_frac
+    counted = [sum(not is_unseen_query(e.query, frac) for e in stream[: r["events"]]) for r in runs]
+    assert [r["history_events"] for r in runs] == counted, "replayed events of seen queries only"
+    assert counted != [r["events"] for r in runs], "the slice holds unseen queries"
     assert result["settings"]["query_history"] is True
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(out.read_text()) == result
@@ -135,3 +142,25 @@ def test_leaving_out_batch_and_naive_keeps_the_shape_with_nulls(jsonl: Path) -> 
     assert result["mean"]["batch"]["end"] == {"auc": None, "logloss": None}
     with pytest.raises(ValueError, match="unknown procedures"):
         run_evaluation(dataset, settings, quick=True, progress=False, plan=tiny_plan(), procedures=["bogus"])
+
+
+def test_per_query_segments_evaluate_without_an_empty_set(jsonl: Path, tmp_path: Path) -> None:
+    """A one-query segment (CTR per query) has no query-disjoint holdout: it used to reach zero-shot
+    scoring as an empty set and die with IndexError. Now it is held out by pair, and says so."""
+    events = load_jsonl(jsonl).events[:80]
+    path = tmp_path / "per-query.jsonl"
+    path.write_bytes(
+        b"".join(
+            e.model_copy(update={"segment": "one-query", "query": "cordless drill"}).to_json() + b"\n"
+            for e in events
+        )
+    )
+    dataset = load_jsonl(path, holdout_frac=0.3)
+    assert dataset.pair_level == ["one-query"] and dataset.holdout["one-query"]
+    settings = Settings(device="cpu", max_seq_len=32, batch_size=16, shared_batch_size=16)
+    result = run_evaluation(
+        dataset, settings, quick=True, progress=False, plan=tiny_plan(), procedures=["worker"]
+    )
+    assert result["pair_level_holdout"] == ["one-query"]
+    assert any("held out by pair" in n for n in result["notes"])
+    assert result["per_segment"]["one-query"]["worker"]["end"] is not None

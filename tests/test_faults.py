@@ -393,8 +393,10 @@ def test_broken_model_store_fails_that_segment_and_ingest_goes_on(
     mine = [v for v in versions if v["segment"] == "Hampton Bay"]
     assert mine and all(v["decision"] == "failed" for v in mine)
     scores = read_all(settings, settings.scores_topic, idle_s=2)
-    assert not [x for x in scores if x["segment"] == "Hampton Bay"]
-    assert any(x["segment"] == "GE" for x in scores)
+    assert not [x for x in scores if x["segment"] == "Hampton Bay" and x["model_version"]], (
+        "only the shared model's refreshed scores, never an adapter's, for the failed segment"
+    )
+    assert any(x["segment"] == "GE" and x["model_version"] for x in scores)
     report = _check_registry_and_store(settings, versions)
     assert report["tmp_dirs"] == []
 
@@ -466,8 +468,10 @@ def test_diverging_training_fails_backs_off_and_others_promote(
     assert len(ge) >= 2 and all(v["decision"] == "failed" for v in ge)
     assert Registry.from_settings(settings).champion_version("GE") is None
     scores = read_all(settings, settings.scores_topic, idle_s=2)
-    assert not [x for x in scores if x["segment"] == "GE"], "scores published for a failed training"
-    assert any(x["segment"] == "Hampton Bay" for x in scores)
+    assert not [x for x in scores if x["segment"] == "GE" and x["model_version"]], (
+        "scores published for a failed training (the shared model's refreshed ones carry version 0)"
+    )
+    assert any(x["segment"] == "Hampton Bay" and x["model_version"] for x in scores)
     assert _counted(settings) == (len(events), 0)
 
 

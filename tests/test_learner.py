@@ -27,6 +27,8 @@ def learner(settings: Settings) -> Learner:
             "adapter_epochs": 1,
             "gate_auc_tolerance": 1.0,
             "gate_logloss_margin": 1000.0,
+            "gate_min_holdout": 1,
+            "shared_min_holdout": 1,
         }
     )
     registry = Registry.from_settings(small)
@@ -100,3 +102,94 @@ def test_evicted_adapters_load_again_from_the_store(learner: Learner) -> None:
     assert learner.resident_adapters() == 0
     version, adapter = learner.adapter("GE")
     assert version == 1 and adapter is not None and learner.resident_adapters() == 1
+
+
+def test_an_adapter_serves_only_on_the_shared_version_it_was_gated_on(learner: Learner) -> None:
+    """Lineage and re-basing: the adapter's record names its shared version; once another shared model
+    is champion, the segment is served by the shared model alone (version 0) until it is retrained on
+    the new one, and a rollback of the shared model brings the adapter back."""
+    events = [e for e in load_homedepot().stream() if e.segment == "GE"][:60]
+    out = learner.train_segment("GE", events[20:40], events[:20], (21, 40))
+    assert out is not None and out[0].decision == "promoted"
+    first_shared = learner.shared_version
+    assert out[0].shared_version == first_shared and out[0].event().shared_version == first_shared
+    pairs = [(e.query, e.item_text) for e in events[:4]]
+    assert learner.score("GE", pairs)[1] == out[0].version
+
+    shared = learner.shared_registry
+    version = shared.next_version(SHARED_SEGMENT)
+    path = save_shared(shared.adapter_dir(SHARED_SEGMENT, version), new_click_model(learner.backbone, 1))
+    stored = shared.record(
+        version_record(SHARED_SEGMENT, version, str(path), scope="shared"), gated_against=first_shared
+    )
+    assert stored.decision == "promoted"
+    probs, served = learner.score("GE", pairs)
+    assert learner.shared_version == version and served == 0, "stale adapter is not served"
+    assert learner.registry.champion_version("GE") == out[0].version, "its record stays"
+
+    again = learner.train_segment("GE", events[40:], events[:40], (41, 60))
+    assert again is not None and again[0].decision == "promoted"
+    assert again[0].shared_version == version and again[0].parent_version is None
+    assert learner.score("GE", pairs)[1] == again[0].version
+
+    shared.rollback(SHARED_SEGMENT, first_shared)
+    learner.registry.rollback("GE", out[0].version)
+    assert learner.score("GE", pairs)[1] == out[0].version and learner.shared_version == first_shared
+    assert not np.allclose(probs, learner.score("GE", pairs)[0])
+
+
+def test_plain_transformers_and_peft_rebuild_the_served_encoder_from_the_files(learner: Learner) -> None:
+    """The adapter's `adapter_config.json` names the shared model's encoder directory it was trained on,
+    so loading it as its config says gives exactly the encoder the worker serves (it used to name the
+    packaged base model: a different encoder, cosine 0.86 on one pair)."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from worker.learn.model import mean_pool
+
+    moved = new_click_model(learner.backbone, 2)
+    with torch.no_grad():
+        for param in moved.encoder.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    shared = learner.shared_registry
+    version = shared.next_version(SHARED_SEGMENT)
+    path = save_shared(shared.adapter_dir(SHARED_SEGMENT, version), moved)
+    champion = shared.champion_version(SHARED_SEGMENT)
+    shared.record(version_record(SHARED_SEGMENT, version, str(path), scope="shared"), gated_against=champion)
+    events = [e for e in load_homedepot().stream() if e.segment == "GE"][:40]
+    out = learner.train_segment("GE", events[20:], events[:20], (21, 40))
+    assert out is not None and out[0].adapter is not None and out[0].shared_version == version
+    adapter_dir = Path(out[0].adapter)
+    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    shared_dir = learner.shared_registry.champion(SHARED_SEGMENT)
+    assert shared_dir is not None and base == str(Path(str(shared_dir.adapter)) / "encoder")
+
+    rebuilt = PeftModel.from_pretrained(AutoModel.from_pretrained(base), str(adapter_dir)).eval()
+    version, adapter = learner.adapter("GE")
+    served = learner._serving("GE", version, adapter)
+    pairs = [(e.query, e.item_text) for e in events[:6]]
+    batch = learner.backbone.collate(learner.backbone.encode(pairs))
+    with torch.no_grad():
+        ours = served.embed(batch)
+        hidden = rebuilt(
+            input_ids=batch["input_ids"],
+            token_type_ids=batch["token_type_ids"],
+            attention_mask=batch["attention_mask"],
+        ).last_hidden_state
+        theirs = mean_pool(hidden, batch["attention_mask"])
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    plain = AutoModel.from_pretrained(str(learner.base_model)).eval()
+    with torch.no_grad():
+        packaged = mean_pool(
+            plain(
+                input_ids=batch["input_ids"],
+                token_type_ids=batch["token_type_ids"],
+                attention_mask=batch["attention_mask"],
+            ).last_hidden_state,
+            batch["attention_mask"],
+        )
+    assert not torch.allclose(ours, packaged, atol=1e-3), "the check can tell the two encoders apart"

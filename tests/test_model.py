@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import subprocess
 import sys
+import threading
+from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,12 +25,15 @@ from worker.learn.history import QueryHistory
 from worker.learn.model import (
     Backbone,
     ClickModel,
+    Pair,
     attach_lora,
     extract_adapter,
     load_backbone,
     mean_pool,
     new_click_model,
     score_pairs,
+    scoring_batches,
+    serving_copy,
     zero_shot_scores,
 )
 from worker.learn.store import load_adapter, load_shared, save_adapter, save_shared
@@ -264,3 +272,182 @@ def test_query_history_moves_scores_survives_saving_and_is_shared_not_copied(
     np.testing.assert_allclose(score_pairs(backbone, loaded, pairs), with_history, rtol=1e-5, atol=1e-6)
     seg = attach_lora(shared, rank=4, alpha=8, dropout=0.0, seed=0)
     assert seg.query_history is shared.query_history and not seg.history.weight.requires_grad
+
+
+def _reference_probabilities(
+    backbone: Backbone, model: ClickModel, pairs: list[Pair], folds: list[int | None] | None = None
+) -> np.ndarray:
+    """Scoring written out plainly, as it was before the pipeline: one pair at a time, no cache, no
+    padding, no producer thread, the model's own forward (a PEFT-composed model for an adapter)."""
+    out = []
+    model.eval()
+    for i, (query, text) in enumerate(pairs):
+        if query:
+            enc = backbone.tokenizer(
+                query, text, truncation="longest_first", max_length=backbone.max_seq_len, return_tensors="pt"
+            )
+        else:
+            enc = backbone.tokenizer(
+                text, truncation=True, max_length=backbone.max_seq_len, return_tensors="pt"
+            )
+        batch = {k: enc[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+        batch["match"] = torch.tensor([match.features(query, text)], dtype=torch.float32)
+        if model.query_history is not None:
+            fold = None if folds is None else [folds[i]]
+            batch["history"] = torch.from_numpy(model.query_history.features([query], fold))
+        with torch.no_grad():
+            out.append(float(torch.sigmoid(model(batch))[0]))
+    return np.asarray(out)
+
+
+@pytest.fixture(scope="module")
+def scoring_pairs(events: list[ClickEvent]) -> list[Pair]:
+    """Real pairs and the awkward ones: no query, an empty query, a duplicate, one over max_seq_len."""
+    pairs = pairs_of(events[:24])
+    long_text = " ".join(e.item_text for e in events[:6])
+    return [
+        *pairs,
+        (None, events[0].item_text),
+        ("", events[1].item_text),
+        pairs[3],
+        (events[2].query, long_text),
+    ]
+
+
+def test_scores_equal_the_plain_reference_within_1e_4(
+    backbone: Backbone, shared: ClickModel, events: list[ClickEvent], scoring_pairs: list[Pair]
+) -> None:
+    """The pipelined scoring (cache, vectorised collate, producer thread, merged LoRA) changes no score by
+    more than 1e-4: shared model with match features and query history, and shared + an adapter."""
+    folds = [history.fold_of(e.event_id) for e in events[:24]] + [None] * 4
+    reference = _reference_probabilities(backbone, shared, scoring_pairs, folds)
+    seg = _random_adapter(shared)
+    adapter = extract_adapter(seg)
+    composed = _reference_probabilities(backbone, seg, scoring_pairs, folds)
+    assert np.abs(composed - reference).max() > 1e-3  # the adapter moves scores, so the check below can fail
+    served = serving_copy(shared, adapter)
+    for prefetch in (False, True):
+        for batch_size in (1, 5, None):
+            backbone.clear_token_cache()
+            cold = score_pairs(backbone, shared, scoring_pairs, batch_size, folds, prefetch)
+            warm = score_pairs(backbone, shared, scoring_pairs, batch_size, folds, prefetch)
+            np.testing.assert_allclose(cold, reference, rtol=0, atol=1e-4)
+            np.testing.assert_allclose(warm, cold, rtol=0, atol=1e-6)
+            merged = score_pairs(backbone, served, scoring_pairs, batch_size, folds, prefetch)
+            np.testing.assert_allclose(merged, composed, rtol=0, atol=1e-4)
+    without_folds = score_pairs(backbone, shared, scoring_pairs)
+    np.testing.assert_allclose(
+        without_folds, _reference_probabilities(backbone, shared, scoring_pairs), atol=1e-4
+    )
+    assert score_pairs(backbone, shared, []).shape == (0,)
+
+
+def test_a_served_copy_merges_the_lora_and_shares_every_other_tensor(
+    backbone: Backbone, shared: ClickModel
+) -> None:
+    seg = _random_adapter(shared)
+    adapter = extract_adapter(seg)
+    before = {k: v.clone() for k, v in shared.state_dict().items()}
+    served = serving_copy(shared, adapter)
+    assert not any("lora" in name for name, _ in served.named_modules())
+    assert (
+        served.encoder.embeddings.word_embeddings.weight is shared.encoder.embeddings.word_embeddings.weight
+    )
+    assert served.head.weight is shared.head.weight and served.query_history is shared.query_history
+    query = served.encoder.encoder.layer[0].attention.self.query
+    assert query.weight is not shared.encoder.encoder.layer[0].attention.self.query.weight
+    assert query.bias is shared.encoder.encoder.layer[0].attention.self.query.bias
+    assert torch.equal(served.calibration, adapter.calibration) and not served.training
+    after = shared.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert serving_copy(shared) is shared  # on a CPU, the shared model serves as it is
+    assert shared.encoder.config._attn_implementation == "sdpa"
+
+    wrong = replace(
+        adapter, lora={**adapter.lora, "base_model.model.embeddings.LayerNorm.lora_A.weight": torch.zeros(1)}
+    )
+    with pytest.raises(ValueError, match="does not fit"):
+        serving_copy(shared, wrong)
+    key = next(k for k in adapter.lora if k.endswith("lora_A.weight"))
+    with pytest.raises(ValueError, match="does not fit"):
+        serving_copy(shared, replace(adapter, lora={**adapter.lora, key: torch.zeros(3, 3)}))
+
+
+class _CountingTokenizer:
+    """The real tokenizer, counting the texts it is asked to tokenise."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.texts = 0
+
+    def __call__(self, first: list[str], *rest: Any, **kwargs: Any) -> Any:
+        self.texts += len(first)
+        return self.tokenizer(first, *rest, **kwargs)
+
+
+def test_the_token_cache_is_a_bounded_lru_keyed_by_content(
+    backbone: Backbone, scoring_pairs: list[Pair]
+) -> None:
+    counting = _CountingTokenizer(backbone.tokenizer)
+    small = replace(backbone, tokenizer=counting, cache_rows=3, _tokens=OrderedDict(), _lock=threading.Lock())
+    a, b, c, d = scoring_pairs[:4]
+    rows = small.encode([a, b, a, c])
+    assert counting.texts == 3 and small.cached_rows() == 3
+    assert rows[0] is rows[2]
+    small.encode([a])  # a is now the most recently used, b the least
+    assert counting.texts == 3
+    small.encode([d])
+    assert counting.texts == 4 and small.cached_rows() == 3
+    small.encode([a, c, d])
+    assert counting.texts == 4
+    small.encode([b])
+    assert counting.texts == 5
+    wide = replace(backbone, tokenizer=counting, _tokens=OrderedDict(), _lock=threading.Lock())
+    first = wide.encode(scoring_pairs)
+    seen = counting.texts
+    again = wide.encode(list(reversed(scoring_pairs)))
+    assert counting.texts == seen  # a refresh of the same candidates tokenises nothing
+    assert [r.ids.tolist() for r in again[::-1]] == [r.ids.tolist() for r in first]
+
+
+def test_collate_pads_each_batch_to_its_longest_row(backbone: Backbone, scoring_pairs: list[Pair]) -> None:
+    rows = backbone.encode(scoring_pairs[:6])
+    table = np.arange(6 * history.SIZE, dtype=np.float32).reshape(6, history.SIZE)
+    batch = backbone.collate(rows, table)
+    width = max(len(r.ids) for r in rows)
+    assert batch["input_ids"].shape == (6, width) and batch["input_ids"].dtype == torch.long
+    for i, row in enumerate(rows):
+        n = len(row.ids)
+        assert batch["input_ids"][i, :n].tolist() == row.ids.tolist()
+        assert batch["token_type_ids"][i, :n].tolist() == row.types.tolist()
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
+        assert int(batch["input_ids"][i, n:].abs().sum()) == 0
+    assert batch["match"].shape == (6, match.SIZE)
+    np.testing.assert_array_equal(
+        batch["match"].numpy(), np.stack([r.match for r in rows if r.match is not None])
+    )
+    np.testing.assert_array_equal(batch["history"].numpy(), table)
+
+
+def test_scoring_batches_bound_pairs_and_padded_tokens() -> None:
+    lengths = np.array([5, 40, 7, 64, 64, 12, 30, 3] * 50)
+    plain = scoring_batches(lengths, 16)
+    assert [len(b) for b in plain] == [16] * 25
+    budget = scoring_batches(lengths, 128, max_tokens=1024)
+    assert sorted(np.concatenate(budget).tolist()) == list(range(len(lengths)))
+    assert all(len(b) <= 128 and len(b) * lengths[b].max() <= 1024 for b in budget)
+    assert all(lengths[b].max() <= lengths[n].min() for b, n in itertools.pairwise(budget))
+    assert [len(b) for b in scoring_batches(np.array([100, 100]), 8, max_tokens=10)] == [1, 1]
+
+
+def test_an_error_in_the_producer_thread_reaches_the_caller(backbone: Backbone, shared: ClickModel) -> None:
+    class Broken:
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("tokeniser broke")
+
+    broken = replace(backbone, tokenizer=Broken(), _tokens=OrderedDict(), _lock=threading.Lock())
+    threads = threading.active_count()
+    with pytest.raises(RuntimeError, match="tokeniser broke"):
+        score_pairs(broken, shared, [("drill", "cordless drill")], prefetch=True)
+    assert threading.active_count() == threads
+    assert not any(t.name == "score-prefetch" for t in threading.enumerate())

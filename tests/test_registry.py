@@ -11,7 +11,14 @@ from registry_helpers import version_record
 
 from worker.config import Settings
 from worker.events import HoldoutMetrics
-from worker.state.registry import SHARED_SEGMENT, Registry, RegistryError, VersionRecord, cli_main
+from worker.state.registry import (
+    SHARED_SEGMENT,
+    Registry,
+    RegistryError,
+    VersionRecord,
+    add_arguments,
+    cli_main,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +46,7 @@ def _record(reg: Registry, segment: str, decision: str = "promoted", auc: float 
         challenger=HoldoutMetrics(auc=auc, logloss=0.6, n=20),
         train_seconds=0.1,
     )
-    reg.record(rec)
-    return rec
+    return reg.record(rec, gated_against=reg.champion_version(segment))
 
 
 def test_versions_are_unique_and_increasing_under_concurrency(reg: Registry) -> None:
@@ -74,9 +80,35 @@ def test_two_concurrent_trainers_never_move_the_champion_back(reg: Registry) -> 
     for version in (b, a):
         path = reg.adapter_dir("KOHLER", version)
         path.mkdir(parents=True)
-        became = reg.record(version_record("KOHLER", version, str(path)))
-        assert became == (version == b)
+        stored = reg.record(version_record("KOHLER", version, str(path)))
+        assert stored.decision == ("promoted" if version == b else "rejected")
     assert reg.champion_version("KOHLER") == b
+
+
+def test_promotion_is_fenced_on_the_champion_it_was_gated_against(reg: Registry) -> None:
+    """Two challengers gated against the same champion: the first to record wins; the second was never
+    compared with the new champion, so it is stored as rejected (with the reason, without its adapter)
+    whatever its version number, and a lost race is never announced as a promotion."""
+    first = _record(reg, "MOEN")
+    late_start, early_finish = reg.next_version("MOEN"), reg.next_version("MOEN")
+    paths = {}
+    for version in (late_start, early_finish):
+        paths[version] = reg.adapter_dir("MOEN", version)
+        paths[version].mkdir(parents=True)
+    won = reg.record(version_record("MOEN", early_finish, str(paths[early_finish])), first.version)
+    lost = reg.record(version_record("MOEN", late_start, str(paths[late_start])), first.version)
+    assert won.decision == "promoted" and reg.champion_version("MOEN") == early_finish
+    assert lost.decision == "rejected" and lost.adapter is None and "lost the race" in lost.reason
+    assert f"v{first.version} to v{early_finish}" in lost.reason
+    assert reg.get("MOEN", late_start) == lost and not paths[late_start].exists()
+    newer = reg.next_version("MOEN")
+    paths[newer] = reg.adapter_dir("MOEN", newer)
+    paths[newer].mkdir(parents=True)
+    assert reg.record(version_record("MOEN", newer, str(paths[newer])), first.version).decision == "rejected"
+    assert reg.record(
+        version_record("MOEN", reg.next_version("MOEN"), None, decision="rejected")
+    ).decision == ("rejected")
+    assert reg.champion_version("MOEN") == early_finish
 
 
 def test_rejected_versions_are_recorded_but_not_champion(reg: Registry) -> None:
@@ -107,16 +139,19 @@ def test_rollback(reg: Registry) -> None:
     assert reg.champion_version("Ryobi") == v3
 
 
-def test_prune_keeps_last_n_and_the_champion(settings: Settings) -> None:
+def test_prune_keeps_the_last_n_promoted_versions_however_many_were_rejected(settings: Settings) -> None:
     reg = Registry.from_settings(settings.model_copy(update={"keep_versions": 2}))
     first = _record(reg, "GE", auc=0.9)
-    others = [_record(reg, "GE", decision="rejected") for _ in range(4)]
+    second = _record(reg, "GE", auc=0.91)
+    others = [_record(reg, "GE", decision="rejected") for _ in range(6)]
     kept = [r.version for r in reg.versions("GE")]
-    assert kept == [first.version, *[r.version for r in others[-2:]]]
-    assert Path(first.adapter or "").is_dir()
+    assert kept == [first.version, second.version, *[r.version for r in others[-2:]]]
+    assert Path(first.adapter or "").is_dir(), "the rollback target survives six rejections"
+    assert reg.rollback("GE").version == first.version
+    assert reg.rollback("GE", second.version).version == second.version
     newest = _record(reg, "GE")
     kept = [r.version for r in reg.versions("GE")]
-    assert first.version not in kept and newest.version in kept
+    assert first.version not in kept and {second.version, newest.version} <= set(kept)
     assert not Path(first.adapter or "").exists()
 
 
@@ -149,13 +184,51 @@ def test_models_cli(
         "WORKER_MODEL_STORE": str(settings.model_store),
     }.items():
         monkeypatch.setenv(key, value)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def models(*argv: str) -> int:
+        return cli_main(parser.parse_args(argv))
+
     v1 = _record(reg, "GE").version
     v2 = _record(reg, "GE").version
-    assert cli_main(argparse.Namespace(action="list", segment=None, version=None)) == 0
+    assert models("list") == 0
     out = capsys.readouterr().out
     assert f"GE  champion={v2}" in out and f"v{v1}" in out
-    assert cli_main(argparse.Namespace(action="rollback", segment="GE", version=None)) == 0
+    assert models("rollback", "GE") == 0
     assert reg.champion_version("GE") == v1
-    assert cli_main(argparse.Namespace(action="show", segment="GE", version=None)) == 0
+    assert models("show", "GE") == 0
     assert f'"version": {v1}' in capsys.readouterr().out
-    assert cli_main(argparse.Namespace(action="show", segment="nope", version=None)) == 1
+    assert models("show", "nope") == 1
+
+
+def test_the_shared_model_rolls_back_from_the_cli_after_six_rejections(
+    reg: Registry, settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    for key, value in {
+        "WORKER_REDIS_URL": settings.redis_url,
+        "WORKER_REDIS_PREFIX": settings.redis_prefix,
+        "WORKER_MODEL_STORE": str(settings.model_store),
+    }.items():
+        monkeypatch.setenv(key, value)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    shared = reg.shared()
+    v1 = _record(shared, SHARED_SEGMENT).version
+    v2 = _record(shared, SHARED_SEGMENT).version
+    for _ in range(6):
+        _record(shared, SHARED_SEGMENT, decision="rejected")
+    assert cli_main(parser.parse_args(["rollback", "--shared"])) == 0
+    assert shared.champion_version(SHARED_SEGMENT) == v1
+    assert "shared: champion is now v" in capsys.readouterr().out
+    assert cli_main(parser.parse_args(["--shared", "rollback", str(v2)])) == 0
+    assert shared.champion_version(SHARED_SEGMENT) == v2
+    assert cli_main(parser.parse_args(["list", "--shared"])) == 0 == cli_main(
+        parser.parse_args(["rollback", str(v1), "--shared"])
+    )
+    assert shared.champion_version(SHARED_SEGMENT) == v1
+    assert f"shared  champion={v2}" in capsys.readouterr().out
+    assert cli_main(parser.parse_args(["rollback", "GE", "--shared"])) == 2
+    assert reg.champion_version(SHARED_SEGMENT) is None, "the segment namespace is untouched"

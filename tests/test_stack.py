@@ -149,3 +149,54 @@ def test_down_finds_this_stacks_redis_under_other_settings(tmp_path: Path) -> No
         assert not _running(pid)
     finally:
         stack_mod.down(first)
+
+
+def test_kafka_consumer_groups_tool_shows_the_workers_lag_and_offsets_that_match_redis(
+    settings: Settings,
+) -> None:
+    """`python -m worker stack kafka-tool consumer-groups --describe --group G`, as an operator runs it:
+    Kafka's own tool (its jars resolved from Maven Central like the broker's) against the test broker."""
+    from ingest_helpers import event_doc, ingest_all, produce_docs
+
+    from worker.stream.kafka import ensure_topics
+
+    ensure_topics(settings, [settings.input_topic, settings.dlq_topic], partitions=3)
+    produce_docs(settings, [event_doc(i, f"seg-{i % 9}") for i in range(300)])
+    buffer = ingest_all(settings).buffer
+    stored = buffer.stored_offsets(range(3))
+    env = {
+        **os.environ,
+        "WORKER_CACHE_DIR": str(settings.cache_dir),
+        "WORKER_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "WORKER_REDIS_URL": settings.redis_url,
+    }
+    tool = ["stack", "kafka-tool", "consumer-groups", "--describe", "--group", settings.group_id]
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", *tool],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(settings.group_id + " ")]
+    header = next(line.split() for line in proc.stdout.splitlines() if line.startswith("GROUP"))
+    table = {int(r[header.index("PARTITION")]): dict(zip(header, r, strict=False)) for r in rows}
+    assert sorted(table) == [0, 1, 2], proc.stdout
+    for partition, row in table.items():
+        assert int(row["CURRENT-OFFSET"]) == stored[partition] == int(row["LOG-END-OFFSET"])
+        assert row["LAG"] == "0"
+    assert sum(stored.values()) == 300
+    buffer.purge()
+
+
+def test_an_unknown_kafka_tool_names_the_ones_there_are(stack: Settings) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "stack", "kafka-tool", "consumer-group"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2 and "consumer-groups" in proc.stderr, proc.stderr

@@ -15,6 +15,7 @@ import torch
 from worker.config import Settings
 from worker.events import ClickEvent
 from worker.learn import history, match
+from worker.learn.gate import GateRules, Scored, judge
 from worker.learn.history import QueryHistory
 from worker.learn.model import (
     Backbone,
@@ -30,14 +31,15 @@ from worker.learn.train import (
     NonFiniteLoss,
     evaluate_model,
     fit,
-    gate,
+    labels_of,
     pairs_of,
+    probabilities,
     sample_replay,
     split_holdout,
     train_segment_adapter,
     train_shared,
 )
-from worker.ops.quality import HoldoutScore
+from worker.ops.quality import auc
 from worker.tools.datasets import load_homedepot
 
 
@@ -112,18 +114,6 @@ def test_train_shared_measures_holdout(
     assert result.device == "cpu" and result.train_seconds > 0
 
 
-def test_gate_rules() -> None:
-    champ = HoldoutScore(0.70, 0.60, 50)
-    assert gate(HoldoutScore(0.71, 0.60, 50), champ, 0.01)[0]
-    assert gate(HoldoutScore(0.70, 0.605, 50), champ, 0.01)[0]
-    assert not gate(HoldoutScore(0.69, 0.50, 50), champ, 0.01)[0]
-    assert not gate(HoldoutScore(0.75, 0.62, 50), champ, 0.01)[0]
-    assert not gate(HoldoutScore(0.75, float("nan"), 50), champ, 0.01)[0]
-    assert not gate(HoldoutScore(None, float("nan"), 0), champ, 0.01)[0]
-    assert gate(HoldoutScore(0.6, 0.7, 50), None, 0.01)[0]
-    assert gate(HoldoutScore(None, 0.59, 50), HoldoutScore(None, 0.60, 50), 0.0)[0]
-
-
 def test_gate_rejects_broken_challenger(
     backbone: Backbone, settings: Settings, shared: ClickModel, events: list[ClickEvent]
 ) -> None:
@@ -133,10 +123,13 @@ def test_gate_rejects_broken_challenger(
     with torch.no_grad():
         broken.head.weight.neg_()
         broken.head.bias.neg_()
-    good, bad = evaluate_model(backbone, shared, holdout), evaluate_model(backbone, broken, holdout)
-    assert good.auc is not None and bad.auc is not None
-    champion, challenger = (good, bad) if good.auc > bad.auc else (bad, good)
-    ok, reason = gate(challenger, champion, settings.gate_logloss_margin)
+    good, bad = probabilities(backbone, shared, holdout), probabilities(backbone, broken, holdout)
+    labels = labels_of(holdout)
+    good_auc, bad_auc = auc(labels, good), auc(labels, bad)
+    assert good_auc is not None and bad_auc is not None
+    champion, challenger = (good, bad) if good_auc > bad_auc else (bad, good)
+    unseen = np.zeros(len(holdout), dtype=bool)
+    ok, reason = judge(Scored(labels, challenger, champion, unseen), GateRules.for_segment(settings))
     assert not ok and "AUC" in reason
 
     flipped = [e.model_copy(update={"clicked": 1 - e.clicked}) for e in events[:64]]
@@ -238,6 +231,11 @@ def test_shared_run_counts_a_query_history_and_learns_its_weights(
     again = train_shared(backbone, shared, events[:32], [], events[64:], settings, counted=events[:10])
     assert again.shared is not None and again.shared.query_history is not None
     assert again.shared.query_history.events == 10 and shared.query_history.events == len(events)
+    view = copy.copy(shared)
+    view.query_history = again.shared.query_history
+    assert again.champion == evaluate_model(backbone, view, events[64:]), "the champion read the new table"
+    assert again.champion != evaluate_model(backbone, shared, events[64:]), "and not its own"
+    assert shared.query_history.events == len(events), "the champion itself is left as it was"
     off = settings.model_copy(update={"query_history": False})
     plain = train_shared(backbone, None, events[:32], [], events[64:], off)
     assert plain.shared is not None and plain.shared.query_history is None

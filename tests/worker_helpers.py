@@ -17,7 +17,7 @@ from worker.stream.kafka import client_config
 from worker.tools.procs import WORKER_RUN, child_env, start_worker, stop_worker
 
 # Tiny and fast on a CPU, with the gate opened so every challenger is promoted: these tests exercise the
-# running worker, the gate's own decisions are tested in test_train.py.
+# running worker, the gate's own decisions are tested in test_gate.py and test_train.py.
 SMALL: dict[str, object] = {
     "max_seq_len": 16,
     "min_new_events": 16,
@@ -29,6 +29,8 @@ SMALL: dict[str, object] = {
     "adapter_epochs": 1,
     "gate_auc_tolerance": 1,
     "gate_logloss_margin": 1000,
+    "gate_min_holdout": 1,
+    "shared_min_holdout": 1,
     "drain_grace_s": 60,
     "metrics_port": 0,
 }

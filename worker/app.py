@@ -39,16 +39,21 @@ from worker.logs import configure_logging
 from worker.ops.http import MetricsServer, Readiness
 from worker.ops.http import start as start_metrics
 from worker.ops.metrics import Metrics
-from worker.state.buffer import Buffer, WriteResult
+from worker.state import client as redis_clients
+from worker.state.buffer import Buffer
+from worker.state.client import RedisClient
 from worker.state.registry import Registry, VersionRecord
 from worker.stream.ingest import Ingestor
 from worker.stream.kafka import ensure_topics, make_consumer
+from worker.stream.lease import Lease
 from worker.stream.publish import Publisher
 from worker.stream.trigger import DueSegment, Trigger
 
 log = structlog.get_logger(__name__)
 
 REQUEST_QUEUE = 256
+SHARED_CHECK_S = 2.0
+"""How often the group's shared trainer counts the new events of every partition."""
 
 
 @dataclass
@@ -73,7 +78,7 @@ class StartupError(RuntimeError):
     """A dependency (Kafka, Redis, the model store) is unusable; the message says which and why."""
 
 
-def check_dependencies(settings: Settings, client: redis.Redis[bytes]) -> None:
+def check_dependencies(settings: Settings, client: RedisClient) -> None:
     """Fail at start-up, with the setting to look at, rather than on the first event."""
     try:
         client.ping()
@@ -126,9 +131,7 @@ class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self._health_redis = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=1, socket_connect_timeout=1
-        )
+        self._health_redis = redis_clients.from_settings(settings, socket_timeout=1, socket_connect_timeout=1)
         self.readiness = Readiness(
             {
                 "partitions_assigned": lambda: bool(self.ingestor.owned_partitions()),
@@ -139,7 +142,7 @@ class Worker:
                 "model_loaded": lambda: self.learner is not None,
             }
         )
-        self.redis: redis.Redis[bytes] = redis.Redis.from_url(settings.redis_url, socket_timeout=30)
+        self.redis: RedisClient = redis_clients.from_settings(settings, socket_timeout=30)
         self.metrics_server: MetricsServer | None = None
         self.buffer = Buffer(settings, self.redis)
         self.registry = Registry.from_settings(settings, self.redis)
@@ -151,7 +154,6 @@ class Worker:
             settings,
             buffer=self.buffer,
             trigger=self.trigger,
-            on_write=self._on_write,
             before_revoke=self._before_revoke,
         )
         self._training_partition: int | None = None
@@ -168,9 +170,13 @@ class Worker:
         self.learner: Learner | None = None
         self.stats = WorkerStats()
         self.stop = threading.Event()
-        self._since_shared = 0
+        self.lease = Lease(settings, before_revoke=self._before_lease_revoke)
+        self._input_partitions = 0
+        self._group_new = 0
+        self._group_checked = 0.0
         self._shared_runs = 0
-        self._shared_seen: dict[tuple[int, str], int] = {}
+        self._shared_running = False
+        self._housekept = 0.0
         self._failures: dict[tuple[int, str], int] = {}
         self._compute_done = threading.Event()
         self._compute = threading.Thread(target=self._compute_loop, name="compute", daemon=True)
@@ -178,8 +184,12 @@ class Worker:
 
     # ---------------------------------------------------------------- main thread
 
-    def _on_write(self, result: WriteResult) -> None:
-        self._since_shared += result.added
+    def _before_lease_revoke(self) -> None:
+        """The lease moves to another worker only after a shared training here has ended, so two never
+        run at once in the group (a drain has already waited out its share of the grace period)."""
+        deadline = time.monotonic() + self.settings.drain_grace_s
+        while self._shared_running and not self.stop.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _before_revoke(self, partitions: set[int]) -> None:
         """A rebalance takes partitions away: let a training of one of them finish and be recorded first,
@@ -216,6 +226,10 @@ class Worker:
             raise StartupError(str(exc)) from None
         s = self.settings
         ensure_topics(s, [s.input_topic, s.dlq_topic, s.scores_topic, s.versions_topic, s.requests_topic])
+        ensure_topics(s, [s.lease_topic], partitions=1)
+        self._input_partitions = len(
+            self.publisher.producer.list_topics(s.input_topic, timeout=10).topics[s.input_topic].partitions
+        )
 
     def run(self) -> int:
         """Serve until `stop` is set, then drain; returns the exit code."""
@@ -223,15 +237,19 @@ class Worker:
         self.learner = Learner(self.settings, self.registry)
         self._compute.start()
         self.ingestor.subscribe()
+        self.lease.subscribe()
         self.request_consumer.subscribe([self.settings.requests_topic])
         try:
             while not self.stop.is_set():
                 try:
                     self.ingestor.poll_once()
+                    self.lease.poll()
                 except redis.RedisError as exc:
                     self.ingestor.recover(self.stop, exc)
                     continue
-                self.metrics.refresh(self.ingestor, queue_depth=self.train_jobs.qsize())
+                self.metrics.refresh(
+                    self.ingestor, queue_depth=self.train_jobs.qsize(), pending=self.trainings_pending()
+                )
                 self._poll_requests()
                 self.publisher.poll(0)
                 if self._compute_done.is_set():
@@ -250,6 +268,10 @@ class Worker:
         if self._compute.is_alive():
             log.warning("abandoning the running training: grace period is over")
         self.ingestor.close()
+        try:
+            self.lease.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("lease consumer close failed", error=str(exc))
         try:
             self.request_consumer.close()
         except (KafkaException, RuntimeError) as exc:
@@ -294,6 +316,11 @@ class Worker:
             return
         except queue.Empty:
             pass
+        now = time.monotonic()
+        if now - self._housekept >= SHARED_CHECK_S:
+            self._housekept = now
+            self._count_group_new()
+            self._refresh_stale_partitions()
         if self._shared_due():
             self._run_shared()
             return
@@ -303,35 +330,79 @@ class Worker:
             return
         self._run_segment(job)
 
-    def _shared_due(self) -> bool:
-        return self._since_shared >= self.settings.shared_every and bool(self.ingestor.owned_partitions())
+    def trainings_pending(self) -> int:
+        """Segments queued or training (until `Trigger.done`), plus 1 while a shared run is due or runs.
+        The flag is set before `_run_shared` resets the count and read after `_shared_due`, so a reader
+        never sees neither."""
+        return len(self.trigger.queued()) + (1 if self._shared_due() or self._shared_running else 0)
 
-    def _pool(self) -> tuple[list[ClickEvent], list[ClickEvent]]:
-        """Events of every owned segment from the buffer: those new since the last shared run, and older."""
+    def _shared_due(self) -> bool:
+        """This worker holds the group's lease and enough new events arrived in the whole group: the
+        bootstrap minimum while no shared model serves, else `shared_every`. Reads only numbers the
+        compute thread keeps (`_count_group_new`), so a metrics scrape may call it."""
+        if not self.lease.held():
+            return False
+        serving = self.learner is not None and self.learner.shared is not None
+        s = self.settings
+        return self._group_new >= (s.shared_every if serving else s.shared_bootstrap_min_events)
+
+    def _count_group_new(self, force: bool = False) -> None:
+        """New events in every partition of the input topic since the last shared run, at most every
+        `SHARED_CHECK_S` (two Redis round trips per partition)."""
+        now = time.monotonic()
+        if not self.lease.held() or (not force and now - self._group_checked < SHARED_CHECK_S):
+            return
+        self._group_checked = now
+        seen = self.buffer.shared_seen()
+        self._group_new = sum(
+            max(0, st.seq - seen.get((p, self.buffer.segment_hash(st.segment)), 0))
+            for p in range(self._input_partitions)
+            for st in self.buffer.segment_states(p)
+        )
+
+    def _pool(self) -> tuple[list[ClickEvent], list[ClickEvent], dict[tuple[int, str], int], list[int]]:
+        """Events of every segment of every partition, owned here or not: those new since the group's
+        last shared run (by the persisted markers), the older ones, the markers after this run, and the
+        partitions that gave new events."""
         new: list[ClickEvent] = []
         older: list[ClickEvent] = []
-        for partition in sorted(self.ingestor.owned_partitions()):
+        seen = self.buffer.shared_seen()
+        marks: dict[tuple[int, str], int] = {}
+        partitions: list[int] = []
+        for partition in range(self._input_partitions):
+            fresh_here = 0
             for segment in self.buffer.segments(partition):
                 snap = self.buffer.training_snapshot(partition, segment)
                 events = [*snap.sample_events, *snap.new_events]
-                seen = self._shared_seen.get((partition, segment), 0)
-                fresh = max(0, min(len(events), snap.seq_to - seen))
+                key = (partition, self.buffer.segment_hash(segment))
+                fresh = max(0, min(len(events), snap.seq_to - seen.get(key, 0)))
                 older.extend(events[: len(events) - fresh])
                 new.extend(events[len(events) - fresh :])
-                self._shared_seen[(partition, segment)] = snap.seq_to
-        return new, older
+                marks[key] = snap.seq_to
+                fresh_here += fresh
+            if fresh_here:
+                partitions.append(partition)
+        return new, older, marks, partitions
 
     def _run_shared(self) -> VersionRecord | None:
+        """One shared run of the group's trainer. What it took as new is marked in Redis after its
+        decision is recorded: a crash before that trains the same events again (nothing was recorded),
+        never after."""
         assert self.learner is not None
-        self._since_shared = 0
-        new, older = self._pool()
-        if not new:
-            return None
-        self._shared_runs += 1
-        log.info("shared training", events=len(new), older=len(older))
-        with self.metrics.training("shared") as run:
-            rec, _ = self.learner.train_shared(new, older, (0, len(new)), self._shared_runs)
-            run.decision = rec.decision
+        self._shared_running = True
+        try:
+            new, older, marks, partitions = self._pool()
+            self._group_new = 0
+            if not new:
+                return None
+            self._shared_runs += 1
+            log.info("shared training", events=len(new), older=len(older), partitions=partitions)
+            with self.metrics.training("shared") as run:
+                rec, _ = self.learner.train_shared(new, older, (0, len(new)), self._shared_runs)
+                run.decision = rec.decision
+            self.buffer.mark_shared_seen(marks)
+        finally:
+            self._shared_running = False
         self.stats.shared_runs[rec.decision] += 1
         log.info(
             "shared run",
@@ -339,10 +410,31 @@ class Worker:
             decision=rec.decision,
             reason=rec.reason,
             events=len(new),
+            partitions=partitions,
             seconds=rec.train_seconds,
         )
         self.publisher.version(rec.event())
+        if rec.decision == "promoted":
+            self._refresh_stale_partitions()
         return rec
+
+    def _refresh_stale_partitions(self) -> None:
+        """A new shared champion (promoted here or by the group's trainer) changes what every segment
+        is served by: refreshed scores for each owned partition's segments whose scores were published
+        for another shared version. The marker is per partition in Redis, so a crash or a rebalance
+        between a promotion and its scores publishes them from whoever owns the partition next."""
+        assert self.learner is not None
+        self.learner.refresh_shared()
+        version = self.learner.shared_version
+        if not version:
+            return
+        for partition in sorted(self.ingestor.owned_partitions()):
+            if self.buffer.scores_shared_version(partition) == version:
+                continue
+            for segment in self.buffer.segments(partition):
+                self._publish_scores(partition, segment)
+            self.publisher.flush(self.settings.drain_grace_s)
+            self.buffer.mark_scores_shared_version(partition, version)
 
     def _backoff_s(self, job: DueSegment, outcome: Outcome) -> float:
         """0 after a run that counted; a fixed wait while no shared model serves; after failures in a row,
@@ -425,18 +517,13 @@ class Worker:
         return Outcome.DONE
 
     def _bootstrap_shared(self) -> bool:
-        """The first segment run needs a shared model: train one now if enough events are buffered."""
+        """A due segment while no shared model serves: the group's trainer runs the first shared run now
+        if enough events are buffered group-wide; on any other worker the segment waits for it."""
         assert self.learner is not None
-        if self.learner.shared is not None:
+        if self.learner.shared is not None or not self.lease.held():
             return False
-        if self._shared_runs > 0 and self._since_shared < self.settings.shared_bootstrap_min_events:
-            return False
-        total = sum(
-            self.buffer.counts(p, s).events
-            for p in self.ingestor.owned_partitions()
-            for s in self.buffer.segments(p)
-        )
-        if total < self.settings.shared_bootstrap_min_events:
+        self._count_group_new(force=True)
+        if not self._shared_due():
             return False
         rec = self._run_shared()
         return rec is not None and rec.decision == "promoted"
@@ -456,6 +543,7 @@ class Worker:
                 item_id=c.item_id,
                 score=float(p),
                 model_version=version,
+                shared_version=self.learner.shared_version,
                 scored_at=now,
             )
             for c, p in zip(candidates, probs, strict=True)
@@ -485,6 +573,7 @@ class Worker:
                         item_id=p.item_id,
                         score=float(prob),
                         model_version=version,
+                        shared_version=self.learner.shared_version,
                         scored_at=now,
                         request_id=request.request_id,
                     )
@@ -519,7 +608,12 @@ def cli_main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    worker = Worker(settings)
+    try:
+        worker = Worker(settings)  # a Redis Cluster client asks for the slot layout at once
+    except redis.RedisError as exc:
+        log.error("start-up failed", error=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         worker.start()
     except StartupError as exc:

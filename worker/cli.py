@@ -30,6 +30,7 @@ COMMANDS: Table = {
     "stack": ("worker.tools.stack", "start, stop or check the local Kafka and Redis"),
     "schemas": ("worker.tools.schemas", "regenerate schemas/ and the README settings table from the code"),
     "replay": ("worker.tools.replay", "produce a data set's click events into the input topic"),
+    "generate-shop": ("worker.tools.shop", "write a generated shop (synthetic click events) as JSONL"),
     "ingest": ("worker.stream.ingest", "consume click events into the Redis buffers (no training)"),
     "run": ("worker.app", "run the worker: ingest, train, publish"),
     "eval": ("worker.tools.evaluate", "offline evaluation on real data, no Kafka needed"),

@@ -22,7 +22,11 @@ class Settings(BaseSettings):
 
     # Connections
     kafka_bootstrap: str = Field("127.0.0.1:9092", min_length=1, description="Kafka bootstrap servers.")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or rediss://).")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL: redis://, rediss:// or unix://; a Redis Cluster: "
+        "redis+cluster://[user:password@]host:port[,host:port...] (rediss+cluster:// for TLS).",
+    )
     redis_prefix: str = Field(
         "w",
         min_length=1,
@@ -150,7 +154,32 @@ class Settings(BaseSettings):
         256, ge=1, description="Segment adapters kept in memory (LRU); others load lazily from the store."
     )
     gate_auc_tolerance: float = Field(
-        0.0, ge=0, le=1, description="A challenger may trail the champion's AUC by this much (0: never)."
+        0.0,
+        ge=0,
+        le=1,
+        description="How far a challenger may trail the champion's AUC beyond the noise (0: it must win).",
+    )
+    gate_z: float = Field(
+        1.645,
+        ge=0,
+        le=10,
+        description="Standard errors (DeLong, paired) an AUC gain must clear, and a loss on seen or unseen "
+        "queries must exceed to reject (1.645: one-sided 95 %).",
+    )
+    gate_min_holdout: int = Field(
+        30, ge=1, description="Held-out pairs a segment needs before an adapter may replace what serves it."
+    )
+    shared_min_holdout: int = Field(
+        200,
+        ge=1,
+        description="Pooled held-out pairs before a shared model may replace zero-shot or the champion.",
+    )
+    unseen_query_frac: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of distinct queries no model trains on: every gate also judges on them, as on "
+        "tomorrow's new queries (0: off).",
     )
     shared_bootstrap_min_events: int = Field(
         256, ge=16, description="Events needed before the first shared model is trained."
@@ -194,9 +223,19 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
+        if value.startswith(REDIS_CLUSTER_SCHEMES):
+            redis_cluster_nodes(value)
+            return value
         if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+            raise ValueError(
+                "must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://"
+            )
         return value
+
+    @property
+    def lease_topic(self) -> str:
+        """The one-partition topic whose owner is the group's shared trainer (`worker.stream.lease`)."""
+        return f"{self.input_topic}-shared-lease"
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -205,6 +244,32 @@ class Settings(BaseSettings):
         if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_username:
             raise ValueError("kafka_sasl_username is required with a SASL security protocol")
         return self
+
+
+REDIS_CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+"""`WORKER_REDIS_URL` schemes of a Redis Cluster: the worker then uses redis-py's cluster client."""
+
+
+def redis_cluster_nodes(url: str) -> list[tuple[str, int]] | None:
+    """The seed nodes of a cluster URL (`redis+cluster://[user:pw@]h1:p1[,h2:p2...][/0]`), None for a
+    single-node URL. Raises ValueError naming what is wrong: a node without a port, a database other than
+    0 (a cluster has only database 0), or a query string."""
+    if not url.startswith(REDIS_CLUSTER_SCHEMES):
+        return None
+    rest = url.split("://", 1)[1]
+    netloc, _, path = rest.partition("/")
+    if "?" in netloc or "?" in path:
+        raise ValueError("a redis+cluster:// URL takes no query string")
+    if path not in ("", "0"):
+        raise ValueError(f"Redis Cluster has only database 0, got /{path}")
+    hosts = netloc.rpartition("@")[2]
+    nodes = []
+    for node in hosts.split(","):
+        host, _, port = node.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port[,host:port...] after the scheme, got {node!r}")
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes
 
 
 def _redact(value: object) -> object:

@@ -124,6 +124,9 @@ class ScoreUpdate(_Wire):
     model_version: int = Field(
         ge=0, description="0 means the shared model (the segment has no champion yet)."
     )
+    shared_version: int | None = Field(
+        default=None, ge=0, description="The shared model version it was computed with; 0: zero-shot."
+    )
     scored_at: datetime
     request_id: str | None = None
 
@@ -158,6 +161,9 @@ class ModelVersionEvent(_Wire):
     base_model: str
     events_from: int = Field(ge=0, description="First buffer sequence number trained on.")
     events_to: int = Field(ge=0, description="Last buffer sequence number trained on.")
+    shared_version: int | None = Field(
+        default=None, ge=0, description="A segment version: the shared version it was trained and gated on."
+    )
     challenger: HoldoutMetrics | None
     champion: HoldoutMetrics | None
     device: str

@@ -28,9 +28,9 @@ from worker.learn.model import (
     base_model_path,
     load_backbone,
     score_pairs,
-    with_adapter,
+    serving_copy,
 )
-from worker.learn.store import load_adapter, load_shared, save_adapter, save_shared
+from worker.learn.store import SHARED_ENCODER, load_adapter, load_shared, save_adapter, save_shared
 from worker.learn.train import (
     TrainResult,
     folds_of,
@@ -68,8 +68,9 @@ def clean_partial_dirs(store: Path) -> int:
     return removed
 
 
-SCORING_MODELS = 4
-"""Composed (shared + adapter) models kept for scoring; each is a full copy of the encoder."""
+SCORING_MODELS = 8
+"""Served copies (shared + a segment's merged adapter, `serving_copy`) kept for scoring; each holds only the
+encoder's linear weights (about 42 MB at MiniLM-L6 in fp32) and shares the rest with the shared model."""
 
 
 class Abandoned(RuntimeError):
@@ -85,6 +86,7 @@ class Learner:
         self.base_model = str(base_model_path(settings))
         self.shared: ClickModel | None = None
         self.shared_version = 0
+        self.shared_dir: Path | None = None
         self._shared_next: ClickModel | None = None
         self._adapters: OrderedDict[str, tuple[int, SegmentAdapter]] = OrderedDict()
         self._composed: OrderedDict[tuple[str, int, int], ClickModel] = OrderedDict()
@@ -102,13 +104,21 @@ class Learner:
         if champion is None or champion.version == self.shared_version or champion.adapter is None:
             return
         self.shared, _ = load_shared(Path(champion.adapter), self.backbone)
-        self.shared.eval()
-        self.shared_version = champion.version
+        self._serve_shared(self.shared, champion.version, Path(champion.adapter))
         self._shared_next = None
         log.info("shared model loaded", model_version=champion.version)
 
+    def _serve_shared(self, model: ClickModel, version: int, directory: Path) -> None:
+        """A new shared champion: adapters gated on the old one stop being served (`adapter`)."""
+        self.shared = model.eval()
+        self.shared_version = version
+        self.shared_dir = directory
+        self._adapters.clear()
+
     def adapter(self, segment: str) -> tuple[int, SegmentAdapter | None]:
-        """The segment's champion version and adapter (loaded lazily, kept in an LRU); 0 and None if none."""
+        """The segment's champion version and adapter (loaded lazily, kept in an LRU); 0 and None if none,
+        or if the champion was gated on another shared version than the one serving now: an adapter is
+        served only on the shared model it passed the gate with, until it is retrained on the new one."""
         version = self.registry.champion_version(segment)
         if version is None:
             self._adapters.pop(segment, None)
@@ -118,7 +128,7 @@ class Learner:
             self._adapters.move_to_end(segment)
             return cached
         record = self.registry.get(segment, version)
-        if record is None or record.adapter is None:
+        if record is None or record.adapter is None or record.shared_version != self.shared_version:
             return 0, None
         adapter, _ = load_adapter(Path(record.adapter))
         self._adapters[segment] = (version, adapter)
@@ -140,23 +150,13 @@ class Learner:
         """Probabilities and the version that produced them (0: shared model or zero-shot); `folds` when
         the pairs are events (`ClickModel.history_features`).
 
-        Composing shared model + adapter copies the whole encoder, so the last few composed models are
-        kept (`SCORING_MODELS`): repeated score requests for a busy segment skip that copy."""
+        Each (segment, champion, shared version) is merged into a served copy once (`_serving`), so
+        scoring costs one forward pass per batch, not a LoRA injection per call."""
         self.refresh_shared()
         if self.shared is None:
             return score_segment(self.backbone, None, None, pairs), 0
         version, adapter = self.adapter(segment)
-        if adapter is None:
-            return score_pairs(self.backbone, self.shared, pairs, folds=folds), 0
-        key = (segment, version, self.shared_version)
-        model = self._composed.get(key)
-        if model is None:
-            model = with_adapter(self.shared, adapter).eval()
-            self._composed[key] = model
-            while len(self._composed) > SCORING_MODELS:
-                self._composed.popitem(last=False)
-        else:
-            self._composed.move_to_end(key)
+        model = self._serving(segment, version, adapter)
         return score_pairs(self.backbone, model, pairs, folds=folds), version
 
     def score_events(self, segment: str, events: Sequence[ClickEvent]) -> tuple[np.ndarray, int]:
@@ -175,15 +175,21 @@ class Learner:
         events: tuple[int, int],
         save: object | None,
         scope: Literal["segment", "shared"],
+        gated_against: int | None,
     ) -> VersionRecord:
+        """Reserve a version, save a promoted model, and store the decision fenced on the champion it
+        was gated against (`Registry.record`); returns what was stored, a lost race as rejected."""
         version = registry.next_version(segment)
         decision, reason, adapter_dir = result.decision, result.reason, None
         if result.promoted and save is not None:
             target = registry.adapter_dir(segment, version)
+            base = self.base_model
+            if scope == "segment" and self.shared_dir is not None:
+                base = str(self.shared_dir / SHARED_ENCODER)
             meta = {
                 "segment": segment,
                 "version": version,
-                "base_model": self.base_model,
+                "base_model": base,
                 "parent": parent,
                 "match_features": self.backbone.match_features,
             }
@@ -212,9 +218,9 @@ class Learner:
             train_seconds=round(result.train_seconds, 4),
             created_at=datetime.now(UTC),
             adapter=adapter_dir,
+            shared_version=self.shared_version if scope == "segment" else None,
         )
-        registry.record(rec)
-        return rec
+        return registry.record(rec, gated_against=gated_against)
 
     def train_segment(
         self,
@@ -232,13 +238,23 @@ class Learner:
         if self.shared is None:
             return None
         data = segment_training_data(new, older, self.settings, seq[1])
+        pointer = self.registry.champion_version(segment)
         parent, champion = self.adapter(segment)
         result = train_segment_adapter(
-            self.backbone, self.shared, champion, data.new, data.replay, data.holdout, self.settings
+            self.backbone,
+            self.shared,
+            champion,
+            data.new,
+            data.replay,
+            data.holdout,
+            self.settings,
+            unseen=data.unseen,
         )
         if not still_owned():
             raise Abandoned(f"{segment!r}: partition lost during training")
-        rec = self._record(self.registry, segment, result, parent or None, seq, result.adapter, "segment")
+        rec = self._record(
+            self.registry, segment, result, parent or None, seq, result.adapter, "segment", pointer
+        )
         if rec.decision == "promoted" and result.adapter is not None:
             self._adapters[segment] = (rec.version, result.adapter)
         return rec, result
@@ -259,14 +275,32 @@ class Learner:
             self.settings.model_copy(update={"seed": self.settings.seed + run}),
             champion=self.shared,
             counted=data.counted,
+            unseen=data.unseen,
         )
         parent = self.shared_version or None
         rec = self._record(
-            self.shared_registry, SHARED_SEGMENT, result, parent, events, result.shared, "shared"
+            self.shared_registry, SHARED_SEGMENT, result, parent, events, result.shared, "shared", parent
         )
         if result.shared is not None:
             self._shared_next = result.shared
-        if rec.decision == "promoted" and result.shared is not None:
-            self.shared = result.shared.eval()
-            self.shared_version = rec.version
+        if rec.decision == "promoted" and result.shared is not None and rec.adapter is not None:
+            self._serve_shared(result.shared, rec.version, Path(rec.adapter))
         return rec, result
+
+    def _serving(self, segment: str, version: int, adapter: SegmentAdapter | None) -> ClickModel:
+        """The served copy for the segment's champion on the current shared model, from the last
+        `SCORING_MODELS` (copies made for an older shared model go first: they hold its tensors)."""
+        assert self.shared is not None
+        key = (segment if adapter is not None else "", version, self.shared_version)
+        model = self._composed.get(key)
+        if model is not None:
+            self._composed.move_to_end(key)
+            return model
+        for stale in [k for k in self._composed if k[2] != self.shared_version]:
+            del self._composed[stale]
+        model = serving_copy(self.shared, adapter)
+        if model is not self.shared:
+            self._composed[key] = model
+            while len(self._composed) > SCORING_MODELS:
+                self._composed.popitem(last=False)
+        return model

@@ -20,6 +20,9 @@ from worker.learn import history
 from worker.learn.model import Backbone, ClickModel, SegmentAdapter, load_encoder
 
 META = "meta.json"
+SHARED_ENCODER = "encoder"
+"""The shared model's encoder directory (Hugging Face layout): the base a segment adapter's
+`adapter_config.json` names, so plain `transformers` + `peft` rebuild the encoder the worker serves."""
 
 
 @contextmanager
@@ -47,7 +50,9 @@ def _read_meta(directory: Path) -> dict[str, Any]:
 
 def save_adapter(directory: Path, adapter: SegmentAdapter, meta: dict[str, Any] | None = None) -> Path:
     """PEFT's own layout (adapter_config.json + adapter_model.safetensors), plus head.safetensors
-    (the calibration) and meta.json; `PeftModel.from_pretrained(shared_encoder, directory)` loads it."""
+    (the calibration) and meta.json. Its config names `meta["base_model"]` as the base: for a segment
+    adapter the shared model's `encoder/` it was trained on, so `PeftModel.from_pretrained(
+    AutoModel.from_pretrained(base), directory)` is the encoder the worker serves."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -87,7 +92,7 @@ def save_shared(directory: Path, model: ClickModel, meta: dict[str, Any] | None 
 
     directory = Path(directory)
     with _atomic_dir(directory) as tmp:
-        model.encoder.save_pretrained(str(tmp / "encoder"), safe_serialization=True)
+        model.encoder.save_pretrained(str(tmp / SHARED_ENCODER), safe_serialization=True)
         head = {
             f"{part}.{k}": v.detach().float().cpu().contiguous()
             for part, module in (("head", model.head), ("match", model.match), ("history", model.history))
@@ -104,7 +109,7 @@ def load_shared(directory: Path, backbone: Backbone) -> tuple[ClickModel, dict[s
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    encoder = load_encoder(directory / "encoder", safetensors_only=True)
+    encoder = load_encoder(directory / SHARED_ENCODER, safetensors_only=True)
     model = ClickModel(encoder, int(encoder.config.hidden_size))
     head = load_file(str(directory / "head.safetensors"))
     model.head.load_state_dict({k.removeprefix("head."): v for k, v in head.items() if k.startswith("head.")})

@@ -2,11 +2,13 @@
 
 Two levels, because pooled knowledge is what carries quality on few-shot segments (DATA.md):
 - `train_shared`: full fine-tune of encoder + head on new events of all segments plus a replay sample,
-  warm-up then linear decay, AdamW. Gated on a pooled slice of events that no model trains on.
+  warm-up then linear decay, AdamW. Gated on pooled events that no model trains on.
 - `train_segment_adapter`: LoRA on the shared encoder plus a (scale, bias) calibration of the shared
   head's logit, warm-started from the segment's champion adapter, gated on the segment's holdout slice.
 
-A training of several epochs stops early on the same holdout slice and keeps its best epoch. The shared
+Both are judged by `worker.learn.gate` on two holdout slices: held-out events of queries the models
+train on, and the events of queries no model ever trains on (`is_unseen_query`). A training of several
+epochs stops early on the same holdout and keeps its best epoch. The shared
 model also carries the query history (`worker.learn.history`) counted from the run's events.
 Both train a copy and never mutate their inputs. A non-finite loss or any exception yields a
 `failed` result (never promoted) instead of raising, its traceback logged. Seeded: the same inputs give the
@@ -30,7 +32,8 @@ import torch
 
 from worker.config import Settings
 from worker.events import ClickEvent
-from worker.learn.history import QueryHistory, fold_of
+from worker.learn.gate import GateRules, Scored, judge
+from worker.learn.history import QueryHistory, fold_of, query_key
 from worker.learn.model import (
     Backbone,
     ClickModel,
@@ -49,7 +52,6 @@ from worker.ops.quality import HoldoutScore, holdout_score
 log = structlog.get_logger(__name__)
 
 Decision = Literal["promoted", "rejected", "failed"]
-AUC_TIE = 1e-9
 
 
 @dataclass(kw_only=True)
@@ -89,33 +91,19 @@ def labels_of(events: Sequence[ClickEvent]) -> np.ndarray:
     return np.array([e.clicked for e in events], dtype=np.float64)
 
 
-def gate(
-    challenger: HoldoutScore | None,
-    champion: HoldoutScore | None,
-    margin: float,
-    auc_tolerance: float = 0.0,
-) -> tuple[bool, str]:
-    """Promote only if holdout AUC is not lower and log loss not worse than the champion's by > margin."""
-    if challenger is None or challenger.n == 0:
-        return False, "no holdout events to judge the challenger"
-    if not math.isfinite(challenger.logloss):
-        return False, "challenger log loss is not finite"
-    if champion is None or champion.n == 0 or not math.isfinite(champion.logloss):
-        return True, "no comparable champion"
-    floor = None if champion.auc is None else champion.auc - AUC_TIE - auc_tolerance
-    if challenger.auc is not None and floor is not None and challenger.auc < floor:
-        return False, f"holdout AUC {challenger.auc:.4f} < champion {champion.auc:.4f}"
-    if challenger.logloss > champion.logloss + margin:
-        return False, (
-            f"holdout log loss {challenger.logloss:.4f} > champion {champion.logloss:.4f} + margin {margin:g}"
-        )
-    auc_note = "" if challenger.auc is None else f"AUC {challenger.auc:.4f}, "
-    return True, f"{auc_note}log loss {challenger.logloss:.4f} within the gate"
-
-
 def is_holdout(event_id: str, frac: float) -> bool:
     """Stable membership: an event is in the holdout slice forever, so it is never trained on."""
     digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < frac
+
+
+def is_unseen_query(query: str | None, frac: float) -> bool:
+    """Stable membership of a query (as the query history keys it) in the slice no model trains on,
+    so every gate can judge how a model does on queries it never saw. Events without a query never are."""
+    key = query_key(query)
+    if not key or frac <= 0:
+        return False
+    digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"unseen-query").digest()
     return int.from_bytes(digest, "big") / 2.0**64 < frac
 
 
@@ -137,41 +125,70 @@ def sample_replay(events: Sequence[ClickEvent], n: int, seed: int) -> list[Click
 
 @dataclass(frozen=True)
 class TrainingData:
-    """`counted`: every event the run knows of, holdout included, for the shared model's query history
-    (out-of-fold features keep each event's own label out of its own feature)."""
+    """`holdout`: held-out events of seen queries; `unseen`: events of queries no model trains on (both
+    judge the run). `counted`: the events the shared model's query history counts, seen holdout
+    included (out-of-fold features keep each event's own label out of its own feature), unseen not."""
 
     new: list[ClickEvent]
     replay: list[ClickEvent]
     holdout: list[ClickEvent]
+    unseen: list[ClickEvent] = field(default_factory=list)
     counted: list[ClickEvent] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Split:
+    train_new: list[ClickEvent]
+    train_old: list[ClickEvent]
+    held: list[ClickEvent]
+    unseen: list[ClickEvent]
+
+
+def _split(new: Sequence[ClickEvent], older: Sequence[ClickEvent], frac: float, unseen_frac: float) -> _Split:
+    """One rule for both levels: an unseen query's events are never trained on, and a held-out event id
+    is held out in every run. Both memberships are hashes, so they never change between runs."""
+    out = _Split([], [], [], [])
+    for events, target in ((older, out.train_old), (new, out.train_new)):
+        for e in events:
+            if is_unseen_query(e.query, unseen_frac):
+                out.unseen.append(e)
+            elif is_holdout(e.event_id, frac):
+                out.held.append(e)
+            else:
+                target.append(e)
+    return out
 
 
 def segment_training_data(
     new: Sequence[ClickEvent], older: Sequence[ClickEvent], settings: Settings, run: int
 ) -> TrainingData:
-    """New events minus the segment's holdout slice, a replay sample of its older events, and the holdout.
-
-    Holdout membership is a hash of the event id, so an event is held out in every run and never trained on.
-    """
-    frac = settings.holdout_frac
-    train_new = [e for e in new if not is_holdout(e.event_id, frac)]
-    old = [e for e in older if not is_holdout(e.event_id, frac)]
-    holdout = [e for e in (*older, *new) if is_holdout(e.event_id, frac)]
-    replay = sample_replay(old, round(len(train_new) * settings.replay_frac), settings.seed + run)
-    return TrainingData(train_new, replay, holdout)
+    """New events minus the segment's held-out ones, a replay sample of its older events, and the two
+    holdout slices (the segment's held-out events of seen queries, its events of unseen queries)."""
+    split = _split(new, older, settings.holdout_frac, settings.unseen_query_frac)
+    replay = sample_replay(
+        split.train_old, round(len(split.train_new) * settings.replay_frac), settings.seed + run
+    )
+    return TrainingData(split.train_new, replay, split.held, split.unseen)
 
 
 def shared_training_data(
     new: Sequence[ClickEvent], older: Sequence[ClickEvent], settings: Settings, run: int
 ) -> TrainingData:
-    """All segments' new events and a replay of older ones, minus the pooled holdout no model trains on."""
-    frac = settings.shared_holdout_frac
-    train_new = [e for e in new if not is_holdout(e.event_id, frac)]
-    old = [e for e in older if not is_holdout(e.event_id, frac)]
-    held = [e for e in (*older, *new) if is_holdout(e.event_id, frac)]
-    replay = sample_replay(old, round(len(train_new) * settings.shared_replay_frac), settings.seed + run)
-    holdout = sample_replay(held, settings.shared_holdout_cap, settings.seed)
-    return TrainingData(train_new, replay, holdout, [*older, *new])
+    """All segments' new events and a replay of older ones, minus the pooled holdout no model trains on:
+    a sample of held-out events of seen queries and one of unseen queries' events, each capped."""
+    split = _split(new, older, settings.shared_holdout_frac, settings.unseen_query_frac)
+    replay = sample_replay(
+        split.train_old, round(len(split.train_new) * settings.shared_replay_frac), settings.seed + run
+    )
+    cap = settings.shared_holdout_cap
+    counted = [*split.train_old, *split.train_new, *split.held]
+    return TrainingData(
+        split.train_new,
+        replay,
+        sample_replay(split.held, cap, settings.seed),
+        sample_replay(split.unseen, cap, settings.seed),
+        counted,
+    )
 
 
 @dataclass(frozen=True)
@@ -333,25 +350,42 @@ def fit(
     return done
 
 
-def evaluate_model(backbone: Backbone, model: ClickModel, events: Sequence[ClickEvent]) -> HoldoutScore:
+def probabilities(backbone: Backbone, model: ClickModel, events: Sequence[ClickEvent]) -> np.ndarray:
+    """The model's probabilities for events, each scored out of its own history fold."""
     if not events:
-        return holdout_score([], [])
-    return holdout_score(
-        labels_of(events), score_pairs(backbone, model, pairs_of(events), folds=folds_of(events))
-    )
+        return np.empty(0, dtype=np.float64)
+    return score_pairs(backbone, model, pairs_of(events), folds=folds_of(events))
+
+
+def evaluate_model(backbone: Backbone, model: ClickModel, events: Sequence[ClickEvent]) -> HoldoutScore:
+    return holdout_score(labels_of(events), probabilities(backbone, model, events))
 
 
 @dataclass
 class _Attempt:
     """One training as it goes: what it measured so far, so a failure at any step still reports the
-    champion's score and the losses of a finished `fit`, and both trainers end the same way."""
+    champion's score and the losses of a finished `fit`, and both trainers end the same way.
+
+    The holdout is the seen-query slice followed by the unseen-query slice; the champion's
+    probabilities on it are kept for the paired gate."""
 
     scope: Literal["segment", "shared"]
     backbone: Backbone
     settings: Settings
+    holdout: list[ClickEvent]
+    n_unseen: int
     started: float = field(default_factory=time.perf_counter)
     champion: HoldoutScore | None = None
+    champion_probs: np.ndarray | None = None
     losses: list[float] = field(default_factory=list)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return labels_of(self.holdout)
+
+    def measure_champion(self, probs: np.ndarray | None) -> None:
+        self.champion_probs = probs
+        self.champion = None if probs is None or not self.holdout else holdout_score(self.labels, probs)
 
     def failed(self, exc: Exception) -> TrainResult:
         """Never raises: the caller records a failed version and backs off; the traceback goes to the log."""
@@ -369,19 +403,26 @@ class _Attempt:
 
     def judged(
         self,
-        challenger: HoldoutScore,
+        probs: np.ndarray,
         fitted: Fitted,
         n_train: int,
         *,
         adapter: SegmentAdapter | None = None,
         shared: ClickModel | None = None,
     ) -> TrainResult:
-        s = self.settings
-        ok, reason = gate(challenger, self.champion, s.gate_logloss_margin, s.gate_auc_tolerance)
+        labels = self.labels
+        unseen = np.zeros(len(labels), dtype=bool)
+        unseen[len(labels) - self.n_unseen :] = True
+        rules = (
+            GateRules.for_shared(self.settings)
+            if self.scope == "shared"
+            else GateRules.for_segment(self.settings)
+        )
+        ok, reason = judge(Scored(labels, probs, self.champion_probs, unseen), rules)
         return TrainResult(
             decision="promoted" if ok else "rejected",
             reason=reason,
-            challenger=challenger,
+            challenger=holdout_score(labels, probs),
             champion=self.champion,
             train_seconds=time.perf_counter() - self.started,
             device=str(self.backbone.device),
@@ -409,6 +450,7 @@ def train_shared(
     settings: Settings,
     champion: ClickModel | _Same | None = SAME,
     counted: Sequence[ClickEvent] | None = None,
+    unseen: Sequence[ClickEvent] = (),
 ) -> TrainResult:
     """Fine-tune a copy of the shared model (encoder + head) on new + replayed events, then gate it.
 
@@ -416,38 +458,48 @@ def train_shared(
     `champion` is what serves now: by default `model`; None means no shared model serves yet, so the
     challenger must beat zero-shot cosine on the holdout. A rejected challenger is still returned in
     `shared`, so a caller may keep training from it while the champion keeps serving.
+    The gate judges on `holdout_events` (seen queries) and `unseen` (queries no model trains on).
     With `settings.query_history` the challenger gets a new query history table counted from `counted`
-    (default: the new, replayed and holdout events), and is gated with it against the champion's own.
+    (default: the new, replayed and seen holdout events), and the champion is gated with that same table.
     """
-    attempt = _Attempt("shared", backbone, settings)
+    held = [*holdout_events, *unseen]
+    attempt = _Attempt("shared", backbone, settings, held, len(unseen))
     events = [*new_events, *replay_events]
     try:
         serving = model if isinstance(champion, _Same) else champion
-        if serving is None:
-            labels = labels_of(holdout_events)
-            probs = zero_shot_scores(backbone, pretrained_encoder(backbone), pairs_of(holdout_events))
-            attempt.champion = holdout_score(labels, probs) if holdout_events else None
-        else:
-            attempt.champion = evaluate_model(backbone, serving, holdout_events)
-        challenger_model = new_click_model(backbone, settings.seed) if model is None else copy.deepcopy(model)
-        for param in challenger_model.parameters():
-            param.requires_grad = True
-        challenger_model.calibration.requires_grad = False
-        challenger_model.query_history = (
+        table = (
             QueryHistory.from_events(
                 [*new_events, *replay_events, *holdout_events] if counted is None else counted
             )
             if settings.query_history
             else None
         )
-        fitted = fit(
-            backbone, challenger_model, events, FitOptions.for_shared(settings), holdout=holdout_events
-        )
+        if serving is None:
+            zero = zero_shot_scores(backbone, pretrained_encoder(backbone), pairs_of(held)) if held else None
+            attempt.measure_champion(zero)
+        else:
+            attempt.measure_champion(probabilities(backbone, _with_history(serving, table), held))
+        challenger_model = new_click_model(backbone, settings.seed) if model is None else copy.deepcopy(model)
+        for param in challenger_model.parameters():
+            param.requires_grad = True
+        challenger_model.calibration.requires_grad = False
+        challenger_model.query_history = table
+        fitted = fit(backbone, challenger_model, events, FitOptions.for_shared(settings), holdout=held)
         attempt.losses = fitted.losses
-        challenger = evaluate_model(backbone, challenger_model, holdout_events)
+        probs = probabilities(backbone, challenger_model, held)
     except Exception as exc:
         return attempt.failed(exc)
-    return attempt.judged(challenger, fitted, len(events), shared=challenger_model)
+    return attempt.judged(probs, fitted, len(events), shared=challenger_model)
+
+
+def _with_history(model: ClickModel, table: QueryHistory | None) -> ClickModel:
+    """The champion as the gate scores it: its weights with the challenger's history table, so both sides
+    of a gate read the same features (the champion's own table was counted from other, older events)."""
+    if table is None or model.query_history is None:
+        return model
+    view = copy.copy(model)
+    view.query_history = table
+    return view
 
 
 def train_segment_adapter(
@@ -458,17 +510,22 @@ def train_segment_adapter(
     replay_events: Sequence[ClickEvent],
     holdout_events: Sequence[ClickEvent],
     settings: Settings,
+    unseen: Sequence[ClickEvent] = (),
 ) -> TrainResult:
     """Train the segment's LoRA + calibration on the shared model, warm-started from its champion.
 
     The champion is measured as it would be served now: current shared model plus champion adapter
-    (or the shared model alone when the segment has none yet).
+    (or the shared model alone when the segment has none yet), on the segment's held-out events of
+    seen queries and its events of unseen ones.
     """
-    attempt = _Attempt("segment", backbone, settings)
+    held = [*holdout_events, *unseen]
+    attempt = _Attempt("segment", backbone, settings, held, len(unseen))
     events = [*new_events, *replay_events]
     try:
-        serving = with_adapter(shared, champion_adapter, settings.seed)
-        attempt.champion = evaluate_model(backbone, serving, holdout_events)
+        serving = (
+            shared if champion_adapter is None else with_adapter(shared, champion_adapter, settings.seed)
+        )
+        attempt.measure_champion(probabilities(backbone, serving, held))
         del serving
         if champion_adapter is None:
             seg = attach_lora(
@@ -476,13 +533,13 @@ def train_segment_adapter(
             )
         else:
             seg = with_adapter(shared, champion_adapter, settings.seed)
-        fitted = fit(backbone, seg, events, FitOptions.for_segment(settings), holdout=holdout_events)
+        fitted = fit(backbone, seg, events, FitOptions.for_segment(settings), holdout=held)
         attempt.losses = fitted.losses
-        challenger = evaluate_model(backbone, seg, holdout_events)
+        probs = probabilities(backbone, seg, held)
         adapter = extract_adapter(seg)
     except Exception as exc:
         return attempt.failed(exc)
-    return attempt.judged(challenger, fitted, len(events), adapter=adapter)
+    return attempt.judged(probs, fitted, len(events), adapter=adapter)
 
 
 def score_segment(

@@ -45,6 +45,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "ctr_worker_consumer_lag",
     "ctr_worker_ingest_paused",
     "ctr_worker_train_queue_depth",
+    "ctr_worker_trainings_pending",
     "ctr_worker_trainings_started_total",
     "ctr_worker_trainings_promoted_total",
     "ctr_worker_trainings_rejected_total",
@@ -199,6 +200,12 @@ class Metrics:
         self.train_queue_depth = Gauge(
             f"{p}train_queue_depth", "Due segments waiting for the compute thread.", registry=r
         )
+        self.trainings_pending = Gauge(
+            f"{p}trainings_pending",
+            "Trainings due and not yet done: segments queued or training (a cooldown or back-off wait is "
+            "not counted), plus 1 while a shared run is due or running. 0 with no lag: the worker is idle.",
+            registry=r,
+        )
         self.trainings_started = Counter(f"{p}trainings_started", "Trainings begun.", ["scope"], registry=r)
         self.trainings_promoted = Counter(
             f"{p}trainings_promoted", "Trainings whose challenger became champion.", ["scope"], registry=r
@@ -338,14 +345,24 @@ class Metrics:
             self.buffer_new_events.labels(partition=str(partition)).set(value)
         self._partitions = current
 
-    def refresh(self, ingestor: _Ingestor, queue_depth: int | None = None, force: bool = False) -> None:
+    def refresh(
+        self,
+        ingestor: _Ingestor,
+        queue_depth: int | None = None,
+        force: bool = False,
+        pending: int | None = None,
+    ) -> None:
         """Call from the poll loop after each `poll_once()`.
 
-        Every call: ingest counters, paused flag, queue depth (all in memory). Every `slow_refresh_s`:
+        Every call: trainings pending, ingest counters, paused flag, queue depth (all in memory). Pending
+        is set before the counters, so a scrape that sees an event counted also sees the training it
+        made due (the live evaluation waits on both). Every `slow_refresh_s`:
         consumer lag (from the consumer's cached high watermarks, or the broker's while ingest is
         paused) and buffered new events per partition (one Redis pipeline per partition). Errors are
         logged, never raised: a metrics read must not stop ingest.
         """
+        if pending is not None:
+            self.trainings_pending.set(pending)
         self.sync_ingest(ingestor.stats)
         self.ingest_paused.set(1 if ingestor.paused else 0)
         if queue_depth is not None:

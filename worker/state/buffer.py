@@ -30,6 +30,10 @@ share the partition's hash tag, so on Redis Cluster they are in the script's slo
 The scripts live next to this module (`buffer_write.lua`, `buffer_mark_trained.lua`); entries are
 encoded by `worker.state.entry`.
 
+On a Redis Cluster (`redis+cluster://`) the write scripts are grouped by the master that owns each
+partition's slot and sent to each master in one packed write, so one consume batch still costs one round
+trip per master; every other read is a single-slot transaction or a pipeline the cluster client splits.
+
 The write script also skips any message whose offset is below the stored `next`: a replayed or zombie
 batch changes nothing, which is what makes results effectively-once on top of at-least-once delivery.
 """
@@ -44,10 +48,13 @@ from typing import Any, NamedTuple
 
 import orjson
 import redis
+from redis.cluster import RedisCluster
 
 from worker.config import Settings
 from worker.events import ClickEvent
+from worker.state import client as clients
 from worker.state import keys
+from worker.state.client import RedisClient
 from worker.state.entry import decode_entry, encode_entry
 from worker.state.keys import PartitionPart, SegmentPart, segment_hash
 from worker.state.scripts import lua
@@ -140,16 +147,16 @@ class Buffer:
     """The consumer's Redis state. Safe to share between threads: redis-py pools connections."""
 
     def __init__(
-        self, settings: Settings, client: redis.Redis[bytes] | None = None, topic: str | None = None
+        self, settings: Settings, client: RedisClient | None = None, topic: str | None = None
     ) -> None:
         self.settings = settings
         self.topic = topic or settings.input_topic
         self.prefix = settings.redis_prefix
-        self.redis: redis.Redis[bytes] = client or redis.Redis.from_url(settings.redis_url, socket_timeout=30)
+        self.redis: RedisClient = client or clients.from_settings(settings, socket_timeout=30)
         # The script's SHA1 is known without asking Redis, so building a buffer does no I/O: the first
         # write that finds the script missing loads it (see `InflightWrite.wait`).
         self._write_sha = hashlib.sha1(_WRITE_LUA.encode()).hexdigest()
-        self._mark = self.redis.register_script(_MARK_TRAINED_LUA)
+        self._mark = clients.register_script(self.redis, _MARK_TRAINED_LUA)
         self._hashes: dict[str, str] = {}
 
     # Keys
@@ -229,33 +236,58 @@ class Buffer:
         calls = [self._script_call(w, now_ms) for w in writes]
         return InflightWrite(self, list(writes), calls)
 
-    def _send_calls(self, calls: list[_Call]) -> Any:
-        pool = self.redis.connection_pool
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command(
-                [b"".join(_resp(["EVALSHA", self._write_sha, len(k), *k, *a]) for k, a, _ in calls)]
-            )
-        except BaseException:
-            conn.disconnect()
-            pool.release(conn)
-            raise
-        return conn
+    def _targets(self, calls: list[_Call]) -> list[tuple[redis.Redis[Any], list[int]]]:
+        """Which connection pool gets which calls: one Redis gets all; on a cluster, each call goes to the
+        master of its partition's slot (all its keys share that slot)."""
+        if not isinstance(self.redis, RedisCluster):
+            return [(self.redis, list(range(len(calls))))]
+        groups: dict[str, tuple[redis.Redis[Any], list[int]]] = {}
+        for i, (call_keys, _, _) in enumerate(calls):
+            node = self.redis.get_node_from_key(call_keys[0])
+            if node is None:
+                raise redis.exceptions.ClusterError(f"no master holds the slot of {call_keys[0]}")
+            group = groups.get(node.name)
+            if group is None:
+                group = groups[node.name] = (self.redis.get_redis_connection(node), [])
+            group[1].append(i)
+        return list(groups.values())
 
-    def _read_replies(self, conn: Any, n: int) -> list[Any]:
-        pool = self.redis.connection_pool
-        replies: list[Any] = []
+    def _send_calls(self, calls: list[_Call]) -> list[_Sent]:
+        sent: list[_Sent] = []
         try:
-            for _ in range(n):
-                try:
-                    replies.append(conn.read_response())
-                except redis.exceptions.ResponseError as exc:
-                    replies.append(exc)
+            for target, indices in self._targets(calls):
+                pool = target.connection_pool
+                conn = pool.get_connection()
+                sent.append((pool, conn, indices))
+                packed = b"".join(
+                    _resp(["EVALSHA", self._write_sha, len(calls[i][0]), *calls[i][0], *calls[i][1]])
+                    for i in indices
+                )
+                conn.send_packed_command([packed])
         except BaseException:
-            conn.disconnect()
+            for pool, conn, _ in sent:  # replies that are never read would poison the connection
+                conn.disconnect()
+                pool.release(conn)
             raise
-        finally:
-            pool.release(conn)
+        return sent
+
+    def _read_replies(self, sent: list[_Sent], n: int) -> list[Any]:
+        replies: list[Any] = [None] * n
+        failure: BaseException | None = None
+        for pool, conn, indices in sent:
+            try:
+                for i in indices:
+                    try:
+                        replies[i] = conn.read_response()
+                    except redis.exceptions.ResponseError as exc:
+                        replies[i] = exc
+            except BaseException as exc:
+                conn.disconnect()
+                failure = failure or exc
+            finally:
+                pool.release(conn)
+        if failure is not None:
+            raise failure
         return replies
 
     # Reads
@@ -367,6 +399,33 @@ class Buffer:
                 out.append(Candidate(doc.get("query"), doc["item_id"], doc["item_text"]))
         return out
 
+    def shared_seen(self) -> dict[tuple[int, str], int]:
+        """(partition, segment hash) -> the last sequence number a shared run took as new."""
+        raw = self.redis.hgetall(keys.shared_seen_key(self.prefix, self.topic))
+        out: dict[tuple[int, str], int] = {}
+        for field_, value in raw.items():
+            partition, _, seg_hash = field_.decode().partition(":")
+            out[(int(partition), seg_hash)] = int(value)
+        return out
+
+    def mark_shared_seen(self, seen: dict[tuple[int, str], int]) -> None:
+        if seen:
+            self.redis.hset(
+                keys.shared_seen_key(self.prefix, self.topic),
+                mapping={f"{p}:{h}": seq for (p, h), seq in seen.items()},
+            )
+
+    def segment_hash(self, segment: str) -> str:
+        return self._hash(segment)
+
+    def scores_shared_version(self, partition: int) -> int:
+        """The shared version the partition's scores were last refreshed for (0: never)."""
+        raw = self.redis.hget(self.partition_key(partition, "served"), "shared")
+        return int(raw) if raw else 0
+
+    def mark_scores_shared_version(self, partition: int, version: int) -> None:
+        self.redis.hset(self.partition_key(partition, "served"), "shared", version)
+
     def mark_trained(self, partition: int, segment: str, seq_to: int, now_ms: int | None = None) -> int:
         """Drop new events up to `seq_to` (later arrivals stay new), start the cooldown; returns how many."""
         meta = self.segment_key(partition, segment, "meta")
@@ -389,6 +448,8 @@ class Buffer:
 
 
 _Call = tuple[list[str], list[Any], list[str]]
+_Sent = tuple[Any, Any, list[int]]
+"""A connection pool, a connection holding unread replies, and the indices of the calls sent on it."""
 
 
 def _resp(parts: list[Any]) -> bytes:
@@ -408,7 +469,7 @@ class InflightWrite:
         self._writes = writes
         self._calls = calls
         self._result: WriteResult | None = None
-        self._conn = buffer._send_calls(calls) if calls else None
+        self._sent = buffer._send_calls(calls) if calls else None
 
     def wait(self) -> WriteResult:
         """Block until Redis has applied every script of the write; idempotent."""
@@ -416,13 +477,19 @@ class InflightWrite:
             return self._result
         b, calls = self._buffer, self._calls
         replies: list[Any] = []
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            replies = b._read_replies(conn, len(calls))
+        if self._sent is not None:
+            sent, self._sent = self._sent, None
+            replies = b._read_replies(sent, len(calls))
+        if any(isinstance(r, redis.exceptions.MovedError) for r in replies) and isinstance(
+            b.redis, RedisCluster
+        ):
+            # A slot moved to another master (resharding, failover): learn the new layout and run again.
+            b.redis.nodes_manager.initialize()
+            replies = b._read_replies(b._send_calls(calls), len(calls))
         if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
-            # Redis lost the script (restart, SCRIPT FLUSH): load it and run again; scripts that did run
-            # skip their now-stored offsets, so nothing is applied twice.
-            b._write_sha = b.redis.script_load(_WRITE_LUA)  # type: ignore[no-untyped-call]
+            # Redis lost the script (restart, SCRIPT FLUSH, a new master): load it and run again; scripts
+            # that did run skip their now-stored offsets, so nothing is applied twice.
+            b._write_sha = clients.script_load(b.redis, _WRITE_LUA)
             replies = b._read_replies(b._send_calls(calls), len(calls))
         for r in replies:
             if isinstance(r, Exception):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
-PartitionPart = Literal["offsets", "dedup", "stats", "segs"]
+PartitionPart = Literal["offsets", "dedup", "stats", "segs", "served"]
+"""`served`: which shared version the partition's published scores were last refreshed for."""
 SegmentPart = Literal["meta", "new", "sample", "cand", "candz"]
 RegistryPart = Literal["next", "name", "records", "champion"]
 
@@ -57,3 +58,9 @@ def registry_index_key(prefix: str) -> str:
 def shared_registry_prefix(prefix: str) -> str:
     """The shared model's registry lives under its own prefix, out of reach of any segment's keys."""
     return f"{prefix}:shared"
+
+
+def shared_seen_key(prefix: str, topic: str) -> str:
+    """The hash of `<partition>:<segment hash>` -> the last sequence number the group's shared trainer
+    took as new: what it has trained on survives a restart and a change of trainer."""
+    return f"{prefix}:{{{topic}-shared}}:seen"

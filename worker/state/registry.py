@@ -15,12 +15,13 @@ import sys
 from pathlib import Path
 
 import orjson
-import redis
 from pydantic import ConfigDict
 
 from worker.config import Settings, load_settings
 from worker.events import ModelVersionEvent
+from worker.state import client as clients
 from worker.state import keys
+from worker.state.client import RedisClient
 from worker.state.keys import RegistryPart, segment_hash
 from worker.state.scripts import lua
 
@@ -46,16 +47,16 @@ class VersionRecord(ModelVersionEvent):
 
 
 class Registry:
-    def __init__(self, client: redis.Redis[bytes], store: Path, prefix: str = "w", keep: int = 5) -> None:
+    def __init__(self, client: RedisClient, store: Path, prefix: str = "w", keep: int = 5) -> None:
         self.client = client
         self.store = store
         self.prefix = prefix
         self.keep = keep
-        self._promote = client.register_script(_PROMOTE)
+        self._promote = clients.register_script(client, _PROMOTE)
 
     @classmethod
-    def from_settings(cls, settings: Settings, client: redis.Redis[bytes] | None = None) -> Registry:
-        client = client or redis.Redis.from_url(settings.redis_url)
+    def from_settings(cls, settings: Settings, client: RedisClient | None = None) -> Registry:
+        client = client or clients.from_settings(settings)
         return cls(client, settings.model_store, settings.redis_prefix, settings.keep_versions)
 
     def shared(self) -> Registry:
@@ -71,28 +72,45 @@ class Registry:
         return self.store / segment_hash(segment) / f"{version:08d}"
 
     def next_version(self, segment: str) -> int:
-        """Reserve a version number; reserved numbers are never handed out again, even if unused."""
+        """Reserve a version number; reserved numbers are never handed out again, even if unused.
+
+        The segment's own keys change in one transaction (one hash slot); the index, in another slot on a
+        Redis Cluster, is written first and on its own: an index entry without versions lists an empty
+        segment, never a version that `segments()` cannot find."""
+        name = segment.encode("utf-8", "surrogatepass")
+        self.client.hset(keys.registry_index_key(self.prefix), segment_hash(segment), name)
         pipe = self.client.pipeline(transaction=True)
         pipe.incr(self._key(segment, "next"))
-        pipe.set(self._key(segment, "name"), segment.encode("utf-8", "surrogatepass"))
-        pipe.hset(
-            keys.registry_index_key(self.prefix),
-            segment_hash(segment),
-            segment.encode("utf-8", "surrogatepass"),
-        )
-        version, _, _ = pipe.execute()
+        pipe.set(self._key(segment, "name"), name)
+        version, _ = pipe.execute()
         return int(version)
 
-    def record(self, rec: VersionRecord) -> bool:
-        """Store a decision; a promoted one becomes champion unless a newer one is. True if it became."""
+    def record(self, rec: VersionRecord, gated_against: int | None = None) -> VersionRecord:
+        """Store a decision and return what was stored. A promoted one becomes champion only if the
+        champion is still `gated_against` (None: no champion); otherwise the race is lost, and the record
+        is stored as rejected with the reason and without its adapter: the challenger was never
+        compared with the model that serves now."""
         if rec.decision == "promoted" and (rec.adapter is None or not Path(rec.adapter).is_dir()):
             raise RegistryError(f"version {rec.version} of {rec.segment!r} has no complete adapter directory")
-        became = self._promote(
-            keys=[self._key(rec.segment, "records"), self._key(rec.segment, "champion")],
-            args=[rec.version, rec.model_dump_json(), "1" if rec.decision == "promoted" else "0"],
+        record_keys = [self._key(rec.segment, "records"), self._key(rec.segment, "champion")]
+        promote = "1" if rec.decision == "promoted" else "0"
+        status, current = self._promote(
+            keys=record_keys, args=[rec.version, rec.model_dump_json(), promote, gated_against or 0]
         )
+        if int(status) == 2:
+            assert rec.adapter is not None
+            shutil.rmtree(rec.adapter, ignore_errors=True)
+            rec = rec.model_copy(
+                update={
+                    "decision": "rejected",
+                    "reason": f"lost the race: the champion moved from v{gated_against or 0} to "
+                    f"v{int(current)} while this challenger was judged ({rec.reason})",
+                    "adapter": None,
+                }
+            )
+            self._promote(keys=record_keys, args=[rec.version, rec.model_dump_json(), "0", 0])
         self.prune(rec.segment)
-        return bool(became)
+        return rec
 
     def champion_version(self, segment: str) -> int | None:
         raw = self.client.get(self._key(segment, "champion"))
@@ -135,10 +153,13 @@ class Registry:
         return target
 
     def prune(self, segment: str) -> list[int]:
-        """Keep the newest `keep` versions and the champion; delete older records and their adapters."""
+        """Keep the champion, the newest `keep` promoted versions (the rollback targets, however many
+        challengers were rejected since) and the newest `keep` records; delete the rest and their adapters."""
         records = self.versions(segment)
         champion = self.champion_version(segment)
-        doomed = [r for r in records[: max(0, len(records) - self.keep)] if r.version != champion]
+        promoted = [r.version for r in records if r.decision == "promoted"]
+        kept = {champion, *promoted[-self.keep :], *(r.version for r in records[-self.keep :])}
+        doomed = [r for r in records if r.version not in kept]
         for rec in doomed:
             if rec.adapter:
                 shutil.rmtree(rec.adapter, ignore_errors=True)
@@ -155,6 +176,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "version", nargs="?", type=int, help="version (default: the champion / the one before)"
     )
+    parser.add_argument(
+        "--shared",
+        action="store_true",
+        help="the model all segments share, instead of a segment: `models --shared rollback [VERSION]`",
+    )
 
 
 def _row(rec: VersionRecord, champion: int | None) -> str:
@@ -167,6 +193,13 @@ def _row(rec: VersionRecord, champion: int | None) -> str:
 
 def cli_main(args: argparse.Namespace) -> int:
     reg = Registry.from_settings(load_settings())
+    if args.shared:
+        if args.segment is not None and args.version is None and args.segment.isdigit():
+            args.version, args.segment = int(args.segment), None
+        if args.segment is not None:
+            print("error: --shared takes no segment name", file=sys.stderr)
+            return 2
+        reg, args.segment = reg.shared(), SHARED_SEGMENT
     if args.action == "list":
         segments = [args.segment] if args.segment else reg.segments()
         for segment in segments:

@@ -82,10 +82,37 @@ def _diagnose(value: bytes, exc: ValidationError) -> Rejection:
     version = doc.get("schema_version", SCHEMA_VERSION)
     if type(version) is not int or version != SCHEMA_VERSION:
         return Rejection("unknown_schema_version", f"schema_version {version!r} is not {SCHEMA_VERSION}")
-    errors = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'event'}: {e['msg']}" for e in exc.errors()[:5]
-    )
-    return Rejection("schema", errors[:1000])
+    return Rejection("schema", schema_message(exc))
+
+
+DLQ_MESSAGE_MAX_CHARS = 8_000
+"""The longest `dlq.message`: every violation is named up to this, then how many more there were."""
+_LOC_MAX_CHARS = 200
+_TAIL_RESERVE = 32
+
+
+def schema_message(exc: ValidationError, limit: int = DLQ_MESSAGE_MAX_CHARS) -> str:
+    """Every violation as `field: why`, joined by `; `, cut only at a whole violation once `limit` is near.
+
+    A field name comes from the sender (an unknown field), so each is cut to `_LOC_MAX_CHARS`; the
+    message never carries the offending value itself.
+    """
+    parts = []
+    for e in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in e["loc"]) or "event"
+        if len(loc) > _LOC_MAX_CHARS:
+            loc = loc[:_LOC_MAX_CHARS] + "..."
+        parts.append(f"{loc}: {e['msg']}")
+    out: list[str] = []
+    used = 0
+    for i, part in enumerate(parts):
+        sep = 2 if out else 0
+        room = limit if i == len(parts) - 1 else limit - _TAIL_RESERVE
+        if used + sep + len(part) > room:
+            return "; ".join([*out, f"and {len(parts) - i} more"])
+        out.append(part)
+        used += sep + len(part)
+    return "; ".join(out)
 
 
 # Not msgspec's `pattern`: Python's `$` also matches before a final newline, pydantic's does not.

@@ -487,7 +487,11 @@ def cli_main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    ingestor = Ingestor(settings)
+    try:
+        ingestor = Ingestor(settings)  # a Redis Cluster client asks for the slot layout at once
+    except redis.RedisError as exc:
+        log.error("start-up failed", error=str(exc))
+        return 2
     try:
         ingestor.run(stop, idle_exit_s=args.idle_exit)
     except DeadLetterError as exc:

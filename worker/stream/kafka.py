@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -10,6 +11,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from worker.config import Settings
+
+_LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
+"""librdkafka's own log lines, which it would write raw to stderr, go through `logging` (JSON) instead."""
 
 
 def client_config(settings: Settings) -> dict[str, Any]:
@@ -39,6 +43,7 @@ def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
             "partition.assignment.strategy": "range",
             "fetch.max.bytes": max(52_428_800, settings.max_message_bytes * 4),
             "queued.max.messages.kbytes": 65_536,
+            "logger": _LIBRDKAFKA_LOG,
         }
     )
     if settings.group_instance_id:
@@ -57,6 +62,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
             "linger.ms": 5,
             "compression.type": "lz4",
             "message.max.bytes": max(1_048_576, settings.max_message_bytes * 4),
+            "logger": _LIBRDKAFKA_LOG,
         }
     )
     conf.update(overrides)

@@ -91,13 +91,19 @@ def quick_plan() -> EvalPlan:
         holdout_cap=64,
         batch_snapshots=2,
         naive_epochs=2,
-        overrides={"shared_every": 400, "shared_holdout_cap": 128, "shared_lr": 1e-4},
+        overrides={
+            "shared_every": 400,
+            "shared_holdout_cap": 256,
+            "shared_holdout_frac": 0.1,
+            "shared_lr": 1e-4,
+        },
         notes=(
             "quick: the 3 evaluation segments with most events, their first 256 stream events each, "
             "600 other events (evenly thinned), at most 64 held-out pairs per segment",
-            "quick: shared run every 400 events at lr 1e-4; 2 batch snapshots; naive 2 epochs; "
-            "the shared gate sees 30-80 pooled pairs here, so which shared model passes it is close to "
-            "chance; figures are not comparable with the full run",
+            "quick: shared run every 400 events at lr 1e-4, 10 % of events held out for the shared gate; "
+            "2 batch snapshots; naive 2 epochs; the shared gate needs shared_min_holdout pooled pairs, "
+            "which this slice reaches only late, so zero-shot serves most checkpoints; figures are not "
+            "comparable with the full run",
         ),
     )
 
@@ -223,14 +229,33 @@ class _WorkerSim:
             sample.append(event)
             del sample[: max(0, len(sample) - s.sample_cap)]
             self._maybe_train_segment(event.segment)
+        elif self.shared_serving is None:
+            self._bootstrap_shared()
         if self.since_shared >= s.shared_every:
             self.train_shared_now()
+
+    def _bootstrap_shared(self) -> None:
+        """The worker's first-promotion rule (`app.Worker._bootstrap_shared`): while no shared model
+        serves, a due segment starts a shared run once `shared_bootstrap_min_events` are buffered, and
+        after a rejected one only when as many more have come. Other segments count as due at once
+        (they are not tracked here; on a real stream some segment always is)."""
+        s = self.settings
+        runs = sum(self.decisions["shared"].values())
+        if runs > 0 and self.since_shared < s.shared_bootstrap_min_events:
+            return
+        if len(self.pool) + len(self.shared_new) < s.shared_bootstrap_min_events:
+            return
+        self.train_shared_now()
 
     def _maybe_train_segment(self, segment: str) -> None:
         s = self.settings
         new = self.seg_new[segment]
         positives = sum(e.clicked for e in new)
-        if self.shared_serving is None or not enough_new_events(len(new), positives, len(new) - positives, s):
+        if not enough_new_events(len(new), positives, len(new) - positives, s):
+            return
+        if self.shared_serving is None:
+            self._bootstrap_shared()
+        if self.shared_serving is None:
             return
         older = [e for e in self.seg_sample[segment] if e.event_id not in {x.event_id for x in new}]
         runs = sum(self.decisions["segment"].values())
@@ -243,6 +268,7 @@ class _WorkerSim:
             data.replay,
             data.holdout,
             s,
+            unseen=data.unseen,
         )
         self.train_seconds += result.train_seconds
         self.decisions["segment"][result.decision] += 1
@@ -278,6 +304,7 @@ class _WorkerSim:
             s.model_copy(update={"seed": s.seed + runs}),
             champion=self.shared_serving,
             counted=data.counted,
+            unseen=data.unseen,
         )
         self.train_seconds += result.train_seconds
         self.decisions["shared"][result.decision] += 1
@@ -300,12 +327,25 @@ class _WorkerSim:
         if result.promoted and result.shared is not None:
             self._check_not_worse(result.challenger, result.champion)
             self.shared_serving = result.shared
-        self.pool.extend(self.shared_new)
+        self.pool = _last_per_segment([*self.pool, *self.shared_new], s.sample_cap)
         self.shared_new = []
         self.since_shared = 0
 
     def score(self, segment: str, pairs: Sequence[tuple[str | None, str]]) -> np.ndarray:
         return score_segment(self.backbone, self.shared_serving, self.adapters.get(segment), pairs)
+
+
+def _last_per_segment(events: Sequence[ClickEvent], cap: int) -> list[ClickEvent]:
+    """The last `cap` events of each segment, in stream order: what the worker's buffers hold."""
+    left: dict[str, int] = {}
+    kept: list[ClickEvent] = []
+    for e in reversed(events):
+        n = left.get(e.segment, cap)
+        if n > 0:
+            kept.append(e)
+            left[e.segment] = n - 1
+    kept.reverse()
+    return kept
 
 
 def _metric_dict(m: HoldoutScore | None) -> dict[str, float | None] | None:
@@ -409,6 +449,7 @@ def run_evaluation(
             },
             "stream_events": len(stream),
             "holdout_pairs": {s: len(holdout[s]) for s in segments},
+            "pair_level_holdout": [s for s in segments if s in dataset.pair_level],
             "device": str(backbone.device),
             "settings": {
                 k: getattr(settings, k)
@@ -433,6 +474,13 @@ def run_evaluation(
                     "holdout_frac",
                     "min_new_events",
                     "gate_logloss_margin",
+                    "gate_z",
+                    "gate_min_holdout",
+                    "shared_min_holdout",
+                    "unseen_query_frac",
+                    "shared_holdout_cap",
+                    "sample_cap",
+                    "shared_bootstrap_min_events",
                     "early_stopping_patience",
                     "seed",
                 )
@@ -446,6 +494,7 @@ def run_evaluation(
             "procedures": [p for p in PROCEDURES if p in procedures or p in ("worker", "zero_shot")],
             "notes": [
                 *plan.notes,
+                *dataset.notes,
                 "zero_shot probability: sigmoid(10 * (cosine - 0.35)), fixed, not fitted",
                 "batch: trained from scratch at evenly spaced stream positions; a checkpoint uses the latest "
                 "snapshot at or before it (zero-shot before the first)",
@@ -565,6 +614,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated; worker and zero_shot always run, batch and naive only if named",
     )
     parser.add_argument("--no-progress", action="store_true")
+    live = parser.add_argument_group("live evaluation (worker/tools/live.py)")
+    live.add_argument(
+        "--live", action="store_true", help="measure real worker processes through Kafka and Redis"
+    )
+    live.add_argument("--workers", type=int, default=None, help="worker processes in one group (default 1)")
+    live.add_argument("--limit", type=int, default=None, help="only the first N events of the slice")
+    live.add_argument(
+        "--checkpoint-every", type=int, default=None, help="events between checkpoints (quick: 128)"
+    )
+    live.add_argument(
+        "--compare-offline", action="store_true", help="also run the offline simulation on the same slice"
+    )
 
 
 def _print_table(result: dict[str, Any]) -> None:
@@ -587,8 +648,25 @@ def _print_table(result: dict[str, Any]) -> None:
 
 
 def cli_main(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    live_only = [
+        flag
+        for flag, value in (
+            ("--workers", getattr(args, "workers", None)),
+            ("--limit", getattr(args, "limit", None)),
+            ("--checkpoint-every", getattr(args, "checkpoint_every", None)),
+            ("--compare-offline", getattr(args, "compare_offline", False) or None),
+        )
+        if value is not None
+    ]
+    if live_only and not getattr(args, "live", False):
+        print(f"error: {', '.join(live_only)} only with --live", file=sys.stderr)
+        return 2
     settings = settings or load_settings()
     dataset = load_dataset(args.data, holdout_frac=args.holdout_frac)
+    if getattr(args, "live", False):
+        from worker.tools import live
+
+        return live.cli_main(args, settings, dataset)
     out: Path | None = args.out
 
     def write_partial(partial: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -64,6 +65,36 @@ def wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path, timeout_s:
             pass
         time.sleep(0.5)
     raise RuntimeError(f"worker did not start within {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def http_get(port: int, path: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
+    """GET `path` from a child's metrics endpoint: status and body (a 503 of /readyz is an answer too)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout_s) as resp:
+            return int(resp.status), bytes(resp.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), bytes(exc.read())
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float) -> None:
+    """Until the child's /readyz answers 200 (partitions assigned, Kafka and Redis answer, model loaded).
+    Raises with the log's tail when the child exits first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    body = b""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            status, body = http_get(port, "/readyz", timeout_s=2)
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(
+        f"worker not ready within {timeout_s} s ({body.decode(errors='replace')[:300]}):\n"
+        f"{log.read_text()[-3000:]}"
+    )
 
 
 def stop_worker(proc: subprocess.Popen[bytes], timeout_s: float = 120) -> int:

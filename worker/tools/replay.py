@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from worker.config import Settings, load_settings
 from worker.events import ClickEvent, now_utc
 from worker.stream.kafka import ensure_topics, make_producer
-from worker.tools.datasets import load_dataset
+from worker.tools.datasets import SHOP, load_dataset
 
 
 class ReplayError(RuntimeError):
@@ -140,7 +140,12 @@ def replay(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="`homedepot`, a Home Depot .csv.gz or a .jsonl file of click events")
+    parser.add_argument(
+        "data",
+        nargs="?",
+        default=SHOP,
+        help="`shop` (generated, synthetic; the default), `homedepot`, a Home Depot .csv.gz or a .jsonl file",
+    )
     parser.add_argument(
         "--rate", type=float, default=None, help="events per second (default: as fast as possible)"
     )

@@ -1,7 +1,10 @@
-"""The local stack for demo, tests and benchmarks: a real Kafka (KRaft, jars from Maven Central) and Redis.
+"""The local stack for demo, tests and benchmarks: a real Kafka (KRaft, jars from Maven Central) and Redis,
+or a 3-master Redis Cluster when `WORKER_REDIS_URL` is a `redis+cluster://` URL (`up --redis-cluster`).
 
-Both run as child processes in their own sessions, on loopback, with their data under the cache directory.
+Everything runs as child processes in their own sessions, on loopback, with data under the cache directory.
 `down` stops exactly what `up` started: it reads the pid files and checks each pid's command line first.
+`kafka-tool` runs Kafka's own command-line tools (`kafka-consumer-groups` and friends) from the same Maven
+jars, against `WORKER_KAFKA_BOOTSTRAP`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from worker.config import Settings, load_settings
+from worker.config import Settings, load_settings, redis_cluster_nodes
 
 KAFKA_VERSION = os.environ.get("WORKER_STACK_KAFKA_VERSION", "4.1.1")
 LOG4J_VERSION = "2.24.3"
@@ -43,6 +46,40 @@ _POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
     <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>{log4j}</version></dependency>
   </dependencies>
 </project>
+"""
+
+_TOOLS_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.ctr-worker</groupId>
+  <artifactId>kafka-tools-runtime</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-tools</artifactId><version>{kafka}</version></dependency>
+    <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-api</artifactId><version>{slf4j}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j2-impl</artifactId><version>{log4j}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>{log4j}</version></dependency>
+  </dependencies>
+</project>
+"""
+
+KAFKA_TOOLS = {
+    "consumer-groups": "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+    "topics": "org.apache.kafka.tools.TopicCommand",
+    "get-offsets": "org.apache.kafka.tools.GetOffsetShell",
+    "console-consumer": "org.apache.kafka.tools.consumer.ConsoleConsumer",
+    "acls": "org.apache.kafka.tools.AclCommand",
+}
+"""`stack kafka-tool NAME`: the main class of Kafka's `kafka-NAME.sh` script (Kafka 4.x)."""
+
+_TOOLS_LOG4J2 = """status = warn
+appender.console.type = Console
+appender.console.name = STDERR
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.stderr.ref = STDERR
 """
 
 _LOG4J2 = """status = warn
@@ -78,6 +115,9 @@ class Endpoints:
     def from_settings(cls, settings: Settings) -> Endpoints:
         first = settings.kafka_bootstrap.split(",")[0].strip()
         khost, _, kport = first.rpartition(":")
+        nodes = redis_cluster_nodes(settings.redis_url)
+        if nodes is not None:
+            return cls(khost.strip("[]"), int(kport), nodes[0][0], nodes[0][1])
         url = urlparse(settings.redis_url)
         return cls(khost.strip("[]"), int(kport), url.hostname or "127.0.0.1", url.port or 6379)
 
@@ -147,8 +187,21 @@ def _tail(path: Path, lines: int = 30) -> str:
 def kafka_libs(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
     """Resolve the broker's jars with the machine's `mvn` once; later runs reuse the folder."""
     home = (cache_dir / "kafka" / version).resolve()
-    libs = home / "libs"
-    stamp = home / ".resolved"
+    pom = _POM.format(kafka=version, slf4j=SLF4J_VERSION, log4j=LOG4J_VERSION)
+    return _mvn_resolve(home, "pom.xml", pom, home / "libs", home / ".resolved", f"kafka_2.13:{version}")
+
+
+def kafka_tools_libs(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
+    """Kafka's command-line tools (`org.apache.kafka:kafka-tools`, what `kafka-consumer-groups.sh` runs),
+    resolved like the broker's jars but into a folder of their own, so a running broker's jars stay put."""
+    home = (cache_dir / "kafka" / version).resolve()
+    pom = _TOOLS_POM.format(kafka=version, slf4j=SLF4J_VERSION, log4j=LOG4J_VERSION)
+    return _mvn_resolve(
+        home, "tools-pom.xml", pom, home / "tools-libs", home / ".tools-resolved", f"kafka-tools:{version}"
+    )
+
+
+def _mvn_resolve(home: Path, pom_name: str, pom: str, libs: Path, stamp: Path, what: str) -> Path:
     if stamp.exists():
         return libs
     mvn = shutil.which("mvn")
@@ -157,8 +210,8 @@ def kafka_libs(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
             "`mvn` not found on PATH: install Maven (apt-get install -y maven) to fetch Kafka's jars"
         )
     home.mkdir(parents=True, exist_ok=True)
-    (home / "pom.xml").write_text(_POM.format(kafka=version, slf4j=SLF4J_VERSION, log4j=LOG4J_VERSION))
-    print(f"resolving Apache Kafka {version} from Maven Central into {libs} ...", file=sys.stderr)
+    (home / pom_name).write_text(pom)
+    print(f"resolving org.apache.kafka:{what} from Maven Central into {libs} ...", file=sys.stderr)
     shutil.rmtree(libs, ignore_errors=True)
     proc = subprocess.run(
         [
@@ -166,7 +219,7 @@ def kafka_libs(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
             "-q",
             "-B",
             "-f",
-            str(home / "pom.xml"),
+            str(home / pom_name),
             "dependency:copy-dependencies",
             f"-DoutputDirectory={libs}",
             "-DincludeScope=runtime",
@@ -176,11 +229,45 @@ def kafka_libs(cache_dir: Path, version: str = KAFKA_VERSION) -> Path:
         check=False,
     )
     if proc.returncode != 0:
-        raise StackError(
-            f"mvn could not resolve org.apache.kafka:kafka_2.13:{version}:\n{proc.stdout[-3000:]}"
-        )
-    stamp.write_text(version)
+        raise StackError(f"mvn could not resolve org.apache.kafka:{what}:\n{proc.stdout[-3000:]}")
+    stamp.write_text(what)
     return libs
+
+
+def kafka_tool_command(settings: Settings, tool: str, args: list[str]) -> list[str]:
+    """The `java ...` command line of Kafka's `kafka-<tool>.sh`, with `--bootstrap-server` set to
+    WORKER_KAFKA_BOOTSTRAP unless `args` name one (or `--bootstrap-controller`)."""
+    if tool not in KAFKA_TOOLS:
+        raise StackError(f"unknown Kafka tool {tool!r}: one of {', '.join(sorted(KAFKA_TOOLS))}")
+    libs = kafka_libs(settings.cache_dir)
+    tools = kafka_tools_libs(settings.cache_dir)
+    log4j = tools.parent / "tools-log4j2.properties"
+    log4j.write_text(_TOOLS_LOG4J2)
+    given = {a.split("=", 1)[0] for a in args}
+    connect = (
+        []
+        if given & {"--bootstrap-server", "--bootstrap-controller"}
+        else [
+            "--bootstrap-server",
+            settings.kafka_bootstrap,
+        ]
+    )
+    return [
+        _java(),
+        "-Xmx256m",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={log4j}",
+        "-cp",
+        f"{tools}/*:{libs}/*",
+        KAFKA_TOOLS[tool],
+        *connect,
+        *args,
+    ]
+
+
+def run_kafka_tool(settings: Settings, tool: str, args: list[str]) -> int:
+    """`stack kafka-tool TOOL ARGS...`: runs the tool in the foreground; its output is the tool's own."""
+    return subprocess.run(kafka_tool_command(settings, tool, args), check=False).returncode
 
 
 def _java() -> str:
@@ -341,32 +428,45 @@ def _launch_kafka(settings: Settings, ep: Endpoints, properties: str, healthy: C
 def _redis_markers(root: Path, ep: Endpoints) -> tuple[str, str, str]:
     """redis-server rewrites its command line to `host:port` once up; before that it shows its config.
     Its working directory is `root` (its `dir`) either way, so `down` finds it under other settings too."""
-    return str(root / "redis.conf"), f"{ep.redis_host}:{ep.redis_port}", str(root)
+    return _node_markers(root, ep.redis_host, ep.redis_port)
+
+
+def _node_markers(root: Path, host: str, port: int) -> tuple[str, str, str]:
+    return str(root / "redis.conf"), f"{host}:{port}", str(root)
 
 
 def redis_healthy(url: str, timeout: float = 2.0) -> bool:
     import redis
 
+    from worker.state.client import connect
+
     try:
-        return bool(redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout).ping())
+        return bool(connect(url, socket_timeout=timeout, socket_connect_timeout=timeout).ping())
     except redis.RedisError:
         return False
 
 
 def start_redis(settings: Settings, ep: Endpoints) -> str:
-    root = stack_dir(settings) / "redis"
+    return _start_redis_server(stack_dir(settings) / "redis", ep.redis_host, ep.redis_port, [])
+
+
+def _start_redis_server(root: Path, host: str, port: int, extra: list[str], bus: bool = False) -> str:
+    """One `redis-server` with its config, data and log under `root`, in its own session; waits for PING.
+    `bus`: a cluster node, which also listens on port + 10000."""
     pidfile = root / "redis.pid"
     conf = root / "redis.conf"
-    markers = _redis_markers(root, ep)
+    markers = _node_markers(root, host, port)
     pid = _read_pid(pidfile)
     if pid and _pid_alive(pid, *markers):
-        if _pid_alive(pid, f"{ep.redis_host}:{ep.redis_port}"):
+        if _pid_alive(pid, f"{host}:{port}"):
             return f"already running (pid {pid})"
         raise StackError(
             f"this stack's Redis (pid {pid}) runs with other settings, not on "
-            f"{ep.redis_host}:{ep.redis_port}: stop it first with `python -m worker stack down`"
+            f"{host}:{port}: stop it first with `python -m worker stack down`"
         )
-    _ensure_free(ep.redis_host, ep.redis_port, "Redis", "WORKER_REDIS_URL")
+    _ensure_free(host, port, "Redis", "WORKER_REDIS_URL")
+    if bus:
+        _ensure_free(host, port + 10000, "the Redis Cluster bus", "WORKER_REDIS_URL")
     server = shutil.which("redis-server")
     if server is None:
         raise StackError(
@@ -376,8 +476,8 @@ def start_redis(settings: Settings, ep: Endpoints) -> str:
     conf.write_text(
         "\n".join(
             [
-                f"bind {ep.redis_host}",
-                f"port {ep.redis_port}",
+                f"bind {host}",
+                f"port {port}",
                 f"dir {root}",
                 "appendonly yes",
                 "appendfsync everysec",
@@ -385,6 +485,7 @@ def start_redis(settings: Settings, ep: Endpoints) -> str:
                 "daemonize no",
                 "protected-mode yes",
                 f"logfile {root / 'redis.log'}",
+                *extra,
                 "",
             ]
         )
@@ -397,7 +498,7 @@ def start_redis(settings: Settings, ep: Endpoints) -> str:
         start_new_session=True,
     )
     pidfile.write_text(str(proc.pid))
-    url = f"redis://{ep.redis_host}:{ep.redis_port}/0"
+    url = f"redis://{host}:{port}/0"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -410,13 +511,129 @@ def start_redis(settings: Settings, ep: Endpoints) -> str:
     )
 
 
+# ---------------------------------------------------------------- Redis Cluster
+
+CLUSTER_MASTERS = 3
+
+
+def cluster_root(settings: Settings) -> Path:
+    return stack_dir(settings) / "redis-cluster"
+
+
+def cluster_nodes(settings: Settings) -> list[tuple[str, int]]:
+    """The local cluster's masters: the port of WORKER_REDIS_URL and the next two (each also uses its
+    port + 10000 for the cluster bus)."""
+    nodes = redis_cluster_nodes(settings.redis_url)
+    if nodes is None:
+        raise StackError(
+            "--redis-cluster needs a cluster URL: set WORKER_REDIS_URL=redis+cluster://127.0.0.1:7000 "
+            f"(masters on 7000, 7001 and 7002), got {settings.redis_url.split('://', 1)[0]}://..."
+        )
+    host, port = nodes[0]
+    if host not in LOOPBACK:
+        raise StackError(f"WORKER_REDIS_URL names {host}: the local stack starts Redis on loopback only")
+    if port + CLUSTER_MASTERS - 1 + 10000 > 65535:
+        raise StackError(f"WORKER_REDIS_URL port {port} leaves no room for the cluster bus (port + 10000)")
+    return [(host, port + i) for i in range(CLUSTER_MASTERS)]
+
+
+def _cluster_info(host: str, port: int) -> dict[str, str]:
+    import redis
+
+    client = redis.Redis(host=host, port=port, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        raw = client.execute_command("CLUSTER INFO")
+    finally:
+        client.close()
+    if isinstance(raw, dict):  # redis-py parses CLUSTER INFO into a dict
+        return {str(k): str(v) for k, v in raw.items()}
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+
+def start_redis_cluster(settings: Settings) -> str:
+    """Three `redis-server`s in cluster mode (no replicas), joined by `redis-cli --cluster create` on the
+    first start; a restart reuses each node's `nodes.conf`. Waits until each node says `cluster_state:ok`."""
+    nodes = cluster_nodes(settings)
+    root = cluster_root(settings)
+    started = []
+    for host, port in nodes:
+        what = _start_redis_server(
+            root / str(port),
+            host,
+            port,
+            ["cluster-enabled yes", "cluster-config-file nodes.conf", "cluster-node-timeout 5000"],
+            bus=True,
+        )
+        started.append(what)
+    info = _cluster_info(*nodes[0])
+    if info.get("cluster_slots_assigned") == "0" and info.get("cluster_known_nodes") == "1":
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise StackError("`redis-cli` not found on PATH: it comes with `apt-get install -y redis-server`")
+        create = subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"{h}:{p}" for h, p in nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        if create.returncode != 0:
+            raise StackError(
+                f"redis-cli --cluster create failed:\n{create.stdout[-2000:]}{create.stderr[-2000:]}"
+            )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        infos = [_cluster_info(h, p) for h, p in nodes]
+        if all(
+            i.get("cluster_state") == "ok" and i.get("cluster_known_nodes") == str(len(nodes)) for i in infos
+        ):
+            ports = ",".join(str(p) for _, p in nodes)
+            return f"{len(nodes)} masters on {nodes[0][0]}:{ports}, cluster_state ok ({'; '.join(started)})"
+        time.sleep(0.2)
+    raise StackError(f"the Redis Cluster did not reach cluster_state:ok within {START_TIMEOUT_S:.0f} s")
+
+
+def _cluster_pidfiles(settings: Settings) -> list[tuple[Path, tuple[str, ...]]]:
+    """Each started cluster node's pid file and markers, from the directories `up` created."""
+    root = cluster_root(settings)
+    if not root.is_dir():
+        return []
+    out: list[tuple[Path, tuple[str, ...]]] = []
+    host = Endpoints.from_settings(settings).redis_host
+    for node in sorted(root.iterdir()):
+        if node.name.isdigit():
+            out.append((node / "redis.pid", _node_markers(node, host, int(node.name))))
+    return out
+
+
+def stop_redis_cluster(settings: Settings) -> str:
+    stopped = [_stop(pidfile, markers) for pidfile, markers in _cluster_pidfiles(settings)]
+    return "; ".join(stopped) if stopped else "not running"
+
+
 # ---------------------------------------------------------------- up / down / status
 
 
-def up(settings: Settings) -> dict[str, str]:
+def up(settings: Settings, redis_cluster: bool = False) -> dict[str, str]:
+    """Redis (or, with `redis_cluster` or a `redis+cluster://` WORKER_REDIS_URL, a 3-master Redis Cluster)
+    and Kafka, each unless its address is not a loopback one."""
     ep = Endpoints.from_settings(settings)
     result = {}
-    result["redis"] = start_redis(settings, ep) if ep.redis_local else "external, not started"
+    cluster = redis_cluster or redis_cluster_nodes(settings.redis_url) is not None
+    name = "redis-cluster" if cluster else "redis"
+    if not ep.redis_local:
+        result[name] = "external, not started"
+    else:
+        result[name] = start_redis_cluster(settings) if cluster else start_redis(settings, ep)
     result["kafka"] = start_kafka(settings, ep) if ep.kafka_local else "external, not started"
     return result
 
@@ -446,6 +663,7 @@ def down(settings: Settings) -> dict[str, str]:
     return {
         "kafka": _stop(root / "kafka" / "kafka.pid", (str(root / "kafka" / "server.properties"),)),
         "redis": _stop(root / "redis" / "redis.pid", _redis_markers(root / "redis", ep)),
+        "redis-cluster": stop_redis_cluster(settings),
     }
 
 
@@ -468,6 +686,7 @@ def started_pids(settings: Settings) -> list[int]:
     for pidfile, markers in (
         (root / "kafka" / "kafka.pid", (str(root / "kafka" / "server.properties"),)),
         (root / "redis" / "redis.pid", _redis_markers(root / "redis", ep)),
+        *_cluster_pidfiles(settings),
     ):
         pid = _read_pid(pidfile)
         if pid and _pid_alive(pid, *markers):
@@ -475,20 +694,55 @@ def started_pids(settings: Settings) -> list[int]:
     return pids
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["up", "down", "status"])
+def _flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--secure",
         action="store_true",
         help="up: Kafka with SASL/PLAIN and ACLs; the worker user is WORKER_KAFKA_SASL_USERNAME/PASSWORD",
     )
+    parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="up: a 3-master Redis Cluster at WORKER_REDIS_URL=redis+cluster://127.0.0.1:PORT "
+        "(PORT, PORT+1, PORT+2) instead of one Redis",
+    )
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action",
+        choices=["up", "down", "status", "kafka-tool"],
+        help="kafka-tool TOOL ARGS...: Kafka's own tool against WORKER_KAFKA_BOOTSTRAP, TOOL one of "
+        + ", ".join(KAFKA_TOOLS),
+    )
+    _flags(parser)
+    parser.add_argument("tool_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
 def cli_main(args: argparse.Namespace) -> int:
     settings = load_settings()
+    rest: list[str] = list(getattr(args, "tool_args", None) or [])
+    if args.action == "kafka-tool":
+        if not rest:
+            print(
+                f"usage: stack kafka-tool TOOL [ARGS...], TOOL one of {', '.join(KAFKA_TOOLS)}",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            return run_kafka_tool(settings, rest[0], rest[1:])
+        except StackError as exc:
+            print(f"stack kafka-tool failed: {exc}", file=sys.stderr)
+            return 2
+    if rest:  # flags given after the action: `stack up --redis-cluster`
+        _flags(argparse.ArgumentParser(prog=f"stack {args.action}")).parse_args(rest, namespace=args)
     if args.action == "up":
         try:
-            started = up_secure(settings) if getattr(args, "secure", False) else up(settings)
+            if getattr(args, "secure", False):
+                started = up_secure(settings)
+            else:
+                started = up(settings, redis_cluster=getattr(args, "redis_cluster", False))
         except StackError as exc:
             print(f"stack up failed: {exc}", file=sys.stderr)
             return 1
@@ -685,8 +939,9 @@ def _kafka_healthy_conf(conf: dict[str, Any], timeout: float) -> bool:
 
 def grant_worker_acls(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     """Create the worker's topics and ACLs as admin: the worker user may read its inputs (`clicks`,
-    `score-requests`) in its consumer groups (prefix WORKER_GROUP_ID) and write its outputs (scores,
-    model-versions, clicks-dlq); nothing else. Returns the bindings created, readable."""
+    `score-requests`, the shared trainer's lease topic) in its consumer groups (prefix WORKER_GROUP_ID)
+    and write its outputs (scores, model-versions, clicks-dlq); nothing else. Returns the bindings
+    created, readable."""
     from confluent_kafka.admin import (  # type: ignore[attr-defined]
         AclBinding,
         AclOperation,
@@ -714,6 +969,8 @@ def grant_worker_acls(settings: Settings, timeout_s: float = 30.0) -> list[str]:
         for t in topics
         if t not in existing
     ]
+    if settings.lease_topic not in existing:
+        missing.append(NewTopic(settings.lease_topic, num_partitions=1, replication_factor=1))
     if missing:
         for future in admin.create_topics(missing, request_timeout=timeout_s).values():
             future.result(timeout=timeout_s)
@@ -721,7 +978,7 @@ def grant_worker_acls(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     allow = AclPermissionType.ALLOW
     lit, pre = ResourcePatternType.LITERAL, ResourcePatternType.PREFIXED
     wanted: list[tuple[ResourceType, str, ResourcePatternType, AclOperation]] = []
-    for topic in (settings.input_topic, settings.requests_topic):
+    for topic in (settings.input_topic, settings.requests_topic, settings.lease_topic):
         wanted += [
             (ResourceType.TOPIC, topic, lit, AclOperation.READ),
             (ResourceType.TOPIC, topic, lit, AclOperation.DESCRIBE),

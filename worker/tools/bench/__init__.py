@@ -9,6 +9,7 @@ from worker.cli import Table, dispatch
 BENCHES: Table = {
     "ingest": ("worker.tools.bench.ingest", "the worker's ingest path against a raw consume loop"),
     "train": ("worker.tools.bench.train", "training and scoring speed against a plain torch loop"),
+    "score": ("worker.tools.bench.score", "scoring from raw pairs against the forward pass alone"),
     "freshness": ("worker.tools.bench.freshness", "from a triggering click to refreshed scores"),
     "scale": ("worker.tools.bench.scale", "ingest throughput as worker processes are added"),
     "capacity": ("worker.tools.bench.capacity", "what many segments cost one worker's memory"),

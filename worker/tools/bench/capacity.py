@@ -65,6 +65,7 @@ def _record(
     version: int,
     adapter: Path,
     scope: Literal["segment", "shared"] = "segment",
+    shared_version: int | None = None,
 ) -> None:
     registry.record(
         VersionRecord(
@@ -83,7 +84,9 @@ def _record(
             train_seconds=0.0,
             created_at=datetime.now(UTC),
             adapter=str(adapter),
-        )
+            shared_version=shared_version,
+        ),
+        gated_against=registry.champion_version(segment),
     )
 
 
@@ -135,7 +138,7 @@ def run_bench(settings: Settings, segments: int, cap: int, cold_loads: int) -> d
         for name in names:
             v = registry.next_version(name)
             target = save_adapter(registry.adapter_dir(name, v), adapter, {"segment": name, "version": v})
-            _record(registry, name, v, target)
+            _record(registry, name, v, target, shared_version=version)
         save_s = time.perf_counter() - t
         del adapter
         adapter_bytes = sum(f.stat().st_size for f in registry.adapter_dir(names[0], 1).iterdir())

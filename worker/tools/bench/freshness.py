@@ -76,7 +76,9 @@ def raw_round(
 
     start = time.perf_counter()
     data = segment_training_data(new, older, settings, len(older) + len(new))
-    result = train_segment_adapter(backbone, shared, champion, data.new, data.replay, data.holdout, settings)
+    result = train_segment_adapter(
+        backbone, shared, champion, data.new, data.replay, data.holdout, settings, unseen=data.unseen
+    )
     model = with_adapter(shared, result.adapter) if result.adapter is not None else shared
     score_pairs(backbone, model, candidates)
     return time.perf_counter() - start, result.adapter
@@ -85,7 +87,8 @@ def raw_round(
 def _raw_only(args: argparse.Namespace) -> dict[str, Any]:
     from worker.learn.model import load_backbone, new_click_model
 
-    settings = load_settings().model_copy(update={"gate_auc_tolerance": 1.0, "gate_logloss_margin": 1000.0})
+    opened = {"gate_auc_tolerance": 1.0, "gate_logloss_margin": 1000.0, "gate_min_holdout": 1}
+    settings = load_settings().model_copy(update=opened)
     backbone = load_backbone(settings)
     shared = new_click_model(backbone, settings.seed)
     events = _segment_events(args.events * (args.rounds + 1))
@@ -175,6 +178,8 @@ def _e2e(args: argparse.Namespace) -> dict[str, Any]:
         shared_bootstrap_min_events=200,
         gate_auc_tolerance=1.0,
         gate_logloss_margin=1000.0,
+        gate_min_holdout=1,
+        shared_min_holdout=1,
         consume_timeout_s=0.05,
         metrics_port=0,
     )

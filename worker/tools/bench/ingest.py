@@ -4,6 +4,10 @@ Both read the same preloaded messages from the same topic under fresh consumer g
 just before the consume call that returns the first message (so group joins do not count) and stops when
 (a) the raw loop has seen every message, (b) the worker has stored every offset in Redis. The raw loop
 takes a fraction of a second, so it runs `raw_repeats` times and the median counts.
+
+With `--redis-cluster URL` the worker's ingest runs a second time in the same run, on the same topic under
+another fresh group, against a Redis Cluster: the result has both, each against the same raw baseline.
+The bench deletes its topics at the end and waits until the broker has.
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ import uuid
 from typing import Any
 
 import orjson
+from confluent_kafka import KafkaError, KafkaException
 
-from worker.config import Settings, isolated, load_settings
+from worker.config import ConfigError, Settings, isolated, load_settings, redis_cluster_nodes
+from worker.logs import configure_logging
+from worker.state import client as redis_clients
 from worker.state.buffer import Buffer
+from worker.state.keys import prefix_pattern
 from worker.stream.ingest import Ingestor
 from worker.stream.kafka import ensure_topics, make_admin, make_consumer, make_producer
 from worker.tools.bench.synthetic import synthetic_events
@@ -86,12 +94,53 @@ def measure_worker(settings: Settings, n: int) -> tuple[float, int]:
     return end - t0, sum(v or 0 for v in stored.values())
 
 
+def delete_topics(settings: Settings, topics: list[str], timeout_s: float = 60.0) -> None:
+    """Delete `topics` and wait for the broker to confirm each (a topic already gone is fine). The admin
+    client stays referenced until then: a collected client cancels its requests."""
+    admin = make_admin(settings)
+    futures = admin.delete_topics(topics, operation_timeout=timeout_s)
+    for future in futures.values():
+        try:
+            future.result(timeout=timeout_s)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise
+
+
+def _on_cluster(s: Settings, url: str, events: int, raw_rate: float, single_rate: float) -> dict[str, Any]:
+    """The worker's ingest of the same topic again, under a fresh group, into a Redis Cluster."""
+    sc = s.model_copy(update={"redis_url": url, "group_id": f"{s.group_id}-cluster"})
+    worker_s, stored = measure_worker(sc, events)
+    if stored != events:
+        raise RuntimeError(f"on the cluster the worker stored offsets covering {stored} of {events} messages")
+    keys = redis_clients.master_key_counts(Buffer(sc).redis, prefix_pattern(sc.redis_prefix))
+    rate = events / worker_s
+    return {
+        "masters": len(keys),
+        "worker_s": round(worker_s, 3),
+        "events_per_s": round(rate, 1),
+        "ratio": round(rate / raw_rate, 3),
+        "vs_single_node": round(rate / single_rate, 3),
+        "stored_offsets": stored,
+        "keys_per_master": keys,
+    }
+
+
 def run_bench(
-    settings: Settings, events: int, segments: int, keep: bool = False, raw_repeats: int = 3
+    settings: Settings,
+    events: int,
+    segments: int,
+    keep: bool = False,
+    raw_repeats: int = 3,
+    redis_cluster: str | None = None,
 ) -> dict[str, Any]:
+    """`redis_cluster`: a `redis+cluster://` URL; the worker's ingest also runs against it, same topic."""
+    if redis_cluster is not None and redis_cluster_nodes(redis_cluster) is None:
+        raise ConfigError(f"--redis-cluster takes a redis+cluster:// URL, got {redis_cluster!r}")
     s = isolated(settings, f"bench-{uuid.uuid4().hex[:8]}")
     ensure_topics(s, [s.input_topic, s.dlq_topic])
     buffer = Buffer(s)
+    cluster: dict[str, Any] | None = None
     try:
         messages = synthetic_events(events, segments)
         t = time.perf_counter()
@@ -105,8 +154,11 @@ def run_bench(
         counts = buffer.redis.hget(buffer.partition_key(0, "stats"), "events")
         raw_rate = events / raw_s
         rate = events / worker_s
-        return {
+        if redis_cluster is not None:
+            cluster = _on_cluster(s, redis_cluster, events, raw_rate, rate)
+        result = {
             "bench": "ingest",
+            "topic": s.input_topic,
             "events": events,
             "segments": segments,
             "partitions": s.topic_partitions,
@@ -121,11 +173,16 @@ def run_bench(
             "stored_offsets": stored,
             "partition0_events": int(counts or 0),
         }
+        if cluster is not None:
+            result["redis_cluster"] = cluster
+        return result
     finally:
         if not keep:
             buffer.purge()
             buffer.redis.close()
-            make_admin(s).delete_topics([s.input_topic, s.dlq_topic])
+            if redis_cluster is not None:
+                Buffer(s.model_copy(update={"redis_url": redis_cluster})).purge()
+            delete_topics(s, [s.input_topic, s.dlq_topic])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,13 +197,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw-repeats", type=int, default=3, help="raw loop runs (median counts)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result line")
     parser.add_argument("--keep", action="store_true", help="keep the topic and Redis keys afterwards")
+    parser.add_argument(
+        "--redis-cluster",
+        metavar="URL",
+        default=None,
+        help="also run the worker's ingest against this Redis Cluster (redis+cluster://host:port), same run",
+    )
 
 
 def cli_main(args: argparse.Namespace) -> int:
     settings = load_settings()
+    configure_logging(settings.log_level)  # JSON on stderr: stdout carries only the result
     if args.consume_batch:
         settings = settings.model_copy(update={"consume_batch": args.consume_batch})
-    result = run_bench(settings, args.events, args.segments, keep=args.keep, raw_repeats=args.raw_repeats)
+    result = run_bench(
+        settings,
+        args.events,
+        args.segments,
+        keep=args.keep,
+        raw_repeats=args.raw_repeats,
+        redis_cluster=args.redis_cluster,
+    )
     if not args.json:
         for key, value in result.items():
             print(f"{key:>20}: {value}", file=sys.stderr)
