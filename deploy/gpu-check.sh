@@ -2,10 +2,10 @@
 # The GPU check of the learning side (issue 4) on a machine that has a GPU and torch, transformers, peft
 # and scikit-learn, but no network and maybe none of our other packages:
 #   deploy/gpu-check.sh prepare DIR          here, with network: wheels, the base model, the data -> DIR
-#   deploy/gpu-check.sh run DIR OUT [NAME=ENV ...]   there: bench train, then one full evaluation per
+#   deploy/gpu-check.sh run DIR OUT [NAME=ENV ...]   there: bench train and score, then one full evaluation per
 #                                            NAME (env settings, comma-separated), all at once on the GPU
 # DIR stays under 64 MiB: the base model travels as fp16 and is restored to fp32 there (GE's zero-shot
-# holdout AUC moved from 0.66097 to 0.66112 by that round trip). OUT gets 2 files + 2 per NAME.
+# holdout AUC moved from 0.66097 to 0.66112 by that round trip). OUT gets 3 files + 2 per NAME.
 # Each evaluation stops after EVAL_TIMEOUT_S (450) seconds; its --out JSON keeps what it measured so far.
 # Example: deploy/gpu-check.sh run .gpu "$OUT" default= no-history=WORKER_QUERY_HISTORY=false
 set -euo pipefail
@@ -69,6 +69,10 @@ EOF
   "$python" -m worker.tools.bench.train --json ${BENCH_ARGS:-} > "$out/bench-train.json" 2> /tmp/bench-train.err ||
     { echo "bench train failed:"; tail -n 20 /tmp/bench-train.err; }
   tail -n 1 "$out/bench-train.json"
+  # shellcheck disable=SC2086  # SCORE_ARGS: e.g. --pairs 8192 --refresh-segments 100
+  "$python" -m worker.tools.bench.score --json ${SCORE_ARGS:-} > "$out/bench-score.json" 2> /tmp/bench-score.err ||
+    { echo "bench score failed:"; tail -n 20 /tmp/bench-score.err; }
+  tail -n 1 "$out/bench-score.json"
   local pids=() name
   for spec in "${@:-default=}"; do
     name=${spec%%=*}

@@ -130,11 +130,31 @@ def test_quick_plan_is_cpu_sized() -> None:
 def test_leaving_out_batch_and_naive_keeps_the_shape_with_nulls(jsonl: Path) -> None:
     dataset = load_jsonl(jsonl, holdout_frac=0.3, min_rows=20)
     settings = Settings(device="cpu", max_seq_len=32, batch_size=16, shared_batch_size=16)
+    n = len(dataset.stream())
     result = run_evaluation(
-        dataset, settings, quick=True, progress=False, plan=tiny_plan(), procedures=["worker"]
+        dataset,
+        settings,
+        quick=True,
+        progress=False,
+        plan=tiny_plan(),
+        procedures=["worker"],
+        stream_checkpoints=[n, 0, 50, n + 5],
     )
 
     assert result["procedures"] == ["worker", "zero_shot"]
+    stream = result["stream"]
+    assert [c["events"] for c in stream] == [0, 50, n], "sorted, past the end dropped"
+    first, last = stream[0], stream[-1]
+    for seg in result["segments"]:
+        assert first["per_segment"][seg]["shared_version"] is None
+        assert first["per_segment"][seg]["auc"] == result["per_segment"][seg]["zero_shot"]["0"]["auc"]
+        assert set(last["per_segment"][seg]) == {"auc", "logloss", "segment_version", "shared_version"}
+    runs = result["worker"]["shared_runs"]
+    promoted = [
+        i + 1 for i, r in enumerate(runs) if r["decision"] == "promoted" and r["stream_position"] <= 50
+    ]
+    serving_at_50 = (promoted or [None])[-1]
+    assert {c["shared_version"] for c in stream[1]["per_segment"].values()} == {serving_at_50}
     for seg in result["segments"]:
         cells = result["per_segment"][seg]
         assert all(cells[p][name] is None for p in ("batch", "naive") for name in CHECKPOINT_NAMES)

@@ -240,3 +240,11 @@ def test_a_noise_base_model_measures_about_one_half_live_and_offline(
     assert abs(live_end["mean_auc"] - 0.5) < 0.15, lines
     assert abs(offline_end["mean_auc"] - 0.5) < 0.15, offline_end
     assert abs(result["zero_shot_mean_auc"] - 0.5) < 0.15
+
+
+def test_a_checkpoint_settles_longer_than_the_shared_trainer_takes_to_count_new_events() -> None:
+    """Otherwise a checkpoint can be measured between a due shared run's events and its start."""
+    from worker.app import SHARED_CHECK_S
+    from worker.tools.live import SETTLE_S
+
+    assert SETTLE_S > SHARED_CHECK_S

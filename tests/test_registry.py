@@ -73,6 +73,17 @@ def test_versions_survive_a_new_registry_instance(reg: Registry, settings: Setti
     assert again.next_version("GE") == first + 1
 
 
+def test_reserved_counts_the_numbers_handed_out_for_each_segment(reg: Registry, settings: Settings) -> None:
+    """What a shared run's seed is taken from: it survives a new instance and ignores other segments."""
+    assert reg.reserved("a") == 0
+    reg.next_version("a")
+    reg.next_version("a")
+    reg.next_version("b")
+    assert reg.reserved("a") == 2
+    assert Registry.from_settings(settings).reserved("a") == 2
+    assert reg.reserved("b") == 1 and reg.reserved("c") == 0
+
+
 def test_two_concurrent_trainers_never_move_the_champion_back(reg: Registry) -> None:
     """Trainer B reserves a later version but finishes first; A's older promotion must not win."""
     a = reg.next_version("KOHLER")

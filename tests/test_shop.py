@@ -231,3 +231,37 @@ def test_a_preference_segment_promotes_an_adapter_that_beats_the_shared_model() 
     assert promoted, gains
     ((_, gain, n),) = promoted.values()
     assert gain > 0.01 and n >= 100, gains
+
+
+def test_the_demo_runs_to_exit_0_in_a_checkout_without_shared_data(stack: Settings, tmp_path: Path) -> None:
+    """`make demo`'s command in a copy of the checkout with no `../shared`, on the test stack, cut short
+    (600 events, a 45 s budget): it must say it runs on the generated shop, replay, stop the worker, read
+    back what it published and write its plot, all to exit 0."""
+    checkout = tmp_path / "clone" / "main"
+    checkout.mkdir(parents=True)
+    for part in ("worker", "schemas"):
+        shutil.copytree(REPO / part, checkout / part)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(checkout),
+        "WORKER_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+        "WORKER_REDIS_URL": stack.redis_url,
+        "WORKER_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    plot = tmp_path / "demo-auc.png"
+    argv = ["-m", "worker", "demo", "--events", "600", "--budget-s", "45", "--quiet-s", "10"]
+    done = subprocess.run(
+        [sys.executable, *argv, "--plot", str(plot)],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "the generated shop: synthetic click events, not real data" in out
+    assert "replayed 600 events" in out
+    assert "worker stopped with exit code 0" in out
+    assert "held-out AUC per segment" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -174,7 +174,6 @@ class Worker:
         self._input_partitions = 0
         self._group_new = 0
         self._group_checked = 0.0
-        self._shared_runs = 0
         self._shared_running = False
         self._housekept = 0.0
         self._failures: dict[tuple[int, str], int] = {}
@@ -395,10 +394,9 @@ class Worker:
             self._group_new = 0
             if not new:
                 return None
-            self._shared_runs += 1
             log.info("shared training", events=len(new), older=len(older), partitions=partitions)
             with self.metrics.training("shared") as run:
-                rec, _ = self.learner.train_shared(new, older, (0, len(new)), self._shared_runs)
+                rec, _ = self.learner.train_shared(new, older, (0, len(new)))
                 run.decision = rec.decision
             self.buffer.mark_shared_seen(marks)
         finally:

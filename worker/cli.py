@@ -37,7 +37,7 @@ COMMANDS: Table = {
     "models": ("worker.state.registry", "list, show or roll back model versions"),
     "bench": ("worker.tools.bench", "benchmarks against raw baselines, JSON output"),
     "soak": ("worker.tools.soak", "a worker under steady load: lag, memory, no event lost"),
-    "demo": ("worker.tools.demo", "the whole job on the local stack with a Home Depot replay"),
+    "demo": ("worker.tools.demo", "the whole job on the local stack, on the generated shop or real data"),
 }
 
 

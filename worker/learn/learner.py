@@ -260,10 +260,15 @@ class Learner:
         return rec, result
 
     def train_shared(
-        self, new: Sequence[ClickEvent], older: Sequence[ClickEvent], events: tuple[int, int], run: int
+        self, new: Sequence[ClickEvent], older: Sequence[ClickEvent], events: tuple[int, int]
     ) -> tuple[VersionRecord, TrainResult]:
-        """One shared run, continued from the last challenger (or champion), gated against the champion."""
+        """One shared run, continued from the last challenger (or champion), gated against the champion.
+
+        The run's number (which seeds its replay sample and its training) is its place in the group's
+        sequence of shared runs, read from the registry, so it does not start again at 1 when the lease
+        moves to another worker or the trainer restarts; the offline simulation numbers its runs alike."""
         self.refresh_shared()
+        run = self.shared_registry.reserved(SHARED_SEGMENT) + 1
         data = shared_training_data(new, older, self.settings, run)
         start = self._shared_next if self._shared_next is not None else self.shared
         result = train_shared(

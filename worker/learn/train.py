@@ -159,6 +159,10 @@ def _split(new: Sequence[ClickEvent], older: Sequence[ClickEvent], frac: float, 
     return out
 
 
+def _event_id(event: ClickEvent) -> str:
+    return event.event_id
+
+
 def segment_training_data(
     new: Sequence[ClickEvent], older: Sequence[ClickEvent], settings: Settings, run: int
 ) -> TrainingData:
@@ -175,7 +179,14 @@ def shared_training_data(
     new: Sequence[ClickEvent], older: Sequence[ClickEvent], settings: Settings, run: int
 ) -> TrainingData:
     """All segments' new events and a replay of older ones, minus the pooled holdout no model trains on:
-    a sample of held-out events of seen queries and one of unseen queries' events, each capped."""
+    a sample of held-out events of seen queries and one of unseen queries' events, each capped.
+
+    Both inputs are put in event-id order first: the shared trainer gathers them partition by partition,
+    so without it the replay sample and the shuffled batches would depend on the partition layout and on
+    which worker holds the lease, and would differ from the offline simulation's, which sees the stream
+    in order."""
+    new = sorted(new, key=_event_id)
+    older = sorted(older, key=_event_id)
     split = _split(new, older, settings.shared_holdout_frac, settings.unseen_query_frac)
     replay = sample_replay(
         split.train_old, round(len(split.train_new) * settings.shared_replay_frac), settings.seed + run

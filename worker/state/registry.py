@@ -112,6 +112,11 @@ class Registry:
         self.prune(rec.segment)
         return rec
 
+    def reserved(self, segment: str) -> int:
+        """How many version numbers `next_version` has handed out for the segment (0: none yet)."""
+        raw = self.client.get(self._key(segment, "next"))
+        return int(raw) if raw else 0
+
     def champion_version(self, segment: str) -> int | None:
         raw = self.client.get(self._key(segment, "champion"))
         return int(raw) if raw else None

@@ -23,6 +23,7 @@ import orjson
 from confluent_kafka import Consumer, TopicPartition
 
 from worker.config import Settings, isolated, load_settings
+from worker.logs import configure_logging
 from worker.stream.kafka import client_config, ensure_topics
 from worker.tools.datasets import SHOP, load_dataset
 from worker.tools.procs import child_env, start_worker, stop_worker
@@ -59,7 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quiet-s", type=float, default=60.0, help="stop once no decision came for this long"
     )
     parser.add_argument(
-        "--plot", type=Path, default=Path("demo-auc.png"), help="PNG of holdout AUC over events"
+        "--plot",
+        type=Path,
+        default=Path("demo-auc.png"),
+        help="PNG of held-out AUC per segment and over events",
     )
 
 
@@ -143,13 +147,29 @@ def _busy(log_path: Path) -> bool:
     return started > ended
 
 
-def _plot(versions: list[dict[str, Any]], path: Path) -> None:
+def _plot(versions: list[dict[str, Any]], table: dict[str, dict[str, Any]], path: Path) -> None:
+    """Left: held-out AUC per segment of zero-shot, the shared model alone and what is served. Right: the
+    gate's holdout AUC of each promoted version over the segment's events (one point per promotion)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, (bars, curve) = plt.subplots(1, 2, figsize=(13, 5))
+    segments = list(table)
+    x = np.arange(len(segments))
+    for i, (key, label) in enumerate(
+        (("zero_shot", "zero-shot"), ("shared", "shared alone"), ("served", "served"))
+    ):
+        values = [np.nan if table[s][key] is None else table[s][key] for s in segments]
+        bars.bar(x + (i - 1) * 0.27, values, width=0.27, label=label)
+    bars.set_xticks(x, [s[:16] for s in segments], rotation=30, ha="right", fontsize=8)
+    bars.set_ylim(0.4, 1.0)
+    bars.set_ylabel("AUC on held-out pairs (never replayed)")
+    bars.set_title("held-out AUC per segment")
+    bars.legend(fontsize=8, loc="upper left")
+
     by_segment: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for v in versions:
         if (
@@ -161,12 +181,13 @@ def _plot(versions: list[dict[str, Any]], path: Path) -> None:
             by_segment[v["segment"]].append((v["events_to"], v["challenger"]["auc"]))
     for segment, points in sorted(by_segment.items(), key=lambda kv: -len(kv[1]))[:12]:
         xs, ys = zip(*sorted(points), strict=True)
-        ax.plot(xs, ys, marker="o", label=segment)
-    ax.set_xlabel("segment events seen (buffer sequence number)")
-    ax.set_ylabel("holdout AUC of the promoted version")
-    ax.set_title("ctr-worker demo: promoted versions per segment")
+        curve.plot(xs, ys, marker="o", label=segment)
+    curve.set_xlabel("segment events seen (buffer sequence number)")
+    curve.set_ylabel("gate holdout AUC of the promoted version")
+    curve.set_title("promoted versions per segment")
     if by_segment:
-        ax.legend(fontsize=7, loc="lower right")
+        curve.legend(fontsize=7, loc="lower right")
+    fig.suptitle("ctr-worker demo")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -175,6 +196,7 @@ def _plot(versions: list[dict[str, Any]], path: Path) -> None:
 def cli_main(args: argparse.Namespace) -> int:
     run_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     settings = isolated(load_settings(), run_id, **DEMO_SETTINGS)
+    configure_logging(settings.log_level)
     print(f"demo run {run_id}: {args.events} events of {args.data}, worker settings {DEMO_SETTINGS}")
     print(f"data: {describe_data(args.data)}")
     ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
@@ -207,8 +229,9 @@ def cli_main(args: argparse.Namespace) -> int:
     _report(versions, scores)
     segments = {v["segment"] for v in versions if v["scope"] == "segment"} | {s["segment"] for s in scores}
     print(f"\nheld-out AUC per segment ({describe_data(args.data)}; pairs never replayed):")
-    print_heldout(heldout_auc(settings, args.data, segments), versions, scores)
-    _plot(versions, args.plot)
+    table = heldout_auc(settings, args.data, segments)
+    print_heldout(table, versions, scores)
+    _plot(versions, table, args.plot)
     print(f"plot: {args.plot.resolve()}")
     return 0 if code == 0 else 1
 
@@ -257,7 +280,7 @@ def heldout_auc(settings: Settings, data: str, segments: set[str]) -> dict[str, 
     serves the segment (its `Learner`, reading the run's registry): held-out pairs were never replayed."""
     from worker.learn.learner import Learner
     from worker.learn.train import folds_of, labels_of, pairs_of, score_segment
-    from worker.ops.quality import holdout_score
+    from worker.ops.quality import auc_difference, holdout_score
     from worker.state.registry import Registry
 
     dataset = load_dataset(data)
@@ -268,17 +291,22 @@ def heldout_auc(settings: Settings, data: str, segments: set[str]) -> dict[str, 
         held = dataset.holdout[segment]
         labels, pairs, folds = labels_of(held), pairs_of(held), folds_of(held)
         zero = holdout_score(labels, score_segment(learner.backbone, None, None, pairs)).auc
-        shared = None
+        shared = gain = None
+        served_scores, version = learner.score_events(segment, held)
+        served = holdout_score(labels, served_scores)
         if learner.shared is not None:
-            shared = holdout_score(
-                labels, score_segment(learner.backbone, learner.shared, None, pairs, folds)
-            ).auc
-        served, version = learner.score_events(segment, held)
+            shared_scores = score_segment(learner.backbone, learner.shared, None, pairs, folds)
+            shared = holdout_score(labels, shared_scores)
+            gain = auc_difference(labels, served_scores, shared_scores)
         out[segment] = {
             "n": len(held),
             "zero_shot": zero,
-            "shared": shared,
-            "served": holdout_score(labels, served).auc,
+            "shared": None if shared is None else shared.auc,
+            "served": served.auc,
+            "gain": None if gain is None else gain.delta,
+            "gain_se": None if gain is None else gain.se,
+            "shared_logloss": None if shared is None else shared.logloss,
+            "served_logloss": served.logloss,
             "version": version,
         }
     return out
@@ -292,7 +320,9 @@ def print_heldout(
     table: dict[str, dict[str, Any]], versions: list[dict[str, Any]], scores: list[dict[str, Any]]
 ) -> None:
     """One row per segment: versions promoted and rejected, held-out AUC of zero-shot, shared alone and
-    served (`vN`: shared + the segment's adapter version N; `shared`: no adapter), scores read back."""
+    served (`vN`: shared + the segment's adapter version N; `shared`: no adapter), served minus shared with
+    its DeLong standard error, the log loss of the last two (the gate also promotes on a calibration gain:
+    click probabilities are what is served), and the scores read back."""
     decided: dict[str, Counter[str]] = defaultdict(Counter)
     for v in versions:
         if v["scope"] == "segment":
@@ -300,13 +330,14 @@ def print_heldout(
     published = Counter(s["segment"] for s in scores)
     print(
         f"{'segment':<24} {'promoted':>8} {'rejected':>8} {'n':>5} {'zero-shot':>9} {'shared':>7}"
-        f" {'served':>7} {'by':>6} {'gain':>7} {'scores':>7}"
+        f" {'served':>7} {'by':>6} {'gain ± se':>15} {'ll shared':>9} {'ll served':>9} {'scores':>7}"
     )
     for segment, row in table.items():
-        gain = None if row["shared"] is None else row["served"] - row["shared"]
+        gain = "-" if row["gain"] is None else f"{row['gain']:+.3f} ± {row['gain_se']:.3f}"
         by = f"v{row['version']}" if row["version"] else "shared"
         print(
             f"{segment[:24]:<24} {decided[segment]['promoted']:>8} {decided[segment]['rejected']:>8}"
             f" {row['n']:>5} {_fmt(row['zero_shot']):>9} {_fmt(row['shared']):>7} {_fmt(row['served']):>7}"
-            f" {by:>6} {'-' if gain is None else f'{gain:+.3f}':>7} {published.get(segment, 0):>7}"
+            f" {by:>6} {gain:>15} {_fmt(row['shared_logloss']):>9}"
+            f" {_fmt(row['served_logloss']):>9} {published.get(segment, 0):>7}"
         )

@@ -194,7 +194,12 @@ class _Progress:
 
 @dataclass
 class _WorkerSim:
-    """The worker's state while the stream replays: serving and training shared models, adapters, buffers."""
+    """The worker's state while the stream replays: serving and training shared models, adapters, buffers.
+
+    As in the worker (`Learner.adapter`), a shared promotion retires every adapter: each was gated on the
+    old shared model, and a segment is served by the new one alone until its adapter is retrained on it.
+    Versions count every run of the scope, promoted or not, as the registry numbers them; the runs' seeds
+    are the worker's: a shared run's count (1 for the first), a segment run's buffer sequence number."""
 
     backbone: Backbone
     settings: Settings
@@ -207,6 +212,7 @@ class _WorkerSim:
     pool: list[ClickEvent] = field(default_factory=list)
     shared_new: list[ClickEvent] = field(default_factory=list)
     since_shared: int = 0
+    observed: int = 0
     decisions: dict[str, dict[str, int]] = field(
         default_factory=lambda: {
             k: {"promoted": 0, "rejected": 0, "failed": 0} for k in ("shared", "segment")
@@ -214,14 +220,20 @@ class _WorkerSim:
     )
     promoted_worse: int = 0
     segment_epochs: dict[str, int] = field(default_factory=dict)
+    segment_runs: dict[str, int] = field(default_factory=dict)
+    seg_seq: dict[str, int] = field(default_factory=dict)
+    segment_versions: dict[str, int] = field(default_factory=dict)
+    shared_version: int | None = None
     train_seconds: float = 0.0
     shared_log: list[dict[str, Any]] = field(default_factory=list)
 
     def observe(self, event: ClickEvent) -> None:
         s = self.settings
+        self.observed += 1
         self.shared_new.append(event)
         self.since_shared += 1
         if event.segment in self.segments:
+            self.seg_seq[event.segment] = self.seg_seq.get(event.segment, 0) + 1
             new = self.seg_new.setdefault(event.segment, [])
             new.append(event)
             del new[: max(0, len(new) - s.new_events_cap)]
@@ -258,8 +270,7 @@ class _WorkerSim:
         if self.shared_serving is None:
             return
         older = [e for e in self.seg_sample[segment] if e.event_id not in {x.event_id for x in new}]
-        runs = sum(self.decisions["segment"].values())
-        data = segment_training_data(new, older, s, runs)
+        data = segment_training_data(new, older, s, self.seg_seq[segment])
         result = train_segment_adapter(
             self.backbone,
             self.shared_serving,
@@ -272,11 +283,13 @@ class _WorkerSim:
         )
         self.train_seconds += result.train_seconds
         self.decisions["segment"][result.decision] += 1
+        self.segment_runs[segment] = self.segment_runs.get(segment, 0) + 1
         key = str(result.kept_epoch)
         self.segment_epochs[key] = self.segment_epochs.get(key, 0) + 1
         if result.promoted and result.adapter is not None:
             self._check_not_worse(result.challenger, result.champion)
             self.adapters[segment] = result.adapter
+            self.segment_versions[segment] = self.segment_runs[segment]
         self.seg_new[segment] = []
 
     def _check_not_worse(self, challenger: HoldoutScore | None, champion: HoldoutScore | None) -> None:
@@ -293,15 +306,15 @@ class _WorkerSim:
         s = self.settings
         if not self.shared_new:
             return
-        runs = sum(self.decisions["shared"].values())
-        data = shared_training_data(self.shared_new, self.pool, s, runs)
+        run = sum(self.decisions["shared"].values()) + 1  # the worker's count, this run included
+        data = shared_training_data(self.shared_new, self.pool, s, run)
         result = train_shared(
             self.backbone,
             self.shared_train,
             data.new,
             data.replay,
             data.holdout,
-            s.model_copy(update={"seed": s.seed + runs}),
+            s.model_copy(update={"seed": s.seed + run}),
             champion=self.shared_serving,
             counted=data.counted,
             unseen=data.unseen,
@@ -311,6 +324,7 @@ class _WorkerSim:
         self.shared_log.append(
             {
                 "events": len(self.pool) + len(self.shared_new),
+                "stream_position": self.observed,
                 "decision": result.decision,
                 "kept_epoch": result.kept_epoch,
                 "history_events": (
@@ -327,6 +341,9 @@ class _WorkerSim:
         if result.promoted and result.shared is not None:
             self._check_not_worse(result.challenger, result.champion)
             self.shared_serving = result.shared
+            self.shared_version = sum(self.decisions["shared"].values())
+            self.segment_versions.clear()
+            self.adapters.clear()
         self.pool = _last_per_segment([*self.pool, *self.shared_new], s.sample_cap)
         self.shared_new = []
         self.since_shared = 0
@@ -370,13 +387,16 @@ def run_evaluation(
     plan: EvalPlan | None = None,
     on_phase: Callable[[dict[str, Any]], None] | None = None,
     procedures: Sequence[str] = PROCEDURES,
+    stream_checkpoints: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Replay the stream and measure `procedures` at every checkpoint; a JSON-ready dict.
 
     The worker and zero-shot always run (zero-shot costs one scoring pass); leaving out `batch` or
     `naive` saves their trainings, e.g. when comparing settings of the worker, and leaves them null.
     `on_phase` receives the result so far after each procedure's phase (with `"partial": PHASE`), so a
-    run cut short still leaves what it measured.
+    run cut short still leaves what it measured. `stream_checkpoints` (events processed) adds `"stream"`:
+    the worker on every segment at each position, in the live evaluation's shape; the last position of the
+    stream is measured before the simulation's final shared run, as the live workers are.
     """
     unknown = set(procedures) - set(PROCEDURES)
     if unknown:
@@ -419,6 +439,23 @@ def run_evaluation(
                 by_position.setdefault(positions[s][name], []).append((s, name))
 
     sim = _WorkerSim(backbone, settings, set(segments))
+    stream_at = sorted({int(n) for n in stream_checkpoints if 0 <= int(n) <= len(stream)})
+    measured_stream: list[dict[str, Any]] = []
+
+    def measure_stream(events: int) -> None:
+        per: dict[str, dict[str, Any]] = {}
+        for s in segments:
+            m = measure(s, sim.score(s, pairs[s])) or {"auc": None, "logloss": None}
+            per[s] = {
+                **m,
+                "segment_version": sim.segment_versions.get(s, 0),
+                "shared_version": sim.shared_version,
+            }
+        mean = _mean(list(per.values()))
+        measured_stream.append(
+            {"events": events, "mean_auc": mean["auc"], "mean_logloss": mean["logloss"], "per_segment": per}
+        )
+
     snapshots = [round(len(stream) * j / plan.batch_snapshots) for j in range(1, plan.batch_snapshots + 1)]
     seg_events: dict[str, list[ClickEvent]] = {s: [e for e in stream if e.segment == s] for s in segments}
     naive_ks = [k for k in CHECKPOINTS if k > 0]
@@ -435,6 +472,7 @@ def run_evaluation(
         }
         return {
             **({} if partial is None else {"partial": partial}),
+            **({"stream": list(measured_stream)} if stream_checkpoints else {}),
             "quick": quick,
             "segments": segments,
             "mean": mean,
@@ -510,12 +548,16 @@ def run_evaluation(
     with _Progress(progress) as bars:
         advance = bars.task("replay (worker)", len(stream))
         for i, event in enumerate(stream):
+            if stream_at and stream_at[0] == i:
+                measure_stream(stream_at.pop(0))
             for s, name in by_position.get(i, []):
                 results[s]["worker"][name] = measure(s, sim.score(s, pairs[s]))
             if i in by_position:
                 phase_done("replay")
             sim.observe(event)
             advance(1)
+        if stream_at:
+            measure_stream(stream_at.pop(0))
         sim.train_shared_now()
         for s, name in by_position.get(len(stream), []):
             results[s]["worker"][name] = measure(s, sim.score(s, pairs[s]))

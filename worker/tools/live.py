@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import math
 import signal
@@ -52,8 +51,11 @@ FULL_CHECKPOINTS = 20
 """A full run without `--checkpoint-every` pauses about this many times."""
 REQUEST_PAIRS = 1000
 """Held-out pairs per score request (a request takes at most 10,000)."""
-SETTLE_S = 1.0
-"""An idle state must hold this long, counters unchanged, before a checkpoint is measured."""
+SETTLE_S = 3.0
+"""An idle state must hold this long, counters unchanged, before a checkpoint is measured. Longer than
+the worker's `SHARED_CHECK_S` (2 s), the period at which the shared trainer recounts the group's new
+events: with 1 s, a checkpoint could be measured after the events of a due shared run had arrived and
+before the trainer had counted them, so the run was not yet pending (seen on the generated shop)."""
 SETTING_KEYS = (
     "max_seq_len",
     "min_new_events",
@@ -571,47 +573,31 @@ def offline_checkpoints(
     sl: LiveSlice, settings: Settings, quick: bool, positions: Sequence[int]
 ) -> tuple[list[dict[str, Any]], str]:
     """The offline simulation (`evaluate.run_evaluation`, procedure `worker`) on the same slice, held-out
-    pairs and settings, in the live shape. When `run_evaluation` takes `stream_checkpoints`, it reports
-    each of `positions` (`result["stream"]`); otherwise only its "end" is filled in, the rest is null."""
+    pairs and settings, in the live shape, at the same stream positions."""
     plan = evaluate.EvalPlan(notes=("offline simulation on the live slice",))
-    params = inspect.signature(evaluate.run_evaluation).parameters
-    extra: dict[str, Any] = {}
-    if "stream_checkpoints" in params:
-        extra["stream_checkpoints"] = list(positions)
     result = evaluate.run_evaluation(
-        sl.as_dataset(), settings, quick=quick, progress=False, plan=plan, procedures=("worker",), **extra
+        sl.as_dataset(),
+        settings,
+        quick=quick,
+        progress=False,
+        plan=plan,
+        procedures=("worker",),
+        stream_checkpoints=positions,
     )
-    by_events: dict[int, dict[str, Any]] = {int(c["events"]): c for c in result.get("stream") or []}
+    measured = [c["events"] for c in result["stream"]]
+    if measured != list(positions):
+        raise RuntimeError(f"the offline simulation measured {measured}, the live run {list(positions)}")
     out: list[dict[str, Any]] = []
-    for position in positions:
-        per: dict[str, dict[str, Any]] = {}
-        got = by_events.get(position)
-        for s in sl.segments:
-            m: Mapping[str, Any] | None = None
-            if got is not None:
-                m = got.get("per_segment", {}).get(s)
-            elif position == positions[-1]:
-                m = result["per_segment"][s]["worker"]["end"]
-            per[s] = {
-                "auc": None if m is None else m.get("auc"),
-                "logloss": None if m is None else m.get("logloss"),
-                "labelled": sl.labelled(s, position),
-                "segment_version": None if m is None else m.get("segment_version"),
-                "shared_version": None if m is None else m.get("shared_version"),
-            }
-        out.append(
-            {
-                "events": position,
-                "mean_auc": _mean([v["auc"] for v in per.values()]),
-                "mean_logloss": _mean([v["logloss"] for v in per.values()]),
-                "per_segment": per,
-            }
-        )
+    for checkpoint in result["stream"]:
+        per = {
+            s: {**m, "labelled": sl.labelled(s, checkpoint["events"])}
+            for s, m in checkpoint["per_segment"].items()
+        }
+        out.append({**checkpoint, "per_segment": per})
     note = (
-        "offline: every checkpoint from run_evaluation(stream_checkpoints=...)"
-        if by_events
-        else "offline: run_evaluation reports no stream checkpoints yet; only the end is filled in (its "
-        "'end' includes the simulation's final shared run after the stream)"
+        "offline: the simulation measured at the same stream positions, the last one before its final "
+        "shared run (as the live workers: none runs after the stream); its versions count every run, "
+        "promoted or not, as the registry numbers them"
     )
     return out, note
 
