@@ -35,6 +35,7 @@ from worker.learn.train import (
     pairs_of,
     probabilities,
     sample_replay,
+    shared_training_data,
     split_holdout,
     train_segment_adapter,
     train_shared,
@@ -268,3 +269,25 @@ def test_holdout_split_is_stable_and_replay_seeded(events: list[ClickEvent]) -> 
     sample = sample_replay(events, 10, 3)
     assert len(sample) == 10 and sample == sorted(sample, key=events.index)
     assert sample_replay(events, 1000, 3) == events
+
+
+def test_shared_training_data_does_not_depend_on_the_order_it_is_gathered_in() -> None:
+    """The group's trainer gathers events partition by partition, the offline simulation in stream order:
+    the same events in another order must give the same rows, replay sample and holdouts."""
+    stream = load_homedepot().stream()[:600]
+    settings = Settings(device="cpu", shared_replay_frac=0.5, shared_holdout_frac=0.2)
+    new, older = stream[400:], stream[:400]
+    rng = np.random.default_rng(1)
+    shuffled_new = [new[int(i)] for i in rng.permutation(len(new))]
+    shuffled_older = [older[int(i)] for i in rng.permutation(len(older))]
+    a = shared_training_data(new, older, settings, 3)
+    b = shared_training_data(shuffled_new, shuffled_older, settings, 3)
+
+    def ids(events: list[ClickEvent]) -> list[str]:
+        return [e.event_id for e in events]
+
+    assert len(a.replay) == round(len(a.new) * 0.5) > 0 and a.holdout
+    for part in ("new", "replay", "holdout", "unseen", "counted"):
+        assert ids(getattr(a, part)) == ids(getattr(b, part)), part
+    c = shared_training_data(new, older, settings, 4)
+    assert ids(c.replay) != ids(a.replay), "the run number seeds the replay sample"
