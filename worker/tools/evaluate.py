@@ -341,7 +341,7 @@ class _WorkerSim:
         if result.promoted and result.shared is not None:
             self._check_not_worse(result.challenger, result.champion)
             self.shared_serving = result.shared
-            self.shared_version = sum(self.decisions["shared"].values())
+            self.shared_version = run
             self.segment_versions.clear()
             self.adapters.clear()
         self.pool = _last_per_segment([*self.pool, *self.shared_new], s.sample_cap)
