@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.config import Settings, isolated
@@ -275,7 +275,10 @@ class Answer:
 
 
 class Scorer:
-    """Sends score requests and reads their answers from the scores topic (a reader group of its own)."""
+    """Sends score requests and reads their answers from the scores topic, every partition assigned from
+    its beginning. Assigned, not subscribed: a checkpoint may wait longer than `max.poll.interval.ms` for
+    the workers' trainings, and a subscribed reader would be put out of its group meanwhile and read the
+    topic again from the beginning when it rejoins."""
 
     def __init__(self, settings: Settings, run_id: str) -> None:
         self.settings = settings
@@ -289,7 +292,9 @@ class Scorer:
                 "enable.auto.commit": False,
             }
         )
-        self.consumer.subscribe([settings.scores_topic])
+        topic = settings.scores_topic
+        partitions = self.consumer.list_topics(topic, timeout=30).topics[topic].partitions
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         self._answers: dict[str, list[tuple[float, int, int]]] = {}
 
     def score(
