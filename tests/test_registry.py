@@ -236,8 +236,10 @@ def test_the_shared_model_rolls_back_from_the_cli_after_six_rejections(
     assert "shared: champion is now v" in capsys.readouterr().out
     assert cli_main(parser.parse_args(["--shared", "rollback", str(v2)])) == 0
     assert shared.champion_version(SHARED_SEGMENT) == v2
-    assert cli_main(parser.parse_args(["list", "--shared"])) == 0 == cli_main(
-        parser.parse_args(["rollback", str(v1), "--shared"])
+    assert (
+        cli_main(parser.parse_args(["list", "--shared"]))
+        == 0
+        == cli_main(parser.parse_args(["rollback", str(v1), "--shared"]))
     )
     assert shared.champion_version(SHARED_SEGMENT) == v1
     assert f"shared  champion={v2}" in capsys.readouterr().out
