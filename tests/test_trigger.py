@@ -79,6 +79,27 @@ def test_cooldown_queues_later_without_new_events(cfg: Settings) -> None:
     assert jobs.qsize() == 1
 
 
+def test_a_wait_for_the_shared_model_ends_when_one_serves(cfg: Settings) -> None:
+    """A failure's back-off runs its course; a wait for the shared model ends once one serves."""
+    clock = Clock()
+    jobs: queue.Queue[DueSegment] = queue.Queue(2)
+    t = Trigger(cfg, jobs, clock=clock)
+    t.assigned([0])
+    t.observe([state("waits"), state("failed")])
+    waits, failed = jobs.get_nowait(), jobs.get_nowait()
+    t.done(waits, backoff_s=30, until_shared=True)
+    t.done(failed, backoff_s=30)
+    t.observe([state("waits"), state("failed")])
+    t.tick()
+    assert jobs.empty()
+    t.shared_serves()
+    t.tick()
+    assert [j.segment for j in list(jobs.queue)] == ["waits"]
+    clock.now += 30
+    t.tick()
+    assert sorted(j.segment for j in list(jobs.queue)) == ["failed", "waits"]
+
+
 def test_full_queue_backlogs_then_drains(cfg: Settings) -> None:
     jobs: queue.Queue[DueSegment] = queue.Queue(2)
     t = Trigger(cfg, jobs, clock=Clock())

@@ -426,6 +426,7 @@ class Worker:
         version = self.learner.shared_version
         if not version:
             return
+        self.trigger.shared_serves()
         for partition in sorted(self.ingestor.owned_partitions()):
             if self.buffer.scores_shared_version(partition) == version:
                 continue
@@ -459,7 +460,7 @@ class Worker:
             backoff = self._backoff_s(job, outcome)
             if backoff:
                 bound.info("backing off", seconds=backoff)
-            self.trigger.done(job, backoff_s=backoff)
+            self.trigger.done(job, backoff_s=backoff, until_shared=outcome is Outcome.WAIT)
 
     def _train_segment(self, job: DueSegment, bound: Any) -> Outcome:
         assert self.learner is not None

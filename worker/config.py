@@ -188,7 +188,8 @@ class Settings(BaseSettings):
     train_backoff_s: float = Field(
         30.0,
         gt=0,
-        description="First wait after a failed training of a segment; doubles per failure, max 1 h.",
+        description="First wait after a failed training of a segment; doubles per failure, max 1 h. "
+        "Also a segment's wait while no shared model serves, cut short when one does.",
     )
 
     # Runtime

@@ -83,6 +83,7 @@ class Trigger:
         self._waiting: dict[tuple[int, str], SegmentState] = {}
         self._recheck: set[tuple[int, str]] = set()
         self._backoff: dict[tuple[int, str], float] = {}
+        self._until_shared: set[tuple[int, str]] = set()
         self.queued_total = 0
 
     @property
@@ -137,15 +138,17 @@ class Trigger:
                     del store[key]
             self._queued = {k for k in self._queued if k[0] not in parts}
             self._recheck = {k for k in self._recheck if k[0] not in parts}
+            self._until_shared = {k for k in self._until_shared if k[0] not in parts}
 
     def still_owned(self, job: DueSegment) -> bool:
         """The trainer asks before it starts: no training for segments of partitions given away."""
         with self._lock:
             return job.partition in self._owned and (job.partition, job.segment) in self._queued
 
-    def done(self, job: DueSegment, backoff_s: float = 0.0) -> None:
+    def done(self, job: DueSegment, backoff_s: float = 0.0, until_shared: bool = False) -> None:
         """The trainer finished (or skipped or failed) `job`: the segment may be queued again, but not
-        before `backoff_s` seconds when the run failed or could not start."""
+        before `backoff_s` seconds when the run failed or could not start. A back-off `until_shared`
+        (no shared model served yet) ends early, at the next `shared_serves`."""
         key = (job.partition, job.segment)
         with self._lock:
             self._queued.discard(key)
@@ -153,8 +156,20 @@ class Trigger:
                 self._backoff[key] = self.clock() + backoff_s
             else:
                 self._backoff.pop(key, None)
+            if until_shared and backoff_s > 0:
+                self._until_shared.add(key)
+            else:
+                self._until_shared.discard(key)
             if job.partition in self._owned:
                 self._recheck.add(key)
+
+    def shared_serves(self) -> None:
+        """A shared model serves now: segments that waited for one are due at the next `tick`, not when
+        their back-off runs out, so no segment trains long after the model it waited for arrived."""
+        with self._lock:
+            for key in self._until_shared:
+                self._backoff.pop(key, None)
+            self._until_shared.clear()
 
     def _consider(self, state: SegmentState, now: float) -> None:
         key = (state.partition, state.segment)
