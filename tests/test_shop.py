@@ -3,6 +3,7 @@ learnable by a segment adapter; and the demo's default data needs nothing outsid
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from worker.learn.train import (
     train_segment_adapter,
     train_shared,
 )
-from worker.tools import shop
+from worker.tools import demo, shop
 from worker.tools.datasets import SHOP, load_dataset, load_jsonl
 from worker.tools.paths import REPO, SCHEMAS_DIR
 
@@ -233,10 +234,22 @@ def test_a_preference_segment_promotes_an_adapter_that_beats_the_shared_model() 
     assert gain > 0.01 and n >= 100, gains
 
 
+def test_the_demo_replays_its_parts_in_order_each_event_once() -> None:
+    assert demo.phase_bounds(6335, 2) == [(0, 3168), (3168, 6335)]
+    assert demo.phase_bounds(10, 1) == [(0, 10)]
+    assert demo.phase_bounds(5, 8) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    assert parser.parse_args(["--phases", "3"]).phases == 3
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--phases", "0"])
+
+
 def test_the_demo_runs_to_exit_0_in_a_checkout_without_shared_data(stack: Settings, tmp_path: Path) -> None:
     """`make demo`'s command in a copy of the checkout with no `../shared`, on the test stack, cut short
-    (600 events, a 45 s budget): it must say it runs on the generated shop, replay, stop the worker, read
-    back what it published and write its plot, all to exit 0."""
+    (600 events, a 150 s budget): it must say it runs on the generated shop, replay its two parts (the
+    second once the worker is quiet after the first), stop the worker, read back what it published and
+    write its plot, all to exit 0."""
     checkout = tmp_path / "clone" / "main"
     checkout.mkdir(parents=True)
     for part in ("worker", "schemas"):
@@ -249,7 +262,7 @@ def test_the_demo_runs_to_exit_0_in_a_checkout_without_shared_data(stack: Settin
         "WORKER_CACHE_DIR": str(tmp_path / "cache"),
     }
     plot = tmp_path / "demo-auc.png"
-    argv = ["-m", "worker", "demo", "--events", "600", "--budget-s", "45", "--quiet-s", "10"]
+    argv = ["-m", "worker", "demo", "--events", "600", "--budget-s", "150", "--quiet-s", "10"]
     done = subprocess.run(
         [sys.executable, *argv, "--plot", str(plot)],
         cwd=checkout,
@@ -261,6 +274,8 @@ def test_the_demo_runs_to_exit_0_in_a_checkout_without_shared_data(stack: Settin
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "the generated shop: synthetic click events, not real data" in out
+    assert "part 1/2: events 1-300" in out and "part 2/2: events 301-600" in out
+    assert out.index("worker quiet for 10 s") < out.index("part 2/2")
     assert "replayed 600 events" in out
     assert "worker stopped with exit code 0" in out
     assert "held-out AUC per segment" in out

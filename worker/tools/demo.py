@@ -1,18 +1,22 @@
-"""`python -m worker demo`: the whole job on the local stack, sized for 2 CPU cores and 15 minutes.
+"""`python -m worker demo`: the whole job on the local stack, sized for 2 CPU cores and about 20 minutes.
 
 It starts `python -m worker run` as a separate process on topics and Redis keys of its own (so repeated
-demos do not mix), replays the first events of a data set into it (by default the generated shop, which
-ships with the project: synthetic, see docs/generated-shop.md; `--data homedepot` for real data), waits
-until the worker has been quiet for a while (or the time budget is spent), stops it with SIGTERM, and then
-reads `scores` and `model-versions` back from Kafka to print what happened per segment. It then scores the
-data set's held-out pairs (never replayed) with what the worker left in its registry: zero-shot, the shared
-model alone, and what it serves the segment (shared + adapter when one was promoted), and plots holdout AUC
-over events.
+demos do not mix) and replays the first events of a data set into it (by default the generated shop, which
+ships with the project: synthetic, see docs/generated-shop.md; `--data homedepot` for real data) in
+`--phases` consecutive parts, waiting after each until the worker has been quiet for a while: the first
+part bootstraps the shared model and each segment's first adapter, every later part continues each
+segment's adapter from its champion, as a running worker does when a day's new events arrive. Then (or
+when the time budget is spent) it stops the worker with SIGTERM and reads `scores` and `model-versions`
+back from Kafka to print what happened per segment. It then scores the data set's held-out pairs (never
+replayed) with what the worker left in its registry: zero-shot, the shared model alone, and what it serves
+the segment (shared + adapter when one was promoted), and plots holdout AUC over events.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import subprocess
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -27,25 +31,37 @@ from worker.logs import configure_logging
 from worker.stream.kafka import client_config, ensure_topics
 from worker.tools.datasets import SHOP, load_dataset
 from worker.tools.procs import child_env, start_worker, stop_worker
-from worker.tools.replay import replay
+from worker.tools.replay import dataset_events, produce_events
 
 # Sized for a 2-core CPU: shorter sequences and earlier shared runs than the defaults, and the shared
 # learning rate that measured best on a few thousand pooled events (docs/learning.md). Adapters at 1e-3:
 # at the default 1e-4 a few hundred events move a cohort's AUC by about 1 point on the generated shop,
-# at 1e-3 by several (docs/generated-shop.md); the gate keeps out adapters that do not help.
+# at 1e-3 by several (docs/generated-shop.md); the gate keeps out adapters that do not help. The shared
+# model bootstraps on the first part of the replay and is not retrained on the demo's few thousand events:
+# a promotion at the end would retire every adapter until its segment's next events (docs/learning.md).
 DEMO_SETTINGS: dict[str, object] = {
     "max_seq_len": 32,
     "shared_lr": 2e-4,
     "adapter_lr": 1e-3,
     "min_new_events": 32,
     "train_cooldown_s": 5.0,
-    "shared_every": 2000,
+    "shared_every": 6000,
     "shared_bootstrap_min_events": 2000,
     "shared_holdout_frac": 0.1,
     "metrics_port": 0,
 }
 STARTS = {"training", "shared training"}
 ENDS = {"segment run", "shared run", "no shared model serves yet: segment waits", "training job failed"}
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,9 +71,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="`shop` (generated, synthetic; the default), `homedepot`, a .csv.gz or a .jsonl of click events",
     )
     parser.add_argument("--events", type=int, default=8000, help="replay the first N events of the stream")
-    parser.add_argument("--budget-s", type=float, default=1200.0, help="stop the worker after this long")
     parser.add_argument(
-        "--quiet-s", type=float, default=60.0, help="stop once no decision came for this long"
+        "--phases",
+        type=_at_least_one,
+        default=2,
+        help="replay them in this many consecutive parts, each once the worker is quiet after the last",
+    )
+    parser.add_argument("--budget-s", type=float, default=1800.0, help="stop the worker after this long")
+    parser.add_argument(
+        "--quiet-s",
+        type=float,
+        default=60.0,
+        help="the worker is quiet once no decision came for this long (next part, or stop)",
     )
     parser.add_argument(
         "--plot",
@@ -108,8 +133,6 @@ def _request_scores(settings: Settings, data: str, limit: int) -> None:
 
     from confluent_kafka import Producer
 
-    from worker.tools.replay import dataset_events
-
     events, _ = dataset_events(data, limit)
     top = [s for s, _ in Counter(e.segment for e in events).most_common(2)]
     producer = Producer(client_config(settings))
@@ -134,17 +157,25 @@ def _request_scores(settings: Settings, data: str, limit: int) -> None:
     print("score requests: no complete answer within 120 s")
 
 
-def _busy(log_path: Path) -> bool:
-    """A training has started and not ended, judging by the worker's JSON log."""
-    started = ended = 0
+def _logged(log_path: Path) -> list[str]:
+    """The `event` of every JSON line of the worker's log so far."""
+    if not log_path.exists():
+        return []
+    out = []
     for raw in log_path.read_bytes().splitlines():
         try:
             event = orjson.loads(raw).get("event")
         except (orjson.JSONDecodeError, AttributeError):
             continue
-        started += event in STARTS
-        ended += event in ENDS
-    return started > ended
+        if isinstance(event, str):
+            out.append(event)
+    return out
+
+
+def _busy(log_path: Path) -> bool:
+    """A training has started and not ended, judging by the worker's JSON log."""
+    events = _logged(log_path)
+    return sum(e in STARTS for e in events) > sum(e in ENDS for e in events)
 
 
 def _plot(versions: list[dict[str, Any]], table: dict[str, dict[str, Any]], path: Path) -> None:
@@ -193,6 +224,48 @@ def _plot(versions: list[dict[str, Any]], table: dict[str, dict[str, Any]], path
     plt.close(fig)
 
 
+def phase_bounds(events: int, phases: int) -> list[tuple[int, int]]:
+    """[start, end) of each part of the replay: `phases` consecutive, near-equal, none empty."""
+    if phases < 1:
+        raise ValueError(f"--phases must be at least 1, got {phases}")
+    cuts = [round(events * i / phases) for i in range(phases + 1)]
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+
+
+def _wait_quiet(
+    settings: Settings,
+    worker: subprocess.Popen[bytes],
+    log_path: Path,
+    started: float,
+    args: argparse.Namespace,
+) -> bool:
+    """Until no model-version event came and no training ran for `--quiet-s`; False when the budget ran
+    out or the worker exited first. Called once the worker consumes, so a quiet worker is one that has
+    read what was replayed and has nothing left to train."""
+    last_count, last_change = -1, time.monotonic()
+    while time.monotonic() - started < args.budget_s and worker.poll() is None:
+        count = _versions_seen(settings)
+        if count != last_count or _busy(log_path):
+            if count != last_count:
+                print(f"  {time.monotonic() - started:6.0f} s: {count} model-version events", flush=True)
+            last_count, last_change = count, time.monotonic()
+        elif time.monotonic() - last_change > args.quiet_s:
+            print(f"  worker quiet for {args.quiet_s:.0f} s")
+            return True
+        time.sleep(5)
+    return False
+
+
+def _wait_consuming(worker: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> bool:
+    """Until the worker logs its first partition assignment; False if it exits or takes longer."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and worker.poll() is None:
+        if "assigned" in _logged(log_path):
+            return True
+        time.sleep(1)
+    return False
+
+
 def cli_main(args: argparse.Namespace) -> int:
     run_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     settings = isolated(load_settings(), run_id, **DEMO_SETTINGS)
@@ -200,24 +273,25 @@ def cli_main(args: argparse.Namespace) -> int:
     print(f"demo run {run_id}: {args.events} events of {args.data}, worker settings {DEMO_SETTINGS}")
     print(f"data: {describe_data(args.data)}")
     ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
+    events, restamp = dataset_events(args.data, args.events)
+    parts = phase_bounds(len(events), args.phases)
 
     log_path = settings.model_store.parent / "worker.log"
     started = time.monotonic()
     worker = start_worker(child_env(settings), log_path, stdout_to_log=True)
     try:
-        produced = replay(settings, args.data, limit=args.events, progress=True)
-        print(f"replayed {produced} events into {settings.input_topic}; worker log: {log_path}")
-        last_count, last_change = -1, time.monotonic()
-        while time.monotonic() - started < args.budget_s and worker.poll() is None:
-            count = _versions_seen(settings)
-            if count != last_count or _busy(log_path):
-                if count != last_count:
-                    print(f"  {time.monotonic() - started:6.0f} s: {count} model-version events", flush=True)
-                last_count, last_change = count, time.monotonic()
-            elif count > 0 and time.monotonic() - last_change > args.quiet_s:
-                print(f"  worker idle for {args.quiet_s:.0f} s: stopping it")
+        if not _wait_consuming(worker, log_path, min(300.0, args.budget_s)):
+            print(f"the worker did not start consuming; see {log_path}")
+        produced = 0
+        for i, (a, b) in enumerate(parts, 1):
+            if worker.poll() is not None:
                 break
-            time.sleep(5)
+            print(f"part {i}/{len(parts)}: events {a + 1:,}-{b:,}")
+            produced += produce_events(settings, events[a:b], restamp=restamp, total=b - a, progress=True)
+            print(f"replayed {produced} events into {settings.input_topic}; worker log: {log_path}")
+            if not _wait_quiet(settings, worker, log_path, started, args):
+                print(f"  budget of {args.budget_s:.0f} s spent or the worker exited: stopping")
+                break
         if worker.poll() is None:
             _request_scores(settings, args.data, args.events)
     finally:
