@@ -1,4 +1,4 @@
-"""`python -m worker demo`: the whole job on the local stack, sized for 2 CPU cores and about 20 minutes.
+"""`python -m worker demo`: the whole job on the local stack, sized for 2 CPU cores and about 10 minutes.
 
 It starts `python -m worker run` as a separate process on topics and Redis keys of its own (so repeated
 demos do not mix) and replays the first events of a data set into it (by default the generated shop, which
