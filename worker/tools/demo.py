@@ -27,6 +27,7 @@ import orjson
 from confluent_kafka import Consumer, TopicPartition
 
 from worker.config import Settings, isolated, load_settings
+from worker.events import ClickEvent
 from worker.logs import configure_logging
 from worker.stream.kafka import client_config, ensure_topics
 from worker.tools.datasets import SHOP, load_dataset
@@ -128,12 +129,11 @@ def _versions_seen(settings: Settings) -> int:
     return total
 
 
-def _request_scores(settings: Settings, data: str, limit: int) -> None:
+def _request_scores(settings: Settings, events: list[ClickEvent]) -> None:
     """Ask the running worker for scores of a few pairs of the two busiest segments; wait for the answers."""
 
     from confluent_kafka import Producer
 
-    events, _ = dataset_events(data, limit)
     top = [s for s, _ in Counter(e.segment for e in events).most_common(2)]
     producer = Producer(client_config(settings))
     wanted = 0
@@ -293,7 +293,7 @@ def cli_main(args: argparse.Namespace) -> int:
                 print(f"  budget of {args.budget_s:.0f} s spent or the worker exited: stopping")
                 break
         if worker.poll() is None:
-            _request_scores(settings, args.data, args.events)
+            _request_scores(settings, events)
     finally:
         code = stop_worker(worker, 120)
     print(f"worker stopped with exit code {code} after {time.monotonic() - started:.0f} s")
