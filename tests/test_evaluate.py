@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import bisect
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from worker.config import Settings
-from worker.learn.train import is_unseen_query
+from worker.learn.history import QueryHistory
+from worker.learn.model import load_backbone, new_click_model
+from worker.learn.train import (
+    FitOptions,
+    fit,
+    is_unseen_query,
+    labels_of,
+    pairs_of,
+    sample_replay,
+    score_segment,
+)
+from worker.ops.quality import holdout_score
 from worker.tools.datasets import load_homedepot, load_jsonl
 from worker.tools.evaluate import (
     CHECKPOINT_NAMES,
     PROCEDURES,
     EvalPlan,
     add_arguments,
+    batch_positions,
     cli_main,
     quick_plan,
     run_evaluation,
@@ -43,7 +58,7 @@ def tiny_plan() -> EvalPlan:
     return EvalPlan(
         segments=2,
         holdout_cap=12,
-        batch_snapshots=2,
+        batch_spacing=1.5,
         naive_epochs=1,
         overrides={
             "shared_every": 40,
@@ -85,6 +100,7 @@ def test_cli_runs_the_evaluation_and_prints_json_last(
     png = tmp_path / "curve.png"
     out = tmp_path / "eval.json"
     argv = ["--data", str(jsonl), "--holdout-frac", "0.3", "--quick", "--json", "--plot", str(png)]
+    argv += ["--batch-spacing", "2"]
     args = parser.parse_args([*argv, "--out", str(out)])
     assert (
         cli_main(args, settings=Settings(device="cpu", max_seq_len=32, batch_size=16, shared_batch_size=16))
@@ -119,6 +135,60 @@ def test_cli_runs_the_evaluation_and_prints_json_last(
     names = [name for name, _ in phases]
     assert names[-2:] == ["worker", "batch"] and set(names[:-2]) == {"replay"}
     assert all(written for _, written in phases)
+    assert result["plan"]["batch_spacing"] == 2.0
+    positions = result["checkpoint_positions"]
+    for seg in result["segments"]:
+        for name, used in result["batch_trained_on"][seg].items():
+            pos = positions[seg][name]
+            assert used <= pos and used * 2.0 >= pos, (seg, name, used, pos)
+        assert result["batch_trained_on"][seg]["end"] == result["stream_events"]
+
+
+def test_batch_positions_keep_every_distinct_one_at_spacing_1_and_bound_the_lag_otherwise() -> None:
+    positions = [0, 3, 3, 10, 11, 12, 40, 100, 100, 101]
+    assert batch_positions(positions, 1.0) == [3, 10, 11, 12, 40, 100, 101]
+    kept = batch_positions(positions, 1.25)
+    assert kept == [3, 10, 40, 100, 101], "11 and 12 use 10; the last is always kept"
+    rng = np.random.default_rng(0)
+    for spacing in (1.0, 1.1, 1.5, 3.0):
+        drawn = [int(x) for x in rng.integers(0, 5000, 60)]
+        kept = batch_positions(drawn, spacing)
+        assert kept == sorted(set(kept)) and kept[-1] == max(drawn)
+        for p in drawn:
+            if p == 0:
+                continue
+            used = kept[bisect.bisect_right(kept, p) - 1]
+            assert used <= p <= used * spacing
+    with pytest.raises(ValueError, match=r"at least 1\.0"):
+        batch_positions(positions, 0.9)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--batch-spacing", "0.9"])
+
+
+def test_batch_at_spacing_1_is_a_model_trained_from_scratch_on_the_stream_up_to_the_checkpoint(
+    jsonl: Path,
+) -> None:
+    dataset = load_jsonl(jsonl, holdout_frac=0.3, min_rows=20)
+    settings = Settings(device="cpu", max_seq_len=32, batch_size=16, shared_batch_size=16)
+    plan = dataclasses.replace(tiny_plan(), batch_spacing=1.0)
+    result = run_evaluation(
+        dataset, settings, quick=True, progress=False, plan=plan, procedures=["worker", "batch"]
+    )
+    seg = result["segments"][0]
+    pos = result["checkpoint_positions"][seg]["16"]
+    assert result["batch_trained_on"][seg]["16"] == pos
+    s = settings.model_copy(update=plan.overrides)
+    backbone = load_backbone(s)
+    stream = dataset.stream()[:pos]
+    model = new_click_model(backbone, s.seed)
+    model.query_history = QueryHistory.from_events(stream)
+    fit(backbone, model, stream, dataclasses.replace(FitOptions.for_shared(s), epochs=plan.batch_epochs))
+    holdout = sample_replay(dataset.holdout[seg], plan.holdout_cap or 0, s.seed)
+    expected = holdout_score(labels_of(holdout), score_segment(backbone, model, None, pairs_of(holdout)))
+    assert expected is not None and expected.auc is not None
+    assert result["per_segment"][seg]["batch"]["16"]["auc"] == pytest.approx(expected.auc, abs=1e-6)
 
 
 def test_quick_plan_is_cpu_sized() -> None:

@@ -11,11 +11,11 @@ Procedures, each scored on `Dataset.holdout` (pairs never replayed) per evaluati
 - `zero_shot`: cosine of mean-pooled pretrained embeddings, through a fixed logistic (see model.py).
 - `naive`: the pretrained encoder + fresh head fully fine-tuned on the segment's first k events only, the
   classic recipe of DATA.md: a plain cross-encoder, without the match features.
-- `batch`: an offline model trained from scratch on every replayed event up to a stream position, with a
-  query history counted from the same events (as the worker's shared model has). To stay
-  affordable it is trained at `batch_snapshots` evenly spaced positions; a checkpoint uses the latest
-  snapshot at or before its position (zero-shot before the first one). "end" is one model trained on
-  all replayed events.
+- `batch`: an offline model trained from scratch on every replayed event up to a checkpoint's stream
+  position, with a query history counted from the same events (as the worker's shared model has). One
+  model per distinct position (the segments' "end" is one model). To stay affordable, a position within
+  `batch_spacing` of the last trained one below it uses that one (`batch_positions`); the result says
+  per checkpoint on how many events its batch model trained. Spacing 1.0 is the exact procedure.
 
 Checkpoints "0", "16", "64", "256": the number of the segment's labelled events seen so far in the
 stream; "end": after the whole stream. A segment that never reaches k gets null there (left out of the mean).
@@ -70,7 +70,7 @@ class EvalPlan:
     segment_cap: int | None = None
     other_events: int | None = None
     holdout_cap: int | None = None
-    batch_snapshots: int = 8
+    batch_spacing: float = 1.5
     batch_epochs: int = 1
     naive_epochs: int = 3
     naive_lr: float = 3e-5
@@ -89,7 +89,6 @@ def quick_plan() -> EvalPlan:
         segment_cap=256,
         other_events=600,
         holdout_cap=64,
-        batch_snapshots=2,
         naive_epochs=2,
         overrides={
             "shared_every": 400,
@@ -101,7 +100,7 @@ def quick_plan() -> EvalPlan:
             "quick: the 3 evaluation segments with most events, their first 256 stream events each, "
             "600 other events (evenly thinned), at most 64 held-out pairs per segment",
             "quick: shared run every 400 events at lr 1e-4, 10 % of events held out for the shared gate; "
-            "2 batch snapshots; naive 2 epochs; the shared gate needs shared_min_holdout pooled pairs, "
+            "naive 2 epochs; the shared gate needs shared_min_holdout pooled pairs, "
             "which this slice reaches only late, so zero-shot serves most checkpoints; figures are not "
             "comparable with the full run",
         ),
@@ -138,6 +137,21 @@ def _thin_stream(stream: Sequence[ClickEvent], segments: Sequence[str], plan: Ev
             ):
                 kept.append(e)
             other_index += 1
+    return kept
+
+
+def batch_positions(positions: Sequence[int], spacing: float) -> list[int]:
+    """The stream positions at which a batch model is trained, ascending: every distinct checkpoint
+    position above 0, except one at most `spacing` times the last kept one below it, which then uses that
+    one (so a checkpoint's batch model lacks at most 1 - 1/spacing of its events); the last is always
+    kept. Position 0 has nothing to train on: zero-shot stands for it."""
+    if spacing < 1.0:
+        raise ValueError(f"batch spacing must be at least 1.0, got {spacing}")
+    distinct = sorted({p for p in positions if p > 0})
+    kept: list[int] = []
+    for i, p in enumerate(distinct):
+        if not kept or p > kept[-1] * spacing or i == len(distinct) - 1:
+            kept.append(p)
     return kept
 
 
@@ -456,9 +470,9 @@ def run_evaluation(
             {"events": events, "mean_auc": mean["auc"], "mean_logloss": mean["logloss"], "per_segment": per}
         )
 
-    snapshots = [round(len(stream) * j / plan.batch_snapshots) for j in range(1, plan.batch_snapshots + 1)]
     seg_events: dict[str, list[ClickEvent]] = {s: [e for e in stream if e.segment == s] for s in segments}
     naive_ks = [k for k in CHECKPOINTS if k > 0]
+    batch_trained_on: dict[str, dict[str, int]] = {s: {} for s in segments}
 
     def assemble(partial: str | None) -> dict[str, Any]:
         filled = {s: {p: dict(results[s][p]) for p in PROCEDURES} for s in segments}
@@ -487,6 +501,8 @@ def run_evaluation(
             },
             "stream_events": len(stream),
             "holdout_pairs": {s: len(holdout[s]) for s in segments},
+            "checkpoint_positions": positions,
+            "batch_trained_on": batch_trained_on,
             "pair_level_holdout": [s for s in segments if s in dataset.pair_level],
             "device": str(backbone.device),
             "settings": {
@@ -524,7 +540,7 @@ def run_evaluation(
                 )
             },
             "plan": {
-                "batch_snapshots": plan.batch_snapshots,
+                "batch_spacing": plan.batch_spacing,
                 "batch_epochs": plan.batch_epochs,
                 "naive_epochs": plan.naive_epochs,
                 "naive_lr": plan.naive_lr,
@@ -534,8 +550,8 @@ def run_evaluation(
                 *plan.notes,
                 *dataset.notes,
                 "zero_shot probability: sigmoid(10 * (cosine - 0.35)), fixed, not fitted",
-                "batch: trained from scratch at evenly spaced stream positions; a checkpoint uses the latest "
-                "snapshot at or before it (zero-shot before the first)",
+                "batch: trained from scratch on the stream up to each checkpoint's position, one model per "
+                f"distinct position, spacing {plan.batch_spacing:g} (batch_trained_on: its events)",
                 "naive '0' is zero-shot; naive 'end' is trained on all of the segment's replayed events",
             ],
             "seconds": round(time.perf_counter() - started, 1),
@@ -563,25 +579,31 @@ def run_evaluation(
             results[s]["worker"][name] = measure(s, sim.score(s, pairs[s]))
         phase_done("worker")
 
+        batch_segments = segments if "batch" in procedures else []
+        trained_at = batch_positions(
+            [pos for s in batch_segments for pos in positions[s].values()], plan.batch_spacing
+        )
         due: dict[int, list[tuple[str, str]]] = {}
-        for s in segments if "batch" in procedures else []:
+        for s in batch_segments:
             for name, pos in positions[s].items():
-                j = len(snapshots) - 1 if name == "end" else bisect.bisect_right(snapshots, pos) - 1
+                j = bisect.bisect_right(trained_at, pos) - 1
+                batch_trained_on[s][name] = 0 if j < 0 else trained_at[j]
                 if j < 0:
                     results[s]["batch"][name] = measure(s, zero_shot[s])
                 else:
                     due.setdefault(j, []).append((s, name))
-        advance = bars.task("batch snapshots", len(due))
+        advance = bars.task("batch models", sum(trained_at[j] for j in due))
         batch_options = dataclasses.replace(FitOptions.for_shared(settings), epochs=plan.batch_epochs)
         for j in sorted(due):
+            seen = stream[: trained_at[j]]
             model = new_click_model(backbone, settings.seed)
             if settings.query_history:
-                model.query_history = QueryHistory.from_events(stream[: snapshots[j]])
-            fit(backbone, model, stream[: snapshots[j]], batch_options)
+                model.query_history = QueryHistory.from_events(seen)
+            fit(backbone, model, seen, batch_options)
             for s, name in due[j]:
                 results[s]["batch"][name] = measure(s, score_segment(backbone, model, None, pairs[s]))
             del model
-            advance(1)
+            advance(len(seen))
         phase_done("batch")
 
         plain = backbone.without_match_features()
@@ -641,6 +663,13 @@ def plot_curve(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _spacing(text: str) -> float:
+    value = float(text)
+    if not value >= 1.0:
+        raise argparse.ArgumentTypeError(f"must be at least 1.0, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="homedepot", help="homedepot, a Home Depot .csv.gz or a .jsonl")
     parser.add_argument("--holdout-frac", type=float, default=0.3, help="held-out query share (JSONL)")
@@ -654,6 +683,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--procedures",
         default=",".join(PROCEDURES),
         help="comma-separated; worker and zero_shot always run, batch and naive only if named",
+    )
+    parser.add_argument(
+        "--batch-spacing",
+        type=_spacing,
+        default=None,
+        help="batch: a checkpoint within this factor of the last trained position reuses that model "
+        "(1.0: one model per distinct position, the exact procedure; default 1.5)",
     )
     parser.add_argument("--no-progress", action="store_true")
     live = parser.add_argument_group("live evaluation (worker/tools/live.py)")
@@ -716,11 +752,15 @@ def cli_main(args: argparse.Namespace, settings: Settings | None = None) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(partial, default=str) + "\n")
 
+    plan = quick_plan() if args.quick else full_plan()
+    if args.batch_spacing is not None:
+        plan = dataclasses.replace(plan, batch_spacing=args.batch_spacing)
     result = run_evaluation(
         dataset,
         settings,
         quick=args.quick,
         progress=not args.no_progress,
+        plan=plan,
         on_phase=write_partial,
         procedures=[p.strip() for p in args.procedures.split(",") if p.strip()],
     )
