@@ -13,6 +13,7 @@ BENCHES: Table = {
     "freshness": ("worker.tools.bench.freshness", "from a triggering click to refreshed scores"),
     "scale": ("worker.tools.bench.scale", "ingest throughput as worker processes are added"),
     "capacity": ("worker.tools.bench.capacity", "what many segments cost one worker's memory"),
+    "failover": ("worker.tools.bench.failover", "a SIGKILLed owner's partition to the survivor; memory"),
 }
 
 
