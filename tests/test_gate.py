@@ -140,6 +140,27 @@ def test_log_loss_rules() -> None:
     assert ok and reason.startswith("log loss"), "same ranking, clearly better calibrated"
 
 
+def test_a_calibration_win_does_not_let_in_a_model_that_ranks_unseen_queries_lower() -> None:
+    """As on the 10,000-event shop: far better log loss than zero-shot's fixed mapping, the pooled AUC a
+    little higher, the unseen queries' AUC a little lower (all within the noise)."""
+    ys, as_, bs = _scores(300, 34, 1.1, 1.0)
+    yu, au, bu = _scores(300, 134, 0.95, 1.0)
+    y, a, b = np.r_[ys, yu], np.r_[as_, au], np.r_[bs, bu]
+    unseen = np.r_[np.zeros(300, dtype=bool), np.ones(300, dtype=bool)]
+    logit = np.log(b / (1 - b))
+    fixed_mapping = 1 / (1 + np.exp(-3 * logit))  # the champion's ranking, badly calibrated
+    on_unseen = auc_difference(yu, au, fixed_mapping[300:])
+    pooled = auc_difference(y, a, fixed_mapping)
+    gain = logloss_gain(y, a, fixed_mapping)
+    assert on_unseen is not None and on_unseen.delta < 0 and on_unseen.upper(1.645) > 0, "lower, in the noise"
+    assert pooled is not None and pooled.delta > 0 and pooled.lower(1.645) < 0, "higher, in the noise"
+    assert gain is not None and gain.lower(1.645) > 0, "a clear log-loss win"
+    ok, reason = judge(Scored(y, a, fixed_mapping, unseen), RULES)
+    assert not ok and "no gain beyond the noise" in reason
+    ok, reason = judge(Scored(ys, as_, fixed_mapping[:300], _seen(300)), RULES)
+    assert ok and reason.startswith("log loss"), "with no slice lower the same win promotes"
+
+
 def test_the_tolerance_opens_the_gate() -> None:
     y, a, b = _scores(100, 2, 0.2, 1.5)
     assert not judge(Scored(y, a, b, _seen(100)), RULES)[0]
