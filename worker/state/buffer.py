@@ -3,7 +3,8 @@
 Layout (all keys start with `settings.redis_prefix`; `{<topic>-<partition>}` is the Redis Cluster hash
 tag, so one partition's events and its offsets live in one slot and change in one script):
 
-    P:{T-p}:offsets          hash  next = the next input offset to consume (covers events *and* dead letters)
+    P:{T-p}:offsets          hash  next = the next input offset to consume (covers events *and* dead letters),
+                                   epoch = the owner epoch (`acquire`, one more per assignment)
     P:{T-p}:dedup            zset  event_id -> first-seen time (ms)
     P:{T-p}:stats            hash  events, duplicates, stale, dlq, dlq.<code>
     P:{T-p}:segs             set   segment hashes seen on the partition
@@ -34,12 +35,18 @@ On a Redis Cluster (`redis+cluster://`) the write scripts are grouped by the mas
 partition's slot and sent to each master in one packed write, so one consume batch still costs one round
 trip per master; every other read is a single-slot transaction or a pipeline the cluster client splits.
 
-The write script also skips any message whose offset is below the stored `next`: a replayed or zombie
-batch changes nothing, which is what makes results effectively-once on top of at-least-once delivery.
+The write script also skips any message whose offset is below the stored `next`: a replayed batch
+changes nothing, which is what makes results effectively-once on top of at-least-once delivery. Two
+checks come first and refuse the whole write: a writer whose owner epoch is older than the stored one is
+a zombie ('fenced'); a stored `next` below the offset the writer continues from means Redis lost data
+behind it ('rewind': the consumer seeks back, and the events in between are buffered again, not
+skipped). An epoch or offset above the stored one is what a Redis that lost data looks like to the
+rightful owner, so it is taken, not refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
@@ -61,6 +68,7 @@ from worker.state.scripts import lua
 
 _WRITE_LUA = lua("entry.lua", "buffer_write.lua")
 _MARK_TRAINED_LUA = lua("entry.lua", "buffer_mark_trained.lua")
+_MARK_SHARED_SEEN_LUA = lua("buffer_mark_shared_seen.lua")
 
 _SEP = b"\xff"
 
@@ -87,6 +95,11 @@ class PartitionWrite:
     next_offset: int
     events: Sequence[Pending] = ()
     dead: Sequence[tuple[int, str]] = ()
+    epoch: int | None = None
+    """The writer's owner epoch (`Buffer.acquire`): a newer one in Redis refuses it. None: unchecked."""
+    expected: int | None = None
+    """The stored next offset the writer continues from (-1: none); a lower one in Redis means Redis lost
+    data behind the writer, and the write is refused so that the writer rewinds. None: unchecked."""
 
 
 class SegmentState(NamedTuple):
@@ -108,6 +121,11 @@ class WriteResult:
     stale: int
     dead: int
     segments: list[SegmentState]
+    fenced: dict[tuple[str, int], int] = dataclasses.field(default_factory=dict)
+    """(topic, partition) -> the newer owner epoch that refused the write: another consumer owns it now."""
+    rewound: dict[tuple[str, int], int | None] = dataclasses.field(default_factory=dict)
+    """(topic, partition) -> the stored next offset (None: nothing stored) to consume again from: Redis
+    was behind the writer, and nothing of the write was applied."""
 
 
 class Snapshot(NamedTuple):
@@ -157,6 +175,7 @@ class Buffer:
         # write that finds the script missing loads it (see `InflightWrite.wait`).
         self._write_sha = hashlib.sha1(_WRITE_LUA.encode()).hexdigest()
         self._mark = clients.register_script(self.redis, _MARK_TRAINED_LUA)
+        self._mark_seen = clients.register_script(self.redis, _MARK_SHARED_SEEN_LUA)
         self._hashes: dict[str, str] = {}
 
     # Keys
@@ -216,6 +235,8 @@ class Buffer:
             len(w.dead),
             min((e.offset for e in w.events), default=w.next_offset),
             _SEP.join(blob),
+            "" if w.epoch is None else w.epoch,
+            "" if w.expected is None else w.expected,
         ]
         for offset, code in w.dead:
             args += (offset, code)
@@ -289,6 +310,22 @@ class Buffer:
         if failure is not None:
             raise failure
         return replies
+
+    def acquire(
+        self, partitions: Iterable[int], topic: str | None = None
+    ) -> dict[int, tuple[int, int | None]]:
+        """Take ownership of partitions on assignment: a new owner epoch each (a zombie that still writes
+        under the old one is refused from now on) and the stored next offset to resume from."""
+        parts = list(partitions)
+        pipe = self.redis.pipeline(transaction=False)
+        for p in parts:
+            pipe.hincrby(self.partition_key(p, "offsets", topic), "epoch", 1)
+            pipe.hget(self.partition_key(p, "offsets", topic), "next")
+        replies = pipe.execute()
+        return {
+            p: (int(replies[2 * i]), None if replies[2 * i + 1] is None else int(replies[2 * i + 1]))
+            for i, p in enumerate(parts)
+        }
 
     # Reads
 
@@ -408,12 +445,14 @@ class Buffer:
             out[(int(partition), seg_hash)] = int(value)
         return out
 
-    def mark_shared_seen(self, seen: dict[tuple[int, str], int]) -> None:
-        if seen:
-            self.redis.hset(
-                keys.shared_seen_key(self.prefix, self.topic),
-                mapping={f"{p}:{h}": seq for (p, h), seq in seen.items()},
-            )
+    def mark_shared_seen(self, seen: dict[tuple[int, str], int]) -> int:
+        """Move the group's shared-seen marks forward (never back), atomically; returns how many moved."""
+        if not seen:
+            return 0
+        args: list[Any] = []
+        for (p, h), seq in seen.items():
+            args += (f"{p}:{h}", seq)
+        return int(self._mark_seen(keys=[keys.shared_seen_key(self.prefix, self.topic)], args=args))
 
     def segment_hash(self, segment: str) -> str:
         return self._hash(segment)
@@ -426,12 +465,19 @@ class Buffer:
     def mark_scores_shared_version(self, partition: int, version: int) -> None:
         self.redis.hset(self.partition_key(partition, "served"), "shared", version)
 
-    def mark_trained(self, partition: int, segment: str, seq_to: int, now_ms: int | None = None) -> int:
-        """Drop new events up to `seq_to` (later arrivals stay new), start the cooldown; returns how many."""
+    def mark_trained(
+        self, partition: int, segment: str, seq_to: int, now_ms: int | None = None, epoch: int | None = None
+    ) -> int:
+        """Drop new events up to `seq_to` (later arrivals stay new), start the cooldown; returns how many.
+
+        With the owner `epoch` the training started under: -1, and nothing changed, when the partition
+        has had a newer owner since (the new owner's events are not trimmed by a revoked training)."""
         meta = self.segment_key(partition, segment, "meta")
         new = self.segment_key(partition, segment, "new")
+        offsets = self.partition_key(partition, "offsets")
         stamp = int(time.time() * 1000) if now_ms is None else now_ms
-        return int(self._mark(keys=[meta, new], args=[seq_to, stamp]))
+        fence = "" if epoch is None else epoch
+        return int(self._mark(keys=[meta, new, offsets], args=[seq_to, stamp, fence]))
 
     def purge(self) -> int:
         """Delete every key under this prefix (tests, demos); returns how many."""
@@ -496,8 +542,17 @@ class InflightWrite:
                 raise r
         added = dups = stale = dead = 0
         states: list[SegmentState] = []
+        fenced: dict[tuple[str, int], int] = {}
+        rewound: dict[tuple[str, int], int | None] = {}
         for w, (_, _, names), raw in zip(self._writes, calls, replies, strict=True):
             reply = raw.split(b",")
+            where = (w.topic, w.partition)
+            if reply[0] == b"fenced":
+                fenced[where] = int(reply[1])
+                continue
+            if reply[0] == b"rewind":
+                rewound[where] = None if int(reply[1]) < 0 else int(reply[1])
+                continue
             added += int(reply[0])
             dups += int(reply[1])
             stale += int(reply[2])
@@ -514,7 +569,7 @@ class InflightWrite:
                         int(reply[j + 5]),
                     )
                 )
-        self._result = WriteResult(added, dups, stale, dead, states)
+        self._result = WriteResult(added, dups, stale, dead, states, fenced, rewound)
         return self._result
 
 

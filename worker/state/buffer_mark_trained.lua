@@ -1,5 +1,10 @@
--- KEYS: a segment's meta and new keys. ARGV: the last sequence number trained on, now_ms.
--- Drops the new events up to that number (later ones stay new) and starts the cooldown.
+-- KEYS: a segment's meta and new keys, its partition's offsets key. ARGV: the last sequence number
+-- trained on, now_ms, the owner epoch the training started under ('' = unchecked).
+-- Drops the new events up to that number (later ones stay new) and starts the cooldown; returns -1 and
+-- changes nothing when the partition has had a newer owner since (a revoked training trims nothing).
+if ARGV[3] ~= '' and tonumber(redis.call('HGET', KEYS[3], 'epoch') or '0') > tonumber(ARGV[3]) then
+  return -1
+end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local seq_to = math.min(tonumber(ARGV[1]), seq)
 local len = redis.call('LLEN', KEYS[2])

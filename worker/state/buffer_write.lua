@@ -1,6 +1,9 @@
 -- KEYS: the partition's offsets, dedup, stats and segs keys (worker.state.keys).
 -- ARGV: now_ms, dedup cutoff ms, dedup_max_ids, new_events_cap, sample_cap, candidates_cap, next offset,
--- segments, dead letters, lowest offset, the blob, then (offset, code) per dead letter.
+-- segments, dead letters, lowest offset, the blob, the writer's owner epoch ('' = unchecked), the stored
+-- next offset the writer continues from ('' = unchecked, -1 = none), then (offset, code) per dead letter.
+-- Replies 'fenced,<epoch>' (a newer owner took the partition) or 'rewind,<next>' (Redis is behind the
+-- writer: it lost data, so the events in between would never be buffered) and changes nothing then.
 -- The blob is one string, fields split by \255: per segment its hash, its key base, its name and its
 -- event count, then per event its offset, id, entry and pair key.
 local function chunked(cmd, key, flat, step)
@@ -15,6 +18,12 @@ local dedup_max, new_cap = tonumber(ARGV[3]), tonumber(ARGV[4])
 local sample_cap, cand_cap = tonumber(ARGV[5]), tonumber(ARGV[6])
 local nseg, ndead = tonumber(ARGV[8]), tonumber(ARGV[9])
 local stored = tonumber(redis.call('HGET', KEYS[1], 'next') or '-1')
+if ARGV[12] ~= '' then
+  local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+  if epoch > tonumber(ARGV[12]) then return 'fenced,' .. epoch end
+  if epoch < tonumber(ARGV[12]) then redis.call('HSET', KEYS[1], 'epoch', ARGV[12]) end
+end
+if ARGV[13] ~= '' and stored < tonumber(ARGV[13]) then return 'rewind,' .. stored end
 local check = stored > tonumber(ARGV[10])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2])
 local function split(s)
@@ -39,7 +48,7 @@ for i = 1, nseg do
   for b = first + 1, last, 4 do ids[#ids + 1] = blob[b] end
   at = last + 1
 end
-local deadbase = 12
+local deadbase = 14
 local known = {}
 for s = 1, #ids, 4000 do
   local part = redis.call('ZMSCORE', KEYS[2], unpack(ids, s, math.min(s + 3999, #ids)))

@@ -11,6 +11,15 @@ its batch while Redis runs the scripts, then waits for them before sending its o
 (which run inside `consume()`) and `close` wait for the write in flight first, so on revoke everything of
 the revoked partitions is stored; Kafka offsets, stats and the trigger only see a write once it is done.
 
+Ownership is fenced: on assignment the consumer takes a new owner epoch per partition
+(`Buffer.acquire`), and every write carries it, so a zombie (a process that still believes it owns a
+partition the group moved) has its writes refused and stops treating the partition as its own. Every
+write also carries the stored offset the consumer continues from: when Redis comes back behind it (a
+failover to a lagging replica, an AOF that lost its last second, a restore), the write is refused and
+the consumer seeks back to what Redis holds, so the events in between are buffered again, not lost.
+The rebalance callbacks never leave ownership half-changed: a revoke forgets its partitions whatever
+fails on the way, and an assignment whose Redis reads fail is kept paused until they succeed.
+
 Dead letters are produced, then confirmed by a producer flush, *before* the Redis write that covers their
 offsets. A crash between the two re-dead-letters the message after restart: the DLQ is at-least-once.
 If the DLQ cannot be confirmed within a tenth of `max.poll.interval.ms` the loop stops with an error
@@ -76,6 +85,8 @@ class IngestStats:
     batches: int = 0
     kafka_errors: int = 0
     redis_outages: int = 0
+    rewinds: int = 0
+    fenced: int = 0
     by_code: dict[str, int] = field(default_factory=dict)
 
 
@@ -118,12 +129,23 @@ class Ingestor:
         self._subscribed = False
         self._block_s = min(30.0, settings.max_poll_interval_ms / 1000 / 10)
         self._inflight: tuple[InflightWrite, list[tuple[tuple[str, int], int]]] | None = None
+        self._epochs: dict[tuple[str, int], int] = {}
+        self._expected: dict[tuple[str, int], int] = {}
+        """(topic, partition) -> the stored next offset the next write continues from (-1: none)."""
+        self._unacquired: dict[tuple[str, int], TopicPartition] = {}
+        """Assigned, but ownership not yet taken in Redis (it failed): kept paused until it succeeds."""
+        self._dropped: set[tuple[str, int]] = set()
+        """Partitions whose batch, consumed before a rewind or a fence, must not be written."""
 
     # Ownership and rebalancing
 
     def owned_partitions(self) -> frozenset[int]:
         """Input partitions assigned to this worker right now (read from any thread)."""
         return self._owned
+
+    def epoch(self, partition: int) -> int | None:
+        """The owner epoch this worker holds a partition of the input topic under (None: not owned)."""
+        return self._epochs.get((self.settings.input_topic, partition))
 
     def subscribe(self) -> None:
         self.consumer.subscribe(
@@ -135,40 +157,97 @@ class Ingestor:
         self._subscribed = True
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.flush()
-        by_topic: dict[str, list[int]] = {}
+        """Take ownership in Redis and start at the stored offsets. If Redis fails here, the partitions
+        are assigned paused and `_acquire` tries again from the poll loop: the rebalance always
+        completes, and nothing is consumed from a partition before its ownership is taken."""
+        self._flush_quietly("assign")
         for tp in partitions:
-            by_topic.setdefault(tp.topic, []).append(tp.partition)
-        positioned = []
-        for topic, parts in by_topic.items():
-            stored = self.buffer.stored_offsets(parts, topic)
-            positioned += [TopicPartition(topic, p, _or_beginning(stored[p])) for p in parts]
+            self._unacquired[(tp.topic, tp.partition)] = TopicPartition(tp.topic, tp.partition)
+        try:
+            positioned = self._take(list(self._unacquired))
+        except Exception as exc:
+            log.error("assign_failed_retrying", error=str(exc)[:300], partitions=sorted(self._unacquired))
+            consumer.assign(partitions)
+            consumer.pause(partitions)
+            return
         consumer.assign(positioned)
         if self._paused and positioned:
             consumer.pause(positioned)
+        self._owned_now(positioned)
+
+    def _take(self, wanted: list[tuple[str, int]]) -> list[TopicPartition]:
+        """New owner epochs and the stored offsets of `wanted`; they leave `_unacquired`."""
+        by_topic: dict[str, list[int]] = {}
+        for topic, p in wanted:
+            by_topic.setdefault(topic, []).append(p)
+        positioned = []
+        for topic, parts in by_topic.items():
+            for p, (epoch, stored) in self.buffer.acquire(parts, topic).items():
+                self._epochs[(topic, p)] = epoch
+                self._expected[(topic, p)] = -1 if stored is None else stored
+                positioned.append(TopicPartition(topic, p, _or_beginning(stored)))
+        for key in wanted:
+            self._unacquired.pop(key, None)
+        return positioned
+
+    def _owned_now(self, positioned: list[TopicPartition]) -> None:
         self._owned = self._owned | {tp.partition for tp in positioned}
         log.info(
             "assigned",
             partitions=sorted(tp.partition for tp in positioned),
             offsets=[tp.offset for tp in positioned],
+            epochs=[self._epochs[(tp.topic, tp.partition)] for tp in positioned],
         )
         if self.trigger is not None:
             self.trigger.assigned(tp.partition for tp in positioned)
 
+    def _acquire(self) -> None:
+        """Finish an assignment whose Redis reads failed: seek to the stored offsets, then resume."""
+        positioned = self._take(list(self._unacquired))
+        for tp in positioned:
+            self.consumer.seek(tp)
+        if not self._paused:
+            self.consumer.resume(positioned)
+        self._owned_now(positioned)
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if self.before_revoke is not None:
-            self.before_revoke({tp.partition for tp in partitions})
-        self.flush()
-        self._commit(force=True, partitions={(tp.topic, tp.partition) for tp in partitions})
-        self._forget(partitions, "revoked")
+        """Let a running training of these partitions finish, store and commit what was consumed; and
+        whatever of that fails, forget the partitions, so nothing of theirs is trained here any more."""
+        try:
+            if self.before_revoke is not None:
+                self.before_revoke({tp.partition for tp in partitions})
+            self.flush()
+            self._commit(force=True, partitions={(tp.topic, tp.partition) for tp in partitions})
+        except Exception as exc:
+            self._inflight = None
+            gone = sorted(tp.partition for tp in partitions)
+            log.error("revoke_failed", error=str(exc)[:300], partitions=gone)
+        finally:
+            self._forget(partitions, "revoked")
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.flush()
-        self._forget(partitions, "lost")
+        try:
+            self._flush_quietly("lost")
+        finally:
+            self._forget(partitions, "lost")
+
+    def _flush_quietly(self, during: str) -> None:
+        """`flush` inside a rebalance: a failed write is dropped (what it held is consumed again from
+        the stored offsets by whoever owns the partition next), so the rebalance goes on."""
+        try:
+            self.flush()
+        except Exception as exc:
+            self._inflight = None
+            log.error("flush_failed", during=during, error=str(exc)[:300])
 
     def _forget(self, partitions: list[TopicPartition], why: str) -> None:
         gone = {tp.partition for tp in partitions}
         self._owned = self._owned - gone
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self._epochs.pop(key, None)
+            self._expected.pop(key, None)
+            self._unacquired.pop(key, None)
         for key in [k for k in self._to_commit if k[1] in gone]:
             del self._to_commit[key]
         if self.trigger is not None:
@@ -205,6 +284,8 @@ class Ingestor:
         waits for it before sending its own (`flush` waits too; so do rebalances and `close`).
         """
         s = self.settings
+        if self._unacquired:
+            self._acquire()
         msgs = self.consumer.consume(s.consume_batch, s.consume_timeout_s)
         if msgs:
             self._send(self._prepare(msgs))
@@ -231,7 +312,12 @@ class Ingestor:
         write, slots = inflight
         result = write.wait()
         for key, next_offset in slots:
-            self._to_commit[key] = next_offset
+            if key not in result.fenced and key not in result.rewound:
+                self._to_commit[key] = next_offset
+        for key, stored in result.rewound.items():
+            self._rewind(key, stored)
+        if result.fenced:
+            self._fenced(result.fenced)
         st = self.stats
         st.batches += 1
         st.added += result.added
@@ -243,6 +329,36 @@ class Ingestor:
         if self.on_write is not None:
             self.on_write(result)
         return result
+
+    def _rewind(self, key: tuple[str, int], stored: int | None) -> None:
+        """Redis holds less than this consumer wrote (it lost data): consume again from what it holds."""
+        self.stats.rewinds += 1
+        self._dropped.add(key)
+        log.warning(
+            "redis_behind_rewinding",
+            partition=key[1],
+            stored=stored,
+            position=self._expected.get(key),
+        )
+        try:
+            self.consumer.seek(TopicPartition(key[0], key[1], _or_beginning(stored)))
+        except KafkaException as exc:
+            # The expected offset stays ahead of Redis, so the next write is refused and rewinds again.
+            log.warning("rewind_seek_failed", partition=key[1], error=str(exc)[:300])
+            return
+        self._expected[key] = -1 if stored is None else stored
+
+    def _fenced(self, fenced: dict[tuple[str, int], int]) -> None:
+        """Another consumer took these partitions over: stop consuming and owning them at once."""
+        self.stats.fenced += len(fenced)
+        self._dropped.update(fenced)
+        tps = [TopicPartition(t, p) for t, p in fenced]
+        log.error("fenced", partitions=sorted(p for _, p in fenced), epochs=sorted(set(fenced.values())))
+        try:
+            self.consumer.pause(tps)
+        except KafkaException as exc:
+            log.warning("pause_failed", error=str(exc)[:300])
+        self._forget(tps, "fenced")
 
     def _prepare(self, msgs: Sequence[Message]) -> dict[tuple[str, int], _Slot]:
         s = self.settings
@@ -290,13 +406,29 @@ class Ingestor:
 
     def _send(self, slots: dict[tuple[str, int], _Slot]) -> None:
         self.flush()
+        for key in self._dropped:
+            slots.pop(key, None)
+        self._dropped.clear()
         if not slots:
             return
         if any(slot.ndead for slot in slots.values()):
             self._confirm_dead_letters()
-        write = self.buffer.send(
-            [PartitionWrite(t, p, slot.next_offset, slot.events, slot.dead) for (t, p), slot in slots.items()]
-        )
+        writes = []
+        for key, slot in slots.items():
+            writes.append(
+                PartitionWrite(
+                    key[0],
+                    key[1],
+                    slot.next_offset,
+                    slot.events,
+                    slot.dead,
+                    epoch=self._epochs.get(key),
+                    expected=self._expected.get(key),
+                )
+            )
+            if key in self._expected:
+                self._expected[key] = max(self._expected[key], slot.next_offset)
+        write = self.buffer.send(writes)
         self._inflight = (write, [(key, slot.next_offset) for key, slot in slots.items()])
 
     def _dead_letter(self, msg: Message, why: Rejection) -> None:
@@ -427,7 +559,7 @@ class Ingestor:
                 delay = min(delay * 2, 10.0)
         if stop.is_set():
             return
-        assignment = self.consumer.assignment()
+        assignment = [tp for tp in self.consumer.assignment() if (tp.topic, tp.partition) in self._epochs]
         by_topic: dict[str, list[int]] = {}
         for tp in assignment:
             by_topic.setdefault(tp.topic, []).append(tp.partition)
@@ -435,6 +567,7 @@ class Ingestor:
             stored = self.buffer.stored_offsets(parts, topic)
             for p in parts:
                 self.consumer.seek(TopicPartition(topic, p, _or_beginning(stored[p])))
+                self._expected[(topic, p)] = -1 if stored[p] is None else stored[p]  # type: ignore[assignment]
         if assignment and not self._paused:
             self.consumer.resume(assignment)
         log.info("redis_back", partitions=sorted(tp.partition for tp in assignment))
