@@ -188,6 +188,8 @@ def test_registry_on_the_cluster(cs: Settings) -> None:
             test_registry.test_rejected_versions_are_recorded_but_not_champion,
             test_registry.test_promotion_needs_a_complete_adapter_dir,
             test_registry.test_rollback,
+            test_registry.test_rollback_is_fenced_on_the_champion_the_operator_saw,
+            test_registry.test_the_outbox_holds_every_decision_and_champion_move_until_published,
             test_registry.test_shared_registry_is_a_separate_namespace,
         ]
     ):

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +19,7 @@ from worker.config import Settings
 from worker.learn.history import fold_of
 from worker.learn.learner import Abandoned, Learner, clean_partial_dirs
 from worker.learn.model import new_click_model
-from worker.learn.store import save_shared
+from worker.learn.store import STALE_TMP_S, _atomic_dir, abandoned, save_shared
 from worker.state.registry import SHARED_SEGMENT, Registry
 from worker.tools.datasets import load_homedepot
 
@@ -60,12 +67,61 @@ def test_a_training_of_a_lost_partition_records_nothing(learner: Learner) -> Non
     assert np.allclose(again, probs) and np.allclose(uncached, probs, atol=1e-6)
 
 
+def test_a_shared_run_that_lost_its_lock_records_nothing(learner: Learner) -> None:
+    events = [e for e in load_homedepot().stream() if e.segment != "GE"][:60]
+    before = learner.shared_registry.versions(SHARED_SEGMENT)
+    with pytest.raises(Abandoned):
+        learner.train_shared(events[30:], events[:30], (0, 30), still_owned=lambda: False)
+    assert learner.shared_registry.versions(SHARED_SEGMENT) == before
+    rec, _ = learner.train_shared(events[30:], events[:30], (0, 30), still_owned=lambda: True)
+    assert [r.version for r in learner.shared_registry.versions(SHARED_SEGMENT)] == [
+        *(r.version for r in before),
+        rec.version,
+    ]
+
+
 def test_partial_dirs_left_by_a_crash_are_removed(settings: Settings) -> None:
     store = settings.model_store
     (store / "abc" / ".00000003.tmp-deadbeef").mkdir(parents=True)
     (store / "abc" / "00000002").mkdir(parents=True)
+    stale = time.time() - STALE_TMP_S - 60
+    os.utime(store / "abc" / ".00000003.tmp-deadbeef", (stale, stale))
     assert clean_partial_dirs(store) == 1
     assert [p.name for p in (store / "abc").iterdir()] == ["00000002"]
+
+
+def test_start_up_cleanup_leaves_the_temp_dirs_other_live_workers_are_writing(settings: Settings) -> None:
+    """Two workers share the store: the one starting removes its own and dead processes' temp dirs and
+    stale ones, never a fresh one another live process (here or on another host) is still writing."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    seg = settings.model_store / "abc"
+    names = {
+        "live_here": f".00000004.tmp-{host}-{other.pid}-{'a' * 32}",
+        "other_host": f".00000005.tmp-worker-7f9c-1-{'b' * 32}",
+        "dead_here": f".00000006.tmp-{host}-{dead.pid}-{'c' * 32}",
+        "mine": f".00000007.tmp-{host}-{os.getpid()}-{'d' * 32}",
+        "stale": f".00000008.tmp-worker-7f9c-1-{'e' * 32}",
+    }
+    try:
+        for name in names.values():
+            (seg / name / "encoder").mkdir(parents=True)
+        stale = time.time() - STALE_TMP_S - 60
+        os.utime(seg / names["stale"], (stale, stale))
+        assert clean_partial_dirs(settings.model_store) == 3
+        assert sorted(p.name for p in seg.iterdir()) == sorted([names["live_here"], names["other_host"]])
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_temp_dir_is_named_after_its_writer(tmp_path: Path) -> None:
+    """The name `abandoned` reads: this process's own temp dir is what a restart of it would remove."""
+    with _atomic_dir(tmp_path / "00000001") as tmp:
+        assert f"-{os.getpid()}-" in tmp.name and abandoned(tmp)
+    assert [p.name for p in tmp_path.iterdir()] == ["00000001"]
 
 
 def test_score_events_scores_with_the_events_history_folds(

@@ -3,7 +3,11 @@ gauges, the cardinality cap."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -109,6 +113,117 @@ def test_bind_error_names_the_settings(settings: Settings) -> None:
             start(Settings(metrics_port=first.port), lambda: {})
     finally:
         first.close()
+
+
+# ------------------------------------------------------------------ hostile clients
+
+
+def _closed_by_server(sock: socket.socket) -> bool | None:
+    """True when the server has closed `sock` (EOF or reset), None while it is still open (nothing to read).
+    A refused connection may get a short 503 first: it is read past."""
+    sock.setblocking(False)
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+            if not data.startswith(b"HTTP/1.0 503"):
+                return False
+    except BlockingIOError:
+        return None
+    except (ConnectionResetError, ConnectionAbortedError):
+        return True
+
+
+def _wait_closed(socks: Sequence[socket.socket], at_least: int, within_s: float) -> int:
+    """How many of `socks` the server closed, polled until `at_least` of them are or `within_s` passed."""
+    deadline = time.monotonic() + within_s
+    closed: set[int] = set()
+    while True:
+        closed |= {i for i, s in enumerate(socks) if i not in closed and _closed_by_server(s)}
+        if len(closed) >= at_least or time.monotonic() > deadline:
+            return len(closed)
+        time.sleep(0.1)
+
+
+def test_idle_and_partial_connections_neither_block_probes_nor_stay_open() -> None:
+    """Slowloris: 200 sockets that send nothing or half a request line hold no probe up, and the server
+    drops each of them once `metrics_request_timeout_s` has passed."""
+    server = start(Settings(metrics_port=0, metrics_request_timeout_s=5, metrics_max_connections=300), dict)
+    socks: list[socket.socket] = []
+    try:
+        for i in range(200):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            if i % 10 == 0:
+                sock.sendall(b"GET /metr")
+            socks.append(sock)
+        started = time.monotonic()
+        assert _get(server.port, "/healthz")[0] == 200
+        assert _get(server.port, "/metrics")[0] == 200
+        assert _get(server.port, "/readyz")[0] == 200
+        assert time.monotonic() - started < 5, "the probes waited for the idle sockets to go"
+        assert _wait_closed(socks, len(socks), within_s=20) == len(socks)
+        assert _get(server.port, "/healthz")[0] == 200
+    finally:
+        for sock in socks:
+            sock.close()
+        server.close()
+
+
+def test_connections_beyond_the_cap_drop_the_oldest_idle_one() -> None:
+    """With the cap reached by idle sockets, a probe still gets in: the oldest idle connection makes room."""
+    server = start(Settings(metrics_port=0, metrics_request_timeout_s=120, metrics_max_connections=4), dict)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(20):
+            socks.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+        assert _get(server.port, "/healthz")[0] == 200
+        assert _get(server.port, "/metrics")[0] == 200
+        assert _wait_closed(socks, 16, within_s=10) >= 16
+        assert all(_closed_by_server(s) is None for s in socks[-2:]), "the newest idle sockets were dropped"
+    finally:
+        for sock in socks:
+            sock.close()
+        server.close()
+
+
+def test_a_connection_beyond_the_cap_is_refused_while_all_are_being_answered() -> None:
+    """With every slot answering (a slow readiness check), a new connection is turned away at once."""
+    release, entered = threading.Event(), threading.Semaphore(0)
+
+    def slow_ready() -> dict[str, bool]:
+        entered.release()
+        release.wait(30)
+        return {}
+
+    server = start(
+        Settings(metrics_port=0, metrics_request_timeout_s=60, metrics_max_connections=2), slow_ready
+    )
+    busy = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(2)]
+    try:
+        for sock in busy:
+            sock.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+        for _ in busy:
+            assert entered.acquire(timeout=10)
+        extra = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        answer = b""
+        try:
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                extra.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                while chunk := extra.recv(4096):
+                    answer += chunk
+            assert answer == b"" or answer.startswith(b"HTTP/1.0 503"), answer[:100]
+        finally:
+            extra.close()
+        release.set()
+        for sock in busy:
+            assert sock.makefile("rb").readline().startswith(b"HTTP/1.0 200")
+        assert _get(server.port, "/healthz")[0] == 200
+    finally:
+        release.set()
+        for sock in busy:
+            sock.close()
+        server.close()
 
 
 def test_every_declared_name_is_exported() -> None:

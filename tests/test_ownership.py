@@ -86,8 +86,8 @@ def test_a_zombie_owner_is_refused_and_nothing_is_lost_or_doubled(settings: Sett
     before and after the new owner writes, and each event is stored once."""
     old, new = Buffer(settings), Buffer(settings)
     try:
-        (old_epoch, _), = old.acquire([0]).values()
-        (new_epoch, stored), = new.acquire([0]).values()
+        ((old_epoch, _),) = old.acquire([0]).values()
+        ((new_epoch, stored),) = new.acquire([0]).values()
         assert new_epoch == old_epoch + 1 and stored is None
         first = [pending(i) for i in range(10)]
         zombie = old.write([PartitionWrite(old.topic, 0, 10, first, epoch=old_epoch, expected=-1)])
@@ -110,13 +110,13 @@ def test_a_zombie_owner_is_refused_and_nothing_is_lost_or_doubled(settings: Sett
 def test_a_training_of_a_partition_owned_elsewhere_since_trims_nothing(settings: Settings) -> None:
     buffer = Buffer(settings)
     try:
-        (epoch, _), = buffer.acquire([0]).values()
+        ((epoch, _),) = buffer.acquire([0]).values()
         buffer.write([PartitionWrite(buffer.topic, 0, 12, [pending(i) for i in range(12)], epoch=epoch)])
         buffer.acquire([0])
         assert buffer.mark_trained(0, "s", 12, epoch=epoch) == -1
         c = buffer.counts(0, "s")
         assert (c.new, c.trained_seq, c.last_trained_ms) == (12, 0, 0)
-        (epoch, _), = buffer.acquire([0]).values()
+        ((epoch, _),) = buffer.acquire([0]).values()
         assert buffer.mark_trained(0, "s", 12, epoch=epoch) == 12
     finally:
         buffer.purge()

@@ -150,6 +150,58 @@ def test_rollback(reg: Registry) -> None:
     assert reg.champion_version("Ryobi") == v3
 
 
+def test_rollback_is_fenced_on_the_champion_the_operator_saw(reg: Registry) -> None:
+    """An operator saw v2 serving and rolls back; v3 was promoted meanwhile: nothing moves, since the
+    rollback would undo a promotion nobody looked at (like a promotion gated on an old champion)."""
+    v1 = _record(reg, "Ryobi").version
+    v2 = _record(reg, "Ryobi").version
+    v3 = _record(reg, "Ryobi").version
+    with pytest.raises(RegistryError, match=f"v{v3}, not v{v2}"):
+        reg.rollback("Ryobi", v1, expected=v2)
+    assert reg.champion_version("Ryobi") == v3
+    assert reg.rollback("Ryobi", v1, expected=v3).version == v1
+    assert reg.champion_version("Ryobi") == v1
+
+
+def test_versions_stay_above_the_store_after_redis_lost_its_data(reg: Registry, settings: Settings) -> None:
+    """Redis comes back empty: the next number is above every version directory on disk, so no adapter
+    is overwritten and no (segment, version) is announced twice for different models."""
+    for _ in range(3):
+        _record(reg, "GE")
+    _record(reg, "GE", decision="rejected")
+    reg.adapter_dir("GE", 6).parent.joinpath(".00000006.tmp-host-1-" + "0" * 32).mkdir()
+    client = redis.Redis.from_url(settings.redis_url)
+    for key in client.scan_iter(match=f"{settings.redis_prefix}:*"):
+        client.delete(key)
+    assert reg.champion_version("GE") is None and reg.reserved("GE") == 0
+    got = [reg.next_version("GE") for _ in range(2)]
+    assert got == [7, 8], "above v3 on disk and v6 being written; v4 was never on disk"
+    assert reg.next_version("other") == 1
+
+
+def test_the_outbox_holds_every_decision_and_champion_move_until_published(reg: Registry) -> None:
+    """What the worker publishes, and republishes after a crash: every version above the published
+    pointer, and a rescore whenever the champion moved (promotion or rollback) since the last one."""
+    v1 = _record(reg, "GE").version
+    v2 = _record(reg, "GE", decision="rejected").version
+    _record(reg, "Delta")
+    [ge, _] = reg.outboxes(["GE", "Delta", "none"])
+    assert [r.version for r in ge.records] == [v1, v2] and ge.rescore and ge.moves == 1
+    reg.mark_published(ge)
+    assert [o.segment for o in reg.outboxes(["GE", "Delta"])] == ["Delta"]
+    v3 = _record(reg, "GE").version
+    reg.mark_published(ge)
+    [again] = reg.outboxes(["GE"])
+    assert [r.version for r in again.records] == [v3] and again.rescore, "a late mark never goes back"
+    reg.mark_published(again)
+    assert reg.outboxes(["GE"]) == []
+    reg.rollback("GE")
+    [rolled] = reg.outboxes(["GE"])
+    assert rolled.records == [] and rolled.rescore, "a rollback republishes the segment's scores"
+    reg.mark_published(rolled)
+    assert reg.outboxes(["GE"]) == []
+
+
 def test_prune_keeps_the_last_n_promoted_versions_however_many_were_rejected(settings: Settings) -> None:
     reg = Registry.from_settings(settings.model_copy(update={"keep_versions": 2}))
     first = _record(reg, "GE", auc=0.9)
@@ -206,6 +258,8 @@ def test_models_cli(
     assert models("list") == 0
     out = capsys.readouterr().out
     assert f"GE  champion={v2}" in out and f"v{v1}" in out
+    assert models("rollback", "GE", str(v1), "--expect", str(v1)) == 1, "a listing from before v2"
+    assert reg.champion_version("GE") == v2 and "nothing rolled back" in capsys.readouterr().err
     assert models("rollback", "GE") == 0
     assert reg.champion_version("GE") == v1
     assert models("show", "GE") == 0

@@ -19,12 +19,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import orjson
 import pytest
 import redis
 from ingest_helpers import event_doc, ingest_all, produce_docs, produce_raw
+from pydantic import ValidationError
 from registry_helpers import version_record
 
 from worker.app import StartupError, check_dependencies
@@ -238,12 +239,79 @@ def test_invalid_redis_url_error_hides_the_password(clean_env: pytest.MonkeyPatc
     assert secret not in str(caught.value)
 
 
+def _delimited_secret() -> tuple[str, list[str]]:
+    """A password with every URL delimiter in it, and its random pieces: no piece may leak, not just all."""
+    pieces = [uuid.uuid4().hex[:12] for _ in range(5)]
+    return "{}/{}@{}:{}%{}".format(*pieces), pieces
+
+
+def _assert_hidden(shown: str, secret: str, pieces: list[str]) -> None:
+    for form in (secret, quote(secret, safe=""), *pieces):
+        assert form not in shown, shown
+
+
+@pytest.mark.parametrize("encode", [False, True])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "redis://worker:{}@127.0.0.1:6379/0",
+        "rediss://:{}@redis.example:6380",
+        "redis+cluster://worker:{}@a:1,b:2",
+    ],
+)
+def test_settings_repr_hides_a_redis_password_with_url_delimiters(
+    clean_env: pytest.MonkeyPatch, template: str, encode: bool
+) -> None:
+    secret, pieces = _delimited_secret()
+    url = template.format(quote(secret, safe="") if encode else secret)
+    s = Settings(redis_url=url)
+    assert s.redis_url == url
+    for shown in (repr(s), str(s), f"{s!r}", repr(s.model_copy())):
+        _assert_hidden(shown, secret, pieces)
+        assert "***@" in shown
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "http://worker:{}@127.0.0.1:6379/0",
+        "redis+cluster://worker:{}@a:1,b:2/3",
+        "redis+cluster://w:{}@a:1,b",
+    ],
+)
+def test_invalid_redis_url_hides_a_password_with_url_delimiters(
+    clean_env: pytest.MonkeyPatch, template: str
+) -> None:
+    secret, pieces = _delimited_secret()
+    url = template.format(secret)
+    with pytest.raises(ValidationError) as raw:
+        Settings(redis_url=url)
+    _assert_hidden(str(raw.value), secret, pieces)
+    _assert_hidden(repr(raw.value), secret, pieces)
+    clean_env.setenv("WORKER_REDIS_URL", url)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "WORKER_REDIS_URL" in str(caught.value)
+    _assert_hidden(str(caught.value), secret, pieces)
+
+
+def test_redact_url_cuts_the_userinfo_at_the_last_at_sign() -> None:
+    from worker.config import redact_url
+
+    secret, _ = _delimited_secret()
+    assert redact_url(f"redis://worker:{secret}@10.0.0.1:6379/2") == "redis://worker:***@10.0.0.1:6379/2"
+    assert redact_url(f"rediss://:{secret}@h:6380") == "rediss://:***@h:6380"
+    assert redact_url(f"redis+cluster://w:{secret}@a:1,b:2") == "redis+cluster://w:***@a:1,b:2"
+    for url in ("redis://127.0.0.1:6379/0", "unix:///run/redis.sock?db=1", "redis://worker@h:1/0"):
+        assert redact_url(url) == url
+
+
 # ------------------------------------------------------------------------------------------ segment names
 
 _KEY = re.compile(
     r"^(?P<prefix>[A-Za-z0-9_-]+)(?::shared)?:("
     r"\{[A-Za-z0-9._-]+-[0-9]+\}:(offsets|dedup|stats|segs|seg:[0-9a-f]{32}:(meta|new|sample|cand|candz))"
-    r"|reg:(index|\{[0-9a-f]{32}\}:(next|name|records|champion))"
+    r"|reg:(index|\{[0-9a-f]{32}\}:(next|name|records|champion|moves|published))"
     r")$"
 )
 

@@ -21,12 +21,14 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from types import FrameType
 from typing import Any
 
+import numpy as np
 import redis
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message
@@ -42,11 +44,13 @@ from worker.ops.metrics import Metrics
 from worker.state import client as redis_clients
 from worker.state.buffer import Buffer
 from worker.state.client import RedisClient
-from worker.state.registry import Registry, VersionRecord
+from worker.state.keys import shared_lock_key
+from worker.state.lock import Lock
+from worker.state.registry import SHARED_SEGMENT, Registry, VersionRecord
 from worker.stream.ingest import Ingestor
 from worker.stream.kafka import ensure_topics, make_consumer
 from worker.stream.lease import Lease
-from worker.stream.publish import Publisher
+from worker.stream.publish import Publisher, PublishError
 from worker.stream.trigger import DueSegment, Trigger
 
 log = structlog.get_logger(__name__)
@@ -54,6 +58,10 @@ log = structlog.get_logger(__name__)
 REQUEST_QUEUE = 256
 SHARED_CHECK_S = 2.0
 """How often the group's shared trainer counts the new events of every partition."""
+SHARED_LOCK_TTL_S = 30.0
+"""How long a shared run's lock outlives a holder that stopped renewing it (a crash, a stall)."""
+OUTBOX_CHECK_S = 30.0
+"""How often every owned partition's registry outbox is read (one pipelined round trip per partition)."""
 
 
 @dataclass
@@ -63,6 +71,7 @@ class WorkerStats:
     scores_published: int = 0
     requests_answered: int = 0
     requests_rejected: int = 0
+    requests_failed: int = 0
 
 
 class Outcome(Enum):
@@ -139,6 +148,7 @@ class Worker:
                     self.publisher.producer.list_topics(settings.input_topic, timeout=2).topics
                 ),
                 "redis": lambda: bool(self._health_redis.ping()),
+                "redis_writable": lambda: self.ingestor.redis_writable(),
                 "model_loaded": lambda: self.learner is not None,
             }
         )
@@ -175,7 +185,12 @@ class Worker:
         self._group_new = 0
         self._group_checked = 0.0
         self._shared_running = False
+        self._shared_lock = Lock(
+            self.redis, shared_lock_key(settings.redis_prefix, settings.input_topic), SHARED_LOCK_TTL_S
+        )
         self._housekept = 0.0
+        self._outbox_checked = 0.0
+        self._outbox_owned: frozenset[int] = frozenset()
         self._failures: dict[tuple[int, str], int] = {}
         self._compute_done = threading.Event()
         self._compute = threading.Thread(target=self._compute_loop, name="compute", daemon=True)
@@ -184,8 +199,9 @@ class Worker:
     # ---------------------------------------------------------------- main thread
 
     def _before_lease_revoke(self) -> None:
-        """The lease moves to another worker only after a shared training here has ended, so two never
-        run at once in the group (a drain has already waited out its share of the grace period)."""
+        """Let a running shared training end before the lease moves, so the next holder starts from its
+        result rather than being refused the shared-run lock (which is what keeps two runs apart once
+        this wait is over; a drain has already waited out its share of the grace period)."""
         deadline = time.monotonic() + self.settings.drain_grace_s
         while self._shared_running and not self.stop.is_set() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -298,7 +314,8 @@ class Worker:
     # ---------------------------------------------------------------- compute thread
 
     def _compute_loop(self) -> None:
-        """One job per turn; a failing job (Redis down, a bad request) is logged and the loop goes on."""
+        """One job per turn; a failing job (Redis down) is logged and the loop goes on. A score request
+        never ends here: `_answer` dead-letters one it cannot answer, so its requester learns."""
         try:
             while not self.stop.is_set():
                 try:
@@ -320,6 +337,7 @@ class Worker:
             self._housekept = now
             self._count_group_new()
             self._refresh_stale_partitions()
+            self._drain_outboxes()
         if self._shared_due():
             self._run_shared()
             return
@@ -386,8 +404,18 @@ class Worker:
     def _run_shared(self) -> VersionRecord | None:
         """One shared run of the group's trainer. What it took as new is marked in Redis after its
         decision is recorded: a crash before that trains the same events again (nothing was recorded),
-        never after."""
+        never after.
+
+        The group's shared-run lock (`worker.state.lock`) is held from before the pooling until the
+        events are marked: a lease that moved while a run still trains elsewhere cannot start a second
+        one. A run refused the lock is skipped and tried again after the next count of new events."""
         assert self.learner is not None
+        if not self._shared_lock.acquire():
+            self._group_new = 0
+            log.info(
+                "shared run skipped: another shared run holds the lock", holder=self._shared_lock.holder()
+            )
+            return None
         self._shared_running = True
         try:
             new, older, marks, partitions = self._pool()
@@ -395,12 +423,19 @@ class Worker:
             if not new:
                 return None
             log.info("shared training", events=len(new), older=len(older), partitions=partitions)
-            with self.metrics.training("shared") as run:
-                rec, _ = self.learner.train_shared(new, older, (0, len(new)))
-                run.decision = rec.decision
+            try:
+                with self.metrics.training("shared") as run:
+                    rec, _ = self.learner.train_shared(
+                        new, older, (0, len(new)), still_owned=self._shared_lock.held
+                    )
+                    run.decision = rec.decision
+            except Abandoned as exc:
+                log.warning("shared run abandoned: it outlived its lock", reason=str(exc))
+                return None
             self.buffer.mark_shared_seen(marks)
         finally:
             self._shared_running = False
+            self._shared_lock.release()
         self.stats.shared_runs[rec.decision] += 1
         log.info(
             "shared run",
@@ -411,7 +446,7 @@ class Worker:
             partitions=partitions,
             seconds=rec.train_seconds,
         )
-        self.publisher.version(rec.event())
+        self._publish_outboxes(self.learner.shared_registry, [SHARED_SEGMENT])
         if rec.decision == "promoted":
             self._refresh_stale_partitions()
         return rec
@@ -434,6 +469,53 @@ class Worker:
                 self._publish_scores(partition, segment)
             self.publisher.flush(self.settings.drain_grace_s)
             self.buffer.mark_scores_shared_version(partition, version)
+
+    def _drain_outboxes(self) -> None:
+        """Decisions recorded but not yet acknowledged by Kafka (a crash between the two, a failed
+        delivery, a rollback): a newly owned partition's segments at the next housekeeping, which is
+        also how start-up drains them, every owned one's each `OUTBOX_CHECK_S`. The shared model's are
+        the lease holder's: it records them, and a crashed trainer's pass with the lease."""
+        assert self.learner is not None
+        now = time.monotonic()
+        owned = self.ingestor.owned_partitions()
+        due = owned - self._outbox_owned
+        if now - self._outbox_checked >= OUTBOX_CHECK_S:
+            self._outbox_checked, due = now, owned
+            if self.lease.held():
+                self._publish_outboxes(self.learner.shared_registry, [SHARED_SEGMENT])
+        self._outbox_owned = owned
+        for partition in sorted(due):
+            self._publish_outboxes(self.registry, self.buffer.segments(partition), partition)
+
+    def _publish_outboxes(
+        self, registry: Registry, segments: list[str], partition: int | None = None
+    ) -> None:
+        """Publish each recorded version above a segment's published pointer (its model-version event)
+        and, when its champion moved, the segment's refreshed scores; flush; then move the pointers.
+        At least once: a crash before the pointer moves publishes them again, and consumers dedupe
+        model-version events by (segment, version). A failed delivery is retried by `_drain_outboxes`.
+        The shared model's scores are every partition's, refreshed by `_refresh_stale_partitions`."""
+        pending = registry.outboxes(segments)
+        if not pending:
+            return
+        for box in pending:
+            for rec in box.records:
+                self.publisher.version(rec.event())
+            if box.rescore and partition is not None:
+                self._publish_scores(partition, box.segment)
+        try:
+            self.publisher.flush(self.settings.drain_grace_s)
+        except PublishError as exc:
+            log.warning("publication failed; the outbox retries it", partition=partition, error=str(exc))
+            return
+        for box in pending:
+            registry.mark_published(box)
+        log.info(
+            "published",
+            partition=partition,
+            versions={box.segment: [r.version for r in box.records] for box in pending},
+            rescored=[box.segment for box in pending if box.rescore and partition is not None],
+        )
 
     def _backoff_s(self, job: DueSegment, outcome: Outcome) -> float:
         """0 after a run that counted; a fixed wait while no shared model serves; after failures in a row,
@@ -464,7 +546,8 @@ class Worker:
 
     def _train_segment(self, job: DueSegment, bound: Any) -> Outcome:
         assert self.learner is not None
-        if not self.trigger.still_owned(job):
+        epoch = self.ingestor.epoch(job.partition)
+        if not self.trigger.still_owned(job) or epoch is None:
             bound.info("skipping training: partition no longer owned")
             return Outcome.DONE
         snap = self.buffer.training_snapshot(job.partition, job.segment)
@@ -507,13 +590,13 @@ class Worker:
             seq_to=snap.seq_to,
             seconds=rec.train_seconds,
         )
-        self.publisher.version(rec.event())
-        if rec.decision == "promoted":
-            self._publish_scores(job.partition, job.segment)
-        if rec.decision == "failed":
-            return Outcome.FAILED
-        self.buffer.mark_trained(job.partition, job.segment, snap.seq_to)
-        return Outcome.DONE
+        trimmed = 0
+        if rec.decision != "failed":
+            trimmed = self.buffer.mark_trained(job.partition, job.segment, snap.seq_to, epoch=epoch)
+        if trimmed < 0:
+            bound.warning("partition owned elsewhere since the training began: nothing trimmed")
+        self._publish_outboxes(self.registry, [job.segment], job.partition)
+        return Outcome.FAILED if rec.decision == "failed" else Outcome.DONE
 
     def _bootstrap_shared(self) -> bool:
         """A due segment while no shared model serves: the group's trainer runs the first shared run now
@@ -534,55 +617,73 @@ class Worker:
             return
         with self.metrics.scoring_duration.labels(kind="refresh").time():
             probs, version = self.learner.score(segment, [(c.query, c.item_text) for c in candidates])
-        now = datetime.now(UTC)
-        updates = [
-            ScoreUpdate(
-                segment=segment,
-                query=c.query,
-                item_id=c.item_id,
-                score=float(p),
-                model_version=version,
-                shared_version=self.learner.shared_version,
-                scored_at=now,
-            )
-            for c, p in zip(candidates, probs, strict=True)
-        ]
+        updates = self._updates(segment, [(c.query, c.item_id) for c in candidates], probs, version)
         published = self.publisher.scores(updates)
         self.stats.scores_published += published
         self.metrics.scores_published.labels(kind="refresh").inc(published)
 
-    def _answer(self, msg: Message) -> None:
+    def _updates(
+        self,
+        segment: str,
+        items: Sequence[tuple[str | None, str]],
+        probs: np.ndarray,
+        version: int,
+        request_id: str | None = None,
+    ) -> list[ScoreUpdate]:
+        """Score updates of (query, item id) pairs, stamped with the versions that scored them."""
         assert self.learner is not None
+        now = datetime.now(UTC)
+        return [
+            ScoreUpdate(
+                segment=segment,
+                query=query,
+                item_id=item_id,
+                score=float(p),
+                model_version=version,
+                shared_version=self.learner.shared_version,
+                scored_at=now,
+                request_id=request_id,
+            )
+            for (query, item_id), p in zip(items, probs, strict=True)
+        ]
+
+    def _answer(self, msg: Message) -> None:
+        """Answer a score request on the scores topic. One that is invalid, or whose scoring raises, goes
+        to the dead-letter topic with its reason (`invalid_request`, `scoring_failed`), so the requester
+        learns instead of waiting; either way its offset is stored, so a request that always fails is not
+        retried forever."""
         try:
             request = ScoreRequest.model_validate_json(msg.value() or b"")
         except ValidationError as exc:
             self.stats.requests_rejected += 1
             self.metrics.score_requests.labels(outcome="rejected").inc()
             log.warning("bad score request", offset=msg.offset(), error=str(exc)[:300])
+            self.publisher.dead_letter(msg, "invalid_request", str(exc))
         else:
-            pairs = [(p.query, p.item_text) for p in request.pairs]
-            with self.metrics.scoring_duration.labels(kind="request").time():
-                probs, version = self.learner.score(request.segment, pairs)
-            now = datetime.now(UTC)
-            self.publisher.scores(
-                [
-                    ScoreUpdate(
-                        segment=request.segment,
-                        query=p.query,
-                        item_id=p.item_id,
-                        score=float(prob),
-                        model_version=version,
-                        shared_version=self.learner.shared_version,
-                        scored_at=now,
-                        request_id=request.request_id,
-                    )
-                    for p, prob in zip(request.pairs, probs, strict=True)
-                ]
-            )
-            self.stats.requests_answered += 1
-            self.metrics.score_requests.labels(outcome="answered").inc()
-            self.metrics.scores_published.labels(kind="request").inc(len(request.pairs))
+            try:
+                self._score_request(request)
+            except Exception as exc:
+                self.stats.requests_failed += 1
+                self.metrics.score_requests.labels(outcome="failed").inc()
+                log.exception(
+                    "score request failed",
+                    request_id=request.request_id,
+                    offset=msg.offset(),
+                    partition=msg.partition(),
+                )
+                self.publisher.dead_letter(msg, "scoring_failed", f"{type(exc).__name__}: {exc}")
         self.request_consumer.store_offsets(message=msg)
+
+    def _score_request(self, request: ScoreRequest) -> None:
+        assert self.learner is not None
+        pairs = [(p.query, p.item_text) for p in request.pairs]
+        with self.metrics.scoring_duration.labels(kind="request").time():
+            probs, version = self.learner.score(request.segment, pairs)
+        items = [(p.query, p.item_id) for p in request.pairs]
+        self.publisher.scores(self._updates(request.segment, items, probs, version, request.request_id))
+        self.stats.requests_answered += 1
+        self.metrics.score_requests.labels(outcome="answered").inc()
+        self.metrics.scores_published.labels(kind="request").inc(len(request.pairs))
 
     def summary(self) -> dict[str, Any]:
         return {

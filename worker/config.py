@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,7 +19,9 @@ class ConfigError(RuntimeError):
 class Settings(BaseSettings):
     """Validated once at start-up; a bad value stops the process with the setting's name."""
 
-    model_config = SettingsConfigDict(env_prefix="WORKER_", extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(
+        env_prefix="WORKER_", extra="ignore", validate_default=True, hide_input_in_errors=True
+    )
 
     # Connections
     kafka_bootstrap: str = Field("127.0.0.1:9092", min_length=1, description="Kafka bootstrap servers.")
@@ -201,6 +204,20 @@ class Settings(BaseSettings):
     )
     metrics_host: str = Field("127.0.0.1", description="Address of the metrics and health endpoint.")
     metrics_port: int = Field(9400, ge=0, le=65535, description="Port of the metrics and health endpoint.")
+    metrics_request_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="A metrics/health connection is closed when its request has not arrived, or its answer "
+        "not gone out, within this many seconds.",
+    )
+    metrics_max_connections: int = Field(
+        128,
+        ge=2,
+        le=10_000,
+        description="Open connections to the metrics and health endpoint, at most; beyond, the oldest one "
+        "still sending its request is dropped, or the new one when all are being answered.",
+    )
     drain_grace_s: float = Field(
         30.0, gt=0, description="Longest drain after SIGTERM before the running training is abandoned."
     )
@@ -233,6 +250,11 @@ class Settings(BaseSettings):
             )
         return value
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """`repr` and `str` of settings end up in logs and tracebacks: the Redis URL's password must not."""
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "redis_url" and isinstance(value, str) else value
+
     @property
     def lease_topic(self) -> str:
         """The one-partition topic whose owner is the group's shared trainer (`worker.stream.lease`)."""
@@ -257,15 +279,14 @@ def redis_cluster_nodes(url: str) -> list[tuple[str, int]] | None:
     0 (a cluster has only database 0), or a query string."""
     if not url.startswith(REDIS_CLUSTER_SCHEMES):
         return None
-    rest = url.split("://", 1)[1]
+    rest = url.split("://", 1)[1].rpartition("@")[2]
     netloc, _, path = rest.partition("/")
     if "?" in netloc or "?" in path:
         raise ValueError("a redis+cluster:// URL takes no query string")
     if path not in ("", "0"):
         raise ValueError(f"Redis Cluster has only database 0, got /{path}")
-    hosts = netloc.rpartition("@")[2]
     nodes = []
-    for node in hosts.split(","):
+    for node in netloc.split(","):
         host, _, port = node.strip().rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"expected host:port[,host:port...] after the scheme, got {node!r}")
@@ -273,11 +294,26 @@ def redis_cluster_nodes(url: str) -> list[tuple[str, int]] | None:
     return nodes
 
 
+def redact_url(url: str) -> str:
+    """`url` with its password (`scheme://user:password@host`, or a `password=` query argument, which
+    redis-py also takes) shown as `***`.
+
+    The userinfo runs to the last `@`, as far as the hosts: a password typed without percent-encoding may
+    hold `/`, `@`, `:` or `%`, and no piece of it may show. Where that over-reaches (an `@` in a query
+    argument) it hides too much, never too little.
+    """
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, _, hosts = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{hosts}"
+
+
 def _redact(value: object) -> object:
-    """Hide the password of a `scheme://user:password@host` value before it is echoed in an error."""
-    if isinstance(value, str):
-        return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", value)
-    return value
+    """Hide the password of a URL-valued setting before it is echoed in an error."""
+    return redact_url(value) if isinstance(value, str) else value
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -30,7 +30,15 @@ from worker.learn.model import (
     score_pairs,
     serving_copy,
 )
-from worker.learn.store import SHARED_ENCODER, load_adapter, load_shared, save_adapter, save_shared
+from worker.learn.store import (
+    SHARED_ENCODER,
+    TMP_MARK,
+    abandoned,
+    load_adapter,
+    load_shared,
+    save_adapter,
+    save_shared,
+)
 from worker.learn.train import (
     TrainResult,
     folds_of,
@@ -55,15 +63,18 @@ def _wire_metrics(m: HoldoutScore | None) -> HoldoutMetrics | None:
 
 
 def clean_partial_dirs(store: Path) -> int:
-    """Remove temp directories a killed process left behind; the registry never points at them."""
+    """Remove temp directories a killed process left behind (the registry never points at them), but
+    not those another worker sharing the store is writing now (`store.abandoned`)."""
     removed = 0
     if not store.exists():
         return 0
     for parent, dirs, _ in os.walk(store):
         for name in list(dirs):
-            if name.startswith(".") and ".tmp-" in name:
-                shutil.rmtree(Path(parent) / name, ignore_errors=True)
+            if name.startswith(".") and TMP_MARK in name:
                 dirs.remove(name)
+                if not abandoned(Path(parent) / name):
+                    continue
+                shutil.rmtree(Path(parent) / name, ignore_errors=True)
                 removed += 1
     return removed
 
@@ -260,13 +271,19 @@ class Learner:
         return rec, result
 
     def train_shared(
-        self, new: Sequence[ClickEvent], older: Sequence[ClickEvent], events: tuple[int, int]
+        self,
+        new: Sequence[ClickEvent],
+        older: Sequence[ClickEvent],
+        events: tuple[int, int],
+        still_owned: Callable[[], bool] = lambda: True,
     ) -> tuple[VersionRecord, TrainResult]:
         """One shared run, continued from the last challenger (or champion), gated against the champion.
 
         The run's number (which seeds its replay sample and its training) is its place in the group's
         sequence of shared runs, read from the registry, so it does not start again at 1 when the lease
-        moves to another worker or the trainer restarts; the offline simulation numbers its runs alike."""
+        moves to another worker or the trainer restarts; the offline simulation numbers its runs alike.
+        Raises `Abandoned`, recording nothing, when `still_owned()` is false once it has trained (the
+        group's shared-run lock expired: another trainer may have run meanwhile)."""
         self.refresh_shared()
         run = self.shared_registry.reserved(SHARED_SEGMENT) + 1
         data = shared_training_data(new, older, self.settings, run)
@@ -282,6 +299,8 @@ class Learner:
             counted=data.counted,
             unseen=data.unseen,
         )
+        if not still_owned():
+            raise Abandoned("shared run: the group's shared-run lock was lost during training")
         parent = self.shared_version or None
         rec = self._record(
             self.shared_registry, SHARED_SEGMENT, result, parent, events, result.shared, "shared", parent

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,11 +28,48 @@ SHARED_ENCODER = "encoder"
 `adapter_config.json` names, so plain `transformers` + `peft` rebuild the encoder the worker serves."""
 
 
+TMP_MARK = ".tmp-"
+STALE_TMP_S = 3600.0
+"""A temp directory older than this is abandoned, whoever wrote it: no save takes an hour."""
+_TMP_OWNER = re.compile(r"\.tmp-(?P<host>[A-Za-z0-9._-]+)-(?P<pid>\d+)-[0-9a-f]{32}$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def abandoned(tmp: Path, stale_s: float = STALE_TMP_S) -> bool:
+    """A temp directory no running process will rename: one of this process (a restart in the same
+    container has the same host and pid) or of a dead process on this host, or one older than
+    `stale_s`. Another live writer's, on this host or another sharing the store, is left alone."""
+    try:
+        if time.time() - tmp.stat().st_mtime > stale_s:
+            return True
+    except FileNotFoundError:
+        return False
+    owner = _TMP_OWNER.search(tmp.name)
+    if owner is None or owner["host"] != _host():
+        return False
+    pid = int(owner["pid"])
+    return pid == os.getpid() or not _alive(pid)
+
+
 @contextmanager
 def _atomic_dir(directory: Path) -> Iterator[Path]:
-    """A temp directory beside `directory`, renamed to it when the block ends, removed if it fails."""
+    """A temp directory beside `directory`, named after its writer (host and pid, see `abandoned`),
+    renamed to it when the block ends, removed if it fails."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
+    tmp = directory.parent / f".{directory.name}{TMP_MARK}{_host()}-{os.getpid()}-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
         yield tmp

@@ -1,18 +1,26 @@
 """The `/metrics`, `/healthz` and `/readyz` server.
 
-The standard library's HTTP server in a daemon thread: a scrape or a probe never touches the poll loop or
-the compute thread. It binds to `WORKER_METRICS_HOST` (127.0.0.1 unless told otherwise).
+The standard library's request handler behind a small selector loop in daemon threads: a scrape or a probe
+never touches the poll loop or the compute thread. It binds to `WORKER_METRICS_HOST` (127.0.0.1 unless told
+otherwise); Kubernetes binds it on all interfaces, so hostile clients are bounded too: every connection is
+closed after `WORKER_METRICS_REQUEST_TIMEOUT_S`, at most `WORKER_METRICS_MAX_CONNECTIONS` are open, and
+idle ones hold no thread (see `_Server`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import math
+import selectors
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import BaseHTTPRequestHandler
+from typing import Any, cast
 
 import structlog
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -54,7 +62,19 @@ class Readiness:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+    """Answers one request whose head the server has already read (`head`): the handler never waits on a
+    slow client's request, and its writes time out after `metrics_request_timeout_s`."""
+
+    server: _Server  # type: ignore[assignment]
+
+    def __init__(self, request: socket.socket, client_address: Any, server: _Server, head: bytes) -> None:
+        self.head = head
+        super().__init__(request, client_address, server)  # type: ignore[arg-type]
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()
+        self.rfile = io.BytesIO(self.head)
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -87,15 +107,175 @@ class _Handler(BaseHTTPRequestHandler):
         """Probes arrive every few seconds: keep them out of the worker's log."""
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+MAX_HEAD_BYTES = 16_384
+"""A longer request head (line and headers) is no probe or scrape: its connection is dropped."""
+
+_BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+@dataclass
+class _Reading:
+    """A connection whose request head has not fully arrived."""
+
+    address: Any
+    deadline: float
+    head: bytearray
+
+
+class _Server:
+    """One selector thread accepts connections and reads request heads; each complete request is answered
+    in a thread of its own. An idle or slow client thus holds a file descriptor, never a thread, and
+    never delays a probe.
+
+    Every connection has `timeout_s` from its accept to be answered, then it is closed. At most
+    `max_connections` are open: a new one beyond makes room by dropping the oldest that is still sending
+    its request (a flood of idle sockets cannot lock a probe out), or, when all are being answered, it is
+    answered 503 and closed at once.
+    """
 
     def __init__(
-        self, address: tuple[str, int], metrics: Metrics, ready: Callable[[], dict[str, bool]]
+        self,
+        address: tuple[str, int],
+        metrics: Metrics,
+        ready: Callable[[], dict[str, bool]],
+        timeout_s: float,
+        max_connections: int,
     ) -> None:
         self.metrics = metrics
         self.ready = ready
-        super().__init__(address, _Handler)
+        self.timeout_s = timeout_s
+        self.max_connections = max_connections
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind(address)
+            self.socket.listen(socket.SOMAXCONN)
+        except OSError:
+            self.socket.close()
+            raise
+        self.socket.setblocking(False)
+        self.server_address: tuple[str, int] = self.socket.getsockname()[:2]
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._reading: dict[socket.socket, _Reading] = {}  # in accept order: the oldest first
+        self._answering: dict[socket.socket, float] = {}  # the deadline of each; shared with handler threads
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._warned = -math.inf
+
+    def serve_forever(self) -> None:
+        self._selector.register(self.socket, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while not self._stop.is_set():
+                for key, _ in self._selector.select(timeout=self._next_wait()):
+                    if key.fileobj is self.socket:
+                        self._accept()
+                    elif key.fileobj is not self._wake_r:
+                        self._read(cast(socket.socket, key.fileobj))
+                self._expire()
+        finally:
+            for conn in list(self._reading):
+                self._drop(conn)
+            self._selector.close()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def server_close(self) -> None:
+        for sock in (self.socket, self._wake_r, self._wake_w):
+            sock.close()
+
+    def _next_wait(self) -> float:
+        """Until the oldest reading connection's deadline; the answering ones' are checked once a second."""
+        first = next(iter(self._reading.values()), None)
+        return 1.0 if first is None else min(1.0, max(0.0, first.deadline - time.monotonic()))
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._out_of_descriptors(exc)
+                return
+            conn.setblocking(False)
+            with self._lock:
+                full = len(self._reading) + len(self._answering) >= self.max_connections
+            if full and self._reading:
+                self._drop(next(iter(self._reading)))
+            elif full:
+                with contextlib.suppress(OSError):
+                    conn.send(_BUSY)
+                conn.close()
+                continue
+            self._reading[conn] = _Reading(address, time.monotonic() + self.timeout_s, bytearray())
+            self._selector.register(conn, selectors.EVENT_READ)
+
+    def _out_of_descriptors(self, exc: OSError) -> None:
+        """accept() failed (EMFILE and the like) while the backlog still waits: free a descriptor, or pause,
+        rather than spin on a listening socket that stays readable; warn once a minute at most."""
+        if self._reading:
+            self._drop(next(iter(self._reading)))
+        else:
+            self._stop.wait(0.1)
+        now = time.monotonic()
+        if now - self._warned >= 60:
+            self._warned = now
+            log.warning("metrics endpoint cannot accept", error=str(exc))
+
+    def _read(self, conn: socket.socket) -> None:
+        reading = self._reading[conn]
+        try:
+            data = conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        reading.head += data
+        if not data or len(reading.head) > MAX_HEAD_BYTES:
+            self._drop(conn)
+        elif b"\r\n\r\n" in reading.head or b"\n\n" in reading.head:
+            self._selector.unregister(conn)
+            del self._reading[conn]
+            with self._lock:
+                self._answering[conn] = reading.deadline
+            thread = threading.Thread(
+                target=self._answer, args=(conn, reading), name="metrics-http-request", daemon=True
+            )
+            thread.start()
+
+    def _answer(self, conn: socket.socket, reading: _Reading) -> None:
+        try:
+            conn.settimeout(self.timeout_s)
+            _Handler(conn, reading.address, self, bytes(reading.head))
+        except Exception:
+            log.debug("metrics request failed", exc_info=True)
+        finally:
+            with self._lock:
+                del self._answering[conn]
+            conn.close()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._reading:
+            conn, reading = next(iter(self._reading.items()))
+            if reading.deadline > now:
+                break
+            self._drop(conn)
+        with self._lock:
+            for conn, deadline in self._answering.items():
+                if deadline <= now:
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)
+
+    def _drop(self, conn: socket.socket) -> None:
+        self._selector.unregister(conn)
+        del self._reading[conn]
+        conn.close()
 
 
 @dataclass
@@ -128,7 +308,9 @@ def start(
     m = metrics if metrics is not None else Metrics()
     host, port = settings.metrics_host, settings.metrics_port
     try:
-        server = _Server((host, port), m, ready)
+        server = _Server(
+            (host, port), m, ready, settings.metrics_request_timeout_s, settings.metrics_max_connections
+        )
     except OSError as exc:
         raise OSError(
             exc.errno, f"cannot serve metrics on WORKER_METRICS_HOST={host} WORKER_METRICS_PORT={port}: {exc}"

@@ -173,11 +173,13 @@ class Metrics:
         )
         self.dependency_errors = Counter(
             f"{p}dependency_errors",
-            "Kafka client errors (broker down, transport) and Redis outages ingest waited out.",
+            "Kafka client errors (broker down, transport), Redis outages ingest waited out, writes Redis "
+            "refused for lack of memory (redis_oom, counted under redis too) and consume batches retried "
+            "because the DLQ did not confirm their dead letters (dlq).",
             ["dependency"],
             registry=r,
         )
-        for dependency in ("kafka", "redis"):
+        for dependency in ("kafka", "redis", "redis_oom", "dlq"):
             self.dependency_errors.labels(dependency=dependency)
         self.events_dead_lettered = Counter(
             f"{p}events_dead_lettered", "Messages sent to the DLQ, by reason code.", ["reason"], registry=r
@@ -235,7 +237,11 @@ class Metrics:
             f"{p}scores_published", "Score updates produced to the scores topic.", ["kind"], registry=r
         )
         self.score_requests = Counter(
-            f"{p}score_requests", "Score requests handled, by outcome.", ["outcome"], registry=r
+            f"{p}score_requests",
+            "Score requests handled, by outcome: answered, rejected (invalid) or failed (scoring raised); "
+            "rejected and failed ones go to the DLQ.",
+            ["outcome"],
+            registry=r,
         )
         for scope in SCOPES:
             for c in (
@@ -250,7 +256,7 @@ class Metrics:
             self.scoring_duration.labels(kind=kind)
         for kind in ("refresh", "request"):
             self.scores_published.labels(kind=kind)
-        for outcome in ("answered", "rejected"):
+        for outcome in ("answered", "rejected", "failed"):
             self.score_requests.labels(outcome=outcome)
         self.prequential = Prequential(window=window, max_segments=max_segments)
         self.registry.register(_PrequentialCollector(self.prequential))
@@ -311,7 +317,12 @@ class Metrics:
             if delta > 0:
                 counter.inc(delta)
             self._seen[name] = value
-        for name, dependency in (("kafka_errors", "kafka"), ("redis_outages", "redis")):
+        for name, dependency in (
+            ("kafka_errors", "kafka"),
+            ("redis_outages", "redis"),
+            ("redis_oom", "redis_oom"),
+            ("dlq_failures", "dlq"),
+        ):
             value = int(getattr(stats, name, 0))
             delta = value - self._seen.get(name, 0)
             if delta > 0:

@@ -66,7 +66,9 @@ from worker.state.entry import decode_entry, encode_entry
 from worker.state.keys import PartitionPart, SegmentPart, segment_hash
 from worker.state.scripts import lua
 
-_WRITE_LUA = lua("entry.lua", "buffer_write.lua")
+# `#!lua`: a script that declares itself is refused whole, before it runs, when Redis is over `maxmemory`
+# (one without grows Redis past the limit under `noeviction`).
+_WRITE_LUA = "#!lua\n" + lua("entry.lua", "buffer_write.lua")
 _MARK_TRAINED_LUA = lua("entry.lua", "buffer_mark_trained.lua")
 _MARK_SHARED_SEEN_LUA = lua("buffer_mark_shared_seen.lua")
 

@@ -6,10 +6,13 @@
 -- writer: it lost data, so the events in between would never be buffered) and changes nothing then.
 -- The blob is one string, fields split by \255: per segment its hash, its key base, its name and its
 -- event count, then per event its offset, id, entry and pair key.
-local function chunked(cmd, key, flat, step)
+-- `cmd` over `flat` in chunks (Lua's unpack has a stack limit); returns the last reply, or with `sum`
+-- the sum of the replies (ZADD's count of new members is per chunk, a list's length is not).
+local function chunked(cmd, key, flat, step, sum)
   local r = 0
   for s = 1, #flat, step do
-    r = redis.call(cmd, key, unpack(flat, s, math.min(s + step - 1, #flat)))
+    local got = redis.call(cmd, key, unpack(flat, s, math.min(s + step - 1, #flat)))
+    if sum then r = r + got else r = got end
   end
   return r
 end
@@ -116,7 +119,7 @@ for i = 1, nseg do
         zflat[2 * j] = prs[j]
       end
       chunked('HSET', cand, hflat, 4000)
-      ncand = ncand + chunked('ZADD', candz, zflat, 4000)
+      ncand = ncand + chunked('ZADD', candz, zflat, 4000, true)
       if ncand > cand_cap then
         local gone = redis.call('ZPOPMIN', candz, ncand - cand_cap)
         local fields = {}

@@ -27,8 +27,7 @@ def connect(url: str, **kwargs: Any) -> RedisClient:
     if nodes is None:
         return redis.Redis.from_url(url, **kwargs)
     scheme, rest = url.split("://", 1)
-    netloc = rest.partition("/")[0]
-    auth = netloc.rpartition("@")[0]
+    auth = rest.rpartition("@")[0]
     first_host, first_port = nodes[0]
     plain = f"{'rediss' if scheme.startswith('rediss') else 'redis'}://"
     plain += f"{auth}@" if auth else ""

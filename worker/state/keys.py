@@ -14,7 +14,10 @@ from typing import Literal
 PartitionPart = Literal["offsets", "dedup", "stats", "segs", "served"]
 """`served`: which shared version the partition's published scores were last refreshed for."""
 SegmentPart = Literal["meta", "new", "sample", "cand", "candz"]
-RegistryPart = Literal["next", "name", "records", "champion"]
+RegistryPart = Literal["next", "name", "records", "champion", "moves", "published"]
+"""`moves`: how often the champion pointer moved (promotions and rollbacks); `published`: the outbox
+pointer, a hash of the highest version whose model-version event and the `moves` whose scores Kafka
+acknowledged."""
 
 
 def segment_hash(segment: str) -> str:
@@ -64,3 +67,9 @@ def shared_seen_key(prefix: str, topic: str) -> str:
     """The hash of `<partition>:<segment hash>` -> the last sequence number the group's shared trainer
     took as new: what it has trained on survives a restart and a change of trainer."""
     return f"{prefix}:{{{topic}-shared}}:seen"
+
+
+def shared_lock_key(prefix: str, topic: str) -> str:
+    """The lock a shared run holds while it pools, trains and records (`worker.state.lock`): one shared
+    run per group at a time. Tagged like `shared_seen_key`, so one script may fence both."""
+    return f"{prefix}:{{{topic}-shared}}:lock"

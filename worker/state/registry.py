@@ -1,17 +1,28 @@
 """Model versions per segment: numbers, lineage, metrics, the champion pointer, and adapter directories.
 
 Metadata lives in Redis, adapters in the model store (`<store>/<segment hash>/<version>/`). Version numbers
-come from INCR, so no two trainers, threads or workers ever hand out the same one. The champion pointer
-moves forward only through a Lua compare-and-set (`registry_promote.lua`: a slow trainer cannot overwrite
-a newer champion) and only ever names a version whose directory is complete (adapters are written to a
-temp dir, then renamed). Every key comes from `worker.state.keys`.
+come from INCR, floored at the highest version in the store (`registry_next.lua`), so no two trainers,
+threads or workers ever hand out the same one, even after Redis lost its data. The champion pointer
+moves only through Lua compare-and-sets (`registry_promote.lua`: a slow trainer cannot overwrite a newer
+champion; `registry_rollback.lua`: an operator cannot undo a promotion they did not see) and only ever
+names a version whose directory is complete (adapters are written to a temp dir, then renamed).
+
+The records are the outbox of what the worker publishes (`Registry.outboxes`): a decision is recorded
+first, published after, and a per-segment `published` pointer moves forward once Kafka acknowledged its
+model-version event and, when the champion moved, the segment's refreshed scores. A crash between the
+two publishes them again later: delivery is at least once, and consumers dedupe model-version events by
+(segment, version). Every key comes from `worker.state.keys`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shutil
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -29,6 +40,11 @@ SHARED_SEGMENT = "shared"
 """The shared model's name inside its own registry (`Registry.shared`), a namespace no segment reaches."""
 
 _PROMOTE = lua("registry_promote.lua")
+_ROLLBACK = lua("registry_rollback.lua")
+_NEXT = lua("registry_next.lua")
+_PUBLISHED = lua("registry_published.lua")
+_STORED_VERSION = re.compile(r"^\.?(\d+)(\.tmp-.*)?$")
+"""A version directory in the store, or its temp directory while it is written (`learn.store`)."""
 
 
 class RegistryError(RuntimeError):
@@ -46,6 +62,19 @@ class VersionRecord(ModelVersionEvent):
         return ModelVersionEvent.model_validate(self.model_dump(exclude={"adapter"}))
 
 
+@dataclass(frozen=True)
+class Outbox:
+    """A segment's decisions that Kafka has not acknowledged yet (`Registry.outboxes`)."""
+
+    segment: str
+    records: list[VersionRecord]
+    """Recorded above the published pointer, oldest first: each one's model-version event is due."""
+    moves: int
+    """The champion moves counted when read: what `Registry.mark_published` records as published."""
+    rescore: bool
+    """The champion moved (a promotion or a rollback) since the segment's scores were last published."""
+
+
 class Registry:
     def __init__(self, client: RedisClient, store: Path, prefix: str = "w", keep: int = 5) -> None:
         self.client = client
@@ -53,6 +82,9 @@ class Registry:
         self.prefix = prefix
         self.keep = keep
         self._promote = clients.register_script(client, _PROMOTE)
+        self._rollback = clients.register_script(client, _ROLLBACK)
+        self._next = clients.register_script(client, _NEXT)
+        self._published = clients.register_script(client, _PUBLISHED)
 
     @classmethod
     def from_settings(cls, settings: Settings, client: RedisClient | None = None) -> Registry:
@@ -71,18 +103,27 @@ class Registry:
     def adapter_dir(self, segment: str, version: int) -> Path:
         return self.store / segment_hash(segment) / f"{version:08d}"
 
-    def next_version(self, segment: str) -> int:
-        """Reserve a version number; reserved numbers are never handed out again, even if unused.
+    def stored_version(self, segment: str) -> int:
+        """The highest version the model store holds for the segment, complete or being written (0: none)."""
+        try:
+            names = os.listdir(self.store / segment_hash(segment))
+        except FileNotFoundError:
+            return 0
+        return max((int(m.group(1)) for m in map(_STORED_VERSION.match, names) if m), default=0)
 
-        The segment's own keys change in one transaction (one hash slot); the index, in another slot on a
+    def next_version(self, segment: str) -> int:
+        """Reserve a version number; reserved numbers are never handed out again, even if unused, nor
+        after Redis lost its data: the number is above both Redis's counter and the store's versions.
+
+        The segment's own keys change in one script (one hash slot); the index, in another slot on a
         Redis Cluster, is written first and on its own: an index entry without versions lists an empty
         segment, never a version that `segments()` cannot find."""
         name = segment.encode("utf-8", "surrogatepass")
         self.client.hset(keys.registry_index_key(self.prefix), segment_hash(segment), name)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.incr(self._key(segment, "next"))
-        pipe.set(self._key(segment, "name"), name)
-        version, _ = pipe.execute()
+        version = self._next(
+            keys=[self._key(segment, "next"), self._key(segment, "name")],
+            args=[self.stored_version(segment), name],
+        )
         return int(version)
 
     def record(self, rec: VersionRecord, gated_against: int | None = None) -> VersionRecord:
@@ -92,7 +133,7 @@ class Registry:
         compared with the model that serves now."""
         if rec.decision == "promoted" and (rec.adapter is None or not Path(rec.adapter).is_dir()):
             raise RegistryError(f"version {rec.version} of {rec.segment!r} has no complete adapter directory")
-        record_keys = [self._key(rec.segment, "records"), self._key(rec.segment, "champion")]
+        record_keys = [self._key(rec.segment, part) for part in ("records", "champion", "moves")]
         promote = "1" if rec.decision == "promoted" else "0"
         status, current = self._promote(
             keys=record_keys, args=[rec.version, rec.model_dump_json(), promote, gated_against or 0]
@@ -138,9 +179,13 @@ class Registry:
         names = self.client.hvals(keys.registry_index_key(self.prefix))
         return sorted(n.decode("utf-8", "surrogatepass") for n in names)
 
-    def rollback(self, segment: str, version: int | None = None) -> VersionRecord:
-        """Point the champion at `version`, or at the promoted version before the current champion."""
-        current = self.champion_version(segment)
+    def rollback(
+        self, segment: str, version: int | None = None, expected: int | None = None
+    ) -> VersionRecord:
+        """Point the champion at `version`, or at the promoted version before the current one, only if the
+        champion is still `expected` (default: the one read here), so a promotion that landed meanwhile
+        is never undone unseen. The move counts in `moves`, so the outbox republishes the scores."""
+        current = self.champion_version(segment) if expected is None else expected or None
         promoted = [r for r in self.versions(segment) if r.decision == "promoted" and r.adapter]
         if version is None:
             older = [r for r in promoted if current is None or r.version < current]
@@ -154,8 +199,38 @@ class Registry:
             target = found[0]
         if target.adapter is None or not Path(target.adapter).is_dir():
             raise RegistryError(f"the adapter of version {target.version} is gone: {target.adapter}")
-        self.client.set(self._key(segment, "champion"), target.version)
+        moved, now = self._rollback(
+            keys=[self._key(segment, "champion"), self._key(segment, "moves")],
+            args=[target.version, current or 0],
+        )
+        if not int(moved):
+            raise RegistryError(
+                f"the champion of {segment!r} is v{int(now)}, not v{current or 0}: nothing rolled back"
+            )
         return target
+
+    def outboxes(self, segments: Sequence[str]) -> list[Outbox]:
+        """The segments with decisions to publish, in one round trip when there are none."""
+        pipe = self.client.pipeline(transaction=False)
+        for segment in segments:
+            pipe.hmget(self._key(segment, "published"), ["version", "moves"])
+            pipe.get(self._key(segment, "moves"))
+            pipe.hkeys(self._key(segment, "records"))
+        raw = pipe.execute()
+        out = []
+        for i, segment in enumerate(segments):
+            (version, published_moves), moves, recorded = raw[3 * i : 3 * i + 3]
+            due = sorted(v for v in map(int, recorded) if v > int(version or 0))
+            rescore = int(moves or 0) > int(published_moves or 0)
+            if due or rescore:
+                records = [r for r in (self.get(segment, v) for v in due) if r is not None]
+                out.append(Outbox(segment, records, int(moves or 0), rescore))
+        return out
+
+    def mark_published(self, outbox: Outbox) -> None:
+        """Kafka acknowledged the outbox's events (and scores, if due): move the pointer forward."""
+        version = max((r.version for r in outbox.records), default=0)
+        self._published(keys=[self._key(outbox.segment, "published")], args=[version, outbox.moves])
 
     def prune(self, segment: str) -> list[int]:
         """Keep the champion, the newest `keep` promoted versions (the rollback targets, however many
@@ -185,6 +260,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shared",
         action="store_true",
         help="the model all segments share, instead of a segment: `models --shared rollback [VERSION]`",
+    )
+    parser.add_argument(
+        "--expect",
+        type=int,
+        metavar="VERSION",
+        help="rollback only if the champion is still VERSION (the one `list` showed); 0: no champion",
     )
 
 
@@ -224,7 +305,7 @@ def cli_main(args: argparse.Namespace) -> int:
                 raise RegistryError(f"{args.segment!r} has no version {version}")
             print(orjson.dumps(shown.model_dump(mode="json"), option=orjson.OPT_INDENT_2).decode())
             return 0
-        target = reg.rollback(args.segment, args.version)
+        target = reg.rollback(args.segment, args.version, expected=args.expect)
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -47,6 +47,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from redis.exceptions import OutOfMemoryError  # type: ignore[attr-defined]  # not in the stubs
 
 from worker.config import Settings, load_settings
 from worker.events import ClickEvent
@@ -54,7 +55,8 @@ from worker.logs import configure_logging
 from worker.state.buffer import Buffer, InflightWrite, PartitionWrite, Pending, WriteResult
 from worker.state.entry import pair_key
 from worker.stream.decode import Rejection, decode, fast_decode
-from worker.stream.kafka import ensure_topics, make_consumer, make_producer
+from worker.stream.dlq import dead_letter
+from worker.stream.kafka import ensure_topics, make_consumer, make_producer, max_record_bytes
 from worker.stream.trigger import Trigger
 
 log = structlog.get_logger("worker.stream.ingest")
@@ -87,6 +89,8 @@ class IngestStats:
     redis_outages: int = 0
     rewinds: int = 0
     fenced: int = 0
+    dlq_failures: int = 0
+    redis_oom: int = 0
     by_code: dict[str, int] = field(default_factory=dict)
 
 
@@ -136,6 +140,8 @@ class Ingestor:
         """Assigned, but ownership not yet taken in Redis (it failed): kept paused until it succeeds."""
         self._dropped: set[tuple[str, int]] = set()
         """Partitions whose batch, consumed before a rewind or a fence, must not be written."""
+        self._failures_in_row = 0
+        self._redis_full = False
 
     # Ownership and rebalancing
 
@@ -288,7 +294,11 @@ class Ingestor:
             self._acquire()
         msgs = self.consumer.consume(s.consume_batch, s.consume_timeout_s)
         if msgs:
-            self._send(self._prepare(msgs))
+            try:
+                self._send(self._prepare(msgs))
+            except DeadLetterError as exc:
+                self._dead_letters_unconfirmed(exc)
+                return len(msgs)
         else:
             self.flush()
         self.producer.poll(0)
@@ -311,6 +321,8 @@ class Ingestor:
             return None
         write, slots = inflight
         result = write.wait()
+        self._failures_in_row = 0
+        self._redis_full = False
         for key, next_offset in slots:
             if key not in result.fenced and key not in result.rewound:
                 self._to_commit[key] = next_offset
@@ -432,14 +444,7 @@ class Ingestor:
         self._inflight = (write, [(key, slot.next_offset) for key, slot in slots.items()])
 
     def _dead_letter(self, msg: Message, why: Rejection) -> None:
-        headers: list[tuple[str, str | bytes | None]] = list(msg.headers() or [])  # type: ignore[arg-type]
-        headers += [
-            ("dlq.source.topic", str(msg.topic()).encode()),
-            ("dlq.source.partition", str(msg.partition()).encode()),
-            ("dlq.source.offset", str(msg.offset()).encode()),
-            ("dlq.reason", why.code.encode()),
-            ("dlq.message", why.message.encode("utf-8", "replace")),
-        ]
+        record = dead_letter(msg, why.code, why.message, max_record_bytes(self.settings))
         log.warning(
             "dead_letter",
             partition=msg.partition(),
@@ -452,18 +457,69 @@ class Ingestor:
             try:
                 self.producer.produce(
                     self.settings.dlq_topic,
-                    value=msg.value(),
-                    key=msg.key(),
-                    headers=headers,
+                    value=record.value,
+                    key=record.key,
+                    headers=record.headers,
                     on_delivery=self._dlq_delivered,
                 )
                 return
             except BufferError:
                 self.producer.poll(0.05)
+            except KafkaException as exc:
+                self._dlq_errors.append(str(exc))
+                return
 
     def _dlq_delivered(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
             self._dlq_errors.append(str(err))
+
+    def _dead_letters_unconfirmed(self, error: DeadLetterError) -> None:
+        """The DLQ did not confirm, so the batch was not written: after a back-off, consume it again from
+        the stored offsets (its dead letters are produced again: the DLQ is at-least-once). The loop never
+        stops on a produce error, and never stores offsets past dead letters that might be lost."""
+        self.stats.dlq_failures += 1
+        delay = self._backoff_s()
+        log.error("dead_letter_unconfirmed", error=str(error)[:300], retry_in_s=delay)
+        self._rewind_owned(delay)
+
+    def _backoff_s(self) -> float:
+        """0.5 s after the first failure in a row, twice as long after each next one, at most 30 s."""
+        self._failures_in_row += 1
+        return float(min(30.0, 0.5 * 2 ** (self._failures_in_row - 1)))
+
+    def _wait_paused(self, seconds: float, stop: threading.Event | None = None) -> list[TopicPartition]:
+        """Pause every assigned partition and keep polling for `seconds`, so the group keeps this member."""
+        assignment = self.consumer.assignment()
+        if assignment:
+            self.consumer.pause(assignment)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+            self.consumer.consume(1, min(0.5, max(0.0, deadline - time.monotonic())))
+            self.producer.poll(0)
+        return assignment
+
+    def _rewind_owned(self, pause_s: float, stop: threading.Event | None = None) -> None:
+        """Wait `pause_s` paused, then seek every owned partition back to its stored offset and resume."""
+        self._inflight = None
+        self._wait_paused(pause_s, stop)
+        if stop is not None and stop.is_set():
+            return
+        assignment = [tp for tp in self.consumer.assignment() if (tp.topic, tp.partition) in self._epochs]
+        by_topic: dict[str, list[int]] = {}
+        for tp in assignment:
+            by_topic.setdefault(tp.topic, []).append(tp.partition)
+        for topic, parts in by_topic.items():
+            stored = self.buffer.stored_offsets(parts, topic)
+            for p in parts:
+                offset = stored[p]
+                self.consumer.seek(TopicPartition(topic, p, _or_beginning(offset)))
+                self._expected[(topic, p)] = -1 if offset is None else offset
+        if assignment and not self._paused:
+            self.consumer.resume(assignment)
+
+    def redis_writable(self) -> bool:
+        """False while Redis refuses writes for lack of memory (`maxmemory` with `noeviction`)."""
+        return not self._redis_full
 
     def _confirm_dead_letters(self) -> None:
         remaining = self.producer.flush(self._block_s)
@@ -539,13 +595,20 @@ class Ingestor:
 
         The write in flight is dropped and what was consumed but not stored is read again (the write
         script skips offsets already stored, so nothing doubles). Meanwhile the consumer stays paused but
-        keeps polling, so this worker keeps its group membership and its partitions.
+        keeps polling, so this worker keeps its group membership and its partitions. A Redis out of
+        memory answers PING but refuses every write: it gets a growing back-off instead of a tight loop,
+        and `redis_writable` says so until a write succeeds.
         """
         self._inflight = None
         self.stats.redis_outages += 1
-        assignment = self.consumer.assignment()
-        if assignment:
-            self.consumer.pause(assignment)
+        if isinstance(error, OutOfMemoryError):
+            self.stats.redis_oom += 1
+            self._redis_full = True
+            delay = self._backoff_s()
+            log.error("redis_out_of_memory", error=str(error)[:300], retry_in_s=delay)
+            self._rewind_owned(delay, stop)
+            return
+        self._wait_paused(0.0)
         delay = 0.5
         log.warning("redis_unavailable", error=str(error)[:300])
         while not stop.is_set():
@@ -557,20 +620,8 @@ class Ingestor:
                 self.consumer.consume(1, delay)
                 self.producer.poll(0)
                 delay = min(delay * 2, 10.0)
-        if stop.is_set():
-            return
-        assignment = [tp for tp in self.consumer.assignment() if (tp.topic, tp.partition) in self._epochs]
-        by_topic: dict[str, list[int]] = {}
-        for tp in assignment:
-            by_topic.setdefault(tp.topic, []).append(tp.partition)
-        for topic, parts in by_topic.items():
-            stored = self.buffer.stored_offsets(parts, topic)
-            for p in parts:
-                self.consumer.seek(TopicPartition(topic, p, _or_beginning(stored[p])))
-                self._expected[(topic, p)] = -1 if stored[p] is None else stored[p]  # type: ignore[assignment]
-        if assignment and not self._paused:
-            self.consumer.resume(assignment)
-        log.info("redis_back", partitions=sorted(tp.partition for tp in assignment))
+        self._rewind_owned(0.0, stop)
+        log.info("redis_back", partitions=sorted(self._owned))
 
     def close(self) -> None:
         """Finish the write in flight, commit, leave the group (revoking commits again), flush the DLQ."""

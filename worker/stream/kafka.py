@@ -52,6 +52,12 @@ def consumer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     return conf
 
 
+def max_record_bytes(settings: Settings) -> int:
+    """The largest record this worker produces: Kafka's default topic limit (1 MiB), or room for four
+    of the largest accepted events."""
+    return max(1_048_576, settings.max_message_bytes * 4)
+
+
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """Idempotent, acks=all: a retried produce never duplicates or reorders within a partition."""
     conf = client_config(settings)
@@ -61,7 +67,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
             "acks": "all",
             "linger.ms": 5,
             "compression.type": "lz4",
-            "message.max.bytes": max(1_048_576, settings.max_message_bytes * 4),
+            "message.max.bytes": max_record_bytes(settings),
             "logger": _LIBRDKAFKA_LOG,
         }
     )

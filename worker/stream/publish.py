@@ -1,4 +1,5 @@
-"""The producer side: refreshed scores and model-version events, with delivery reports checked.
+"""The producer side: refreshed scores, model-version events and dead-lettered score requests, with
+delivery reports checked.
 
 One idempotent producer (`enable.idempotence`, `acks=all`) serves every output topic. Delivery failures are
 counted and logged, and `flush` reports them, so a caller never believes lost output was published.
@@ -15,7 +16,8 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from worker.config import Settings
 from worker.events import ModelVersionEvent, ScoreUpdate
-from worker.stream.kafka import make_producer
+from worker.stream.dlq import Header, dead_letter
+from worker.stream.kafka import make_producer, max_record_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -43,11 +45,15 @@ class Publisher:
             self.last_error = str(err)
         log.error("delivery failed", topic=msg.topic(), error=str(err))
 
-    def _produce(self, topic: str, key: bytes, value: bytes) -> None:
+    def _produce(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: list[Header] | None = None
+    ) -> None:
         """Produce, serving delivery reports when the local queue is full instead of failing."""
         while True:
             try:
-                self.producer.produce(topic, key=key, value=value, on_delivery=self._on_delivery)
+                self.producer.produce(
+                    topic, key=key, value=value, headers=headers, on_delivery=self._on_delivery
+                )
                 return
             except BufferError:
                 self.producer.poll(0.1)
@@ -64,6 +70,13 @@ class Publisher:
 
     def version(self, event: ModelVersionEvent) -> None:
         self._produce(self.settings.versions_topic, event.segment.encode(), event.to_json())
+        self.producer.poll(0)
+
+    def dead_letter(self, msg: Message, reason: str, message: str) -> None:
+        """Send a consumed message this worker could not handle to the dead-letter topic, in the format
+        of `worker.stream.dlq`: its producer finds it there instead of waiting for an answer."""
+        record = dead_letter(msg, reason, message, max_record_bytes(self.settings))
+        self._produce(self.settings.dlq_topic, record.key, record.value, record.headers)
         self.producer.poll(0)
 
     def poll(self, timeout: float = 0.0) -> int:
