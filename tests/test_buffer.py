@@ -140,11 +140,12 @@ def test_key_strings_are_the_stored_layout() -> None:
     h = segment_hash("s")
     tag = keys.partition_tag("w", "clicks", 3)
     assert tag == "w:{clicks-3}"
-    assert [keys.partition_key(tag, p) for p in ("offsets", "dedup", "stats", "segs")] == [
+    assert [keys.partition_key(tag, p) for p in ("offsets", "dedup", "stats", "segs", "active")] == [
         "w:{clicks-3}:offsets",
         "w:{clicks-3}:dedup",
         "w:{clicks-3}:stats",
         "w:{clicks-3}:segs",
+        "w:{clicks-3}:active",
     ]
     assert keys.segment_key_base(tag, h) == f"w:{{clicks-3}}:seg:{h}:"
     assert [keys.segment_key(tag, h, p) for p in ("meta", "new", "sample", "cand", "candz")] == [
@@ -172,7 +173,7 @@ def test_the_write_script_writes_exactly_the_keys_of_the_layout(buffer: Buffer) 
     stored = {k.decode() for k in buffer.redis.scan_iter(match=keys.prefix_pattern(buffer.prefix))}
     h = segment_hash("x")
     assert stored == {
-        *(keys.partition_key(tag, p) for p in ("offsets", "dedup", "stats", "segs")),
+        *(keys.partition_key(tag, p) for p in ("offsets", "dedup", "stats", "segs", "active")),
         *(keys.segment_key(tag, h, p) for p in ("meta", "new", "sample", "cand", "candz")),
     }
 

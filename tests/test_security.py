@@ -310,7 +310,7 @@ def test_redact_url_cuts_the_userinfo_at_the_last_at_sign() -> None:
 
 _KEY = re.compile(
     r"^(?P<prefix>[A-Za-z0-9_-]+)(?::shared)?:("
-    r"\{[A-Za-z0-9._-]+-[0-9]+\}:(offsets|dedup|stats|segs|seg:[0-9a-f]{32}:(meta|new|sample|cand|candz))"
+    r"\{[A-Za-z0-9._-]+-[0-9]+\}:(offsets|dedup|stats|segs|active|seg:[0-9a-f]{32}:(meta|new|sample|cand|candz))"
     r"|reg:(index|\{[0-9a-f]{32}\}:(next|name|records|champion|moves|published))"
     r")$"
 )

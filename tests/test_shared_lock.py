@@ -19,6 +19,7 @@ from worker.config import Settings
 from worker.events import ClickEvent
 from worker.state.keys import shared_lock_key
 from worker.state.lock import Lock
+from worker.state.pool import Pool
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +119,7 @@ class _Trainer:
         self.calls = 0
         self.during = during
 
-    def train_shared(self, new: Any, older: Any, events: Any) -> Any:
+    def train_shared(self, new: Any, older: Any, events: Any, still_owned: Any = None) -> Any:
         self.calls += 1
         self.during()
         raise _Trained
@@ -130,7 +131,7 @@ def _worker(settings: Settings, trainer: _Trainer) -> Worker:
     )
     worker = Worker(settings)
     worker.learner = trainer  # type: ignore[assignment]
-    worker._pool = lambda: ([event], [], {}, [0])  # type: ignore[method-assign]
+    worker._pool = lambda: Pool([event], [], {}, [0], {})  # type: ignore[method-assign]
     return worker
 
 

@@ -35,7 +35,7 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from pydantic import ValidationError
 
 from worker.config import ConfigError, Settings, load_settings
-from worker.events import ClickEvent, ScoreRequest, ScoreUpdate
+from worker.events import ScoreRequest, ScoreUpdate
 from worker.learn.learner import Abandoned, Learner
 from worker.logs import configure_logging
 from worker.ops.http import MetricsServer, Readiness
@@ -46,7 +46,9 @@ from worker.state.buffer import Buffer
 from worker.state.client import RedisClient
 from worker.state.keys import shared_lock_key
 from worker.state.lock import Lock
+from worker.state.pool import Pool, group_new, pool
 from worker.state.registry import SHARED_SEGMENT, Registry, VersionRecord
+from worker.state.retention import sweep as expire_idle_segments
 from worker.stream.ingest import Ingestor
 from worker.stream.kafka import ensure_topics, make_consumer
 from worker.stream.lease import Lease
@@ -62,6 +64,8 @@ SHARED_LOCK_TTL_S = 30.0
 """How long a shared run's lock outlives a holder that stopped renewing it (a crash, a stall)."""
 OUTBOX_CHECK_S = 30.0
 """How often every owned partition's registry outbox is read (one pipelined round trip per partition)."""
+EXPIRY_CHECK_S = 60.0
+"""How often owned partitions are swept for segments idle longer than `segment_retention_s`."""
 
 
 @dataclass
@@ -190,6 +194,7 @@ class Worker:
         )
         self._housekept = 0.0
         self._outbox_checked = 0.0
+        self._expiry_checked = 0.0
         self._outbox_owned: frozenset[int] = frozenset()
         self._failures: dict[tuple[int, str], int] = {}
         self._compute_done = threading.Event()
@@ -338,6 +343,7 @@ class Worker:
             self._count_group_new()
             self._refresh_stale_partitions()
             self._drain_outboxes()
+            self._expire_idle()
         if self._shared_due():
             self._run_shared()
             return
@@ -365,41 +371,17 @@ class Worker:
 
     def _count_group_new(self, force: bool = False) -> None:
         """New events in every partition of the input topic since the last shared run, at most every
-        `SHARED_CHECK_S` (two Redis round trips per partition)."""
+        `SHARED_CHECK_S` (`worker.state.pool.group_new`: one read per partition)."""
         now = time.monotonic()
         if not self.lease.held() or (not force and now - self._group_checked < SHARED_CHECK_S):
             return
         self._group_checked = now
-        seen = self.buffer.shared_seen()
-        self._group_new = sum(
-            max(0, st.seq - seen.get((p, self.buffer.segment_hash(st.segment)), 0))
-            for p in range(self._input_partitions)
-            for st in self.buffer.segment_states(p)
-        )
+        self._group_new = group_new(self.buffer, self._input_partitions)
 
-    def _pool(self) -> tuple[list[ClickEvent], list[ClickEvent], dict[tuple[int, str], int], list[int]]:
-        """Events of every segment of every partition, owned here or not: those new since the group's
-        last shared run (by the persisted markers), the older ones, the markers after this run, and the
-        partitions that gave new events."""
-        new: list[ClickEvent] = []
-        older: list[ClickEvent] = []
-        seen = self.buffer.shared_seen()
-        marks: dict[tuple[int, str], int] = {}
-        partitions: list[int] = []
-        for partition in range(self._input_partitions):
-            fresh_here = 0
-            for segment in self.buffer.segments(partition):
-                snap = self.buffer.training_snapshot(partition, segment)
-                events = [*snap.sample_events, *snap.new_events]
-                key = (partition, self.buffer.segment_hash(segment))
-                fresh = max(0, min(len(events), snap.seq_to - seen.get(key, 0)))
-                older.extend(events[: len(events) - fresh])
-                new.extend(events[len(events) - fresh :])
-                marks[key] = snap.seq_to
-                fresh_here += fresh
-            if fresh_here:
-                partitions.append(partition)
-        return new, older, marks, partitions
+    def _pool(self) -> Pool:
+        """Every segment of every partition, owned here or not, within the pool's bounds
+        (`worker.state.pool`)."""
+        return pool(self.buffer, self._input_partitions, self.settings)
 
     def _run_shared(self) -> VersionRecord | None:
         """One shared run of the group's trainer. What it took as new is marked in Redis after its
@@ -418,7 +400,8 @@ class Worker:
             return None
         self._shared_running = True
         try:
-            new, older, marks, partitions = self._pool()
+            pooled = self._pool()
+            new, older, partitions = pooled.new, pooled.older, pooled.partitions
             self._group_new = 0
             if not new:
                 return None
@@ -432,7 +415,8 @@ class Worker:
             except Abandoned as exc:
                 log.warning("shared run abandoned: it outlived its lock", reason=str(exc))
                 return None
-            self.buffer.mark_shared_seen(marks)
+            self.buffer.mark_shared_seen(pooled.marks)
+            self.buffer.mark_shared_counted(pooled.counters)
         finally:
             self._shared_running = False
             self._shared_lock.release()
@@ -486,6 +470,30 @@ class Worker:
         self._outbox_owned = owned
         for partition in sorted(due):
             self._publish_outboxes(self.registry, self.buffer.segments(partition), partition)
+
+    def _expire_idle(self) -> None:
+        """Each `EXPIRY_CHECK_S`: the owned partitions' segments idle past `segment_retention_s` go, in
+        Redis, in the store and in memory (`worker.state.retention`)."""
+        now = time.monotonic()
+        if now - self._expiry_checked < EXPIRY_CHECK_S:
+            return
+        self._expiry_checked = now
+        expired = expire_idle_segments(
+            self.buffer,
+            self.registry,
+            self.ingestor.owned_partitions(),
+            self.settings.segment_retention_s,
+            self._forget_segment,
+            all_partitions=range(self._input_partitions),
+            epochs=self.ingestor.epoch,
+        )
+        self.metrics.segments_expired.inc(len(expired))
+
+    def _forget_segment(self, partition: int, segment: str) -> None:
+        assert self.learner is not None
+        self.learner.evict(segment)
+        self.trigger.forget(partition, segment)
+        self.metrics.prequential.forget(segment)
 
     def _publish_outboxes(
         self, registry: Registry, segments: list[str], partition: int | None = None

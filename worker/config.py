@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     new_events_cap: int = Field(4096, ge=8, description="Labelled events kept since the last training.")
     sample_cap: int = Field(8192, ge=16, description="Longer sample kept for replay and holdout.")
     candidates_cap: int = Field(2000, ge=1, description="Distinct query/item pairs scored on promotion.")
+    segment_retention_s: int = Field(
+        30 * 86400,
+        ge=0,
+        description="Seconds without events after which a segment's buffer, marks, version records and "
+        "adapters are deleted; its version counter stays (0: kept forever).",
+    )
 
     # Trigger
     min_new_events: int = Field(32, ge=1, description="New labelled events a segment needs before it trains.")
@@ -149,6 +155,12 @@ class Settings(BaseSettings):
     shared_every: int = Field(2048, ge=1, description="New events, all segments together, per shared run.")
     shared_replay_frac: float = Field(1.0, ge=0, le=10, description="Replayed old events per new, shared.")
     shared_holdout_cap: int = Field(2048, ge=16, description="Pooled holdout pairs, shared gate.")
+    shared_pool_max_events: int = Field(
+        200_000, ge=64, description="Events one shared run reads from all buffers together, at most."
+    )
+    shared_pool_segment_cap: int = Field(
+        8192, ge=1, description="Events one shared run reads from one segment, at most (newest first)."
+    )
     shared_holdout_frac: float = Field(
         0.05, gt=0, lt=1, description="Share of events no model trains on; they gate the shared model."
     )

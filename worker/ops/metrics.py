@@ -54,6 +54,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "ctr_worker_scoring_duration_seconds",
     "ctr_worker_scores_published_total",
     "ctr_worker_score_requests_total",
+    "ctr_worker_segments_expired_total",
     "ctr_worker_online_auc",
     "ctr_worker_online_logloss",
     "ctr_worker_online_window_events",
@@ -241,6 +242,11 @@ class Metrics:
             "Score requests handled, by outcome: answered, rejected (invalid) or failed (scoring raised); "
             "rejected and failed ones go to the DLQ.",
             ["outcome"],
+            registry=r,
+        )
+        self.segments_expired = Counter(
+            f"{p}segments_expired",
+            "Idle segments deleted after WORKER_SEGMENT_RETENTION_S without events.",
             registry=r,
         )
         for scope in SCOPES:

@@ -240,6 +240,12 @@ class Prequential:
         for s in self._windows:
             self._traffic.setdefault(s, 0)
 
+    def forget(self, segment: str) -> None:
+        """An expired segment gives up its window and its label, so a busier one can take them."""
+        with self._lock:
+            self._windows.pop(segment, None)
+            self._traffic.pop(segment, None)
+
     def labelled_segments(self) -> list[str]:
         """Segments with a window of their own right now (at most `max_segments`), plus `OTHER` when used."""
         with self._lock:

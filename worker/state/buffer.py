@@ -8,6 +8,7 @@ tag, so one partition's events and its offsets live in one slot and change in on
     P:{T-p}:dedup            zset  event_id -> first-seen time (ms)
     P:{T-p}:stats            hash  events, duplicates, stale, dlq, dlq.<code>
     P:{T-p}:segs             set   segment hashes seen on the partition
+    P:{T-p}:active           zset  segment hash -> when it last got an event (ms; `expire_idle`)
     P:{T-p}:seg:<h>:meta     hash  name, seq, pos, neg, new_pos, new_neg, dropped, duplicates, ncand, ...
     P:{T-p}:seg:<h>:new      list  events since the last training, oldest first (`<label><json>`)
     P:{T-p}:seg:<h>:sample   list  the last `sample_cap` events of the segment, oldest first
@@ -24,7 +25,7 @@ and by size (`dedup_max_ids`) inside the same script, so memory is bounded, and 
 partition's slot, so the check and the write are one atomic step. Producers key by segment, so a
 redelivered event comes back on the same partition; dedup's scope is the partition.
 
-Every key is built by `worker.state.keys`. The write script gets the four partition keys in KEYS and
+Every key is built by `worker.state.keys`. The write script gets the five partition keys in KEYS and
 each segment's key base in its one packed argument, with that segment's events (one string carries the
 reply: per-argument and per-element costs in redis-py were most of the Python time). The segment keys
 share the partition's hash tag, so on Redis Cluster they are in the script's slot, though not declared.
@@ -71,6 +72,8 @@ from worker.state.scripts import lua
 _WRITE_LUA = "#!lua\n" + lua("entry.lua", "buffer_write.lua")
 _MARK_TRAINED_LUA = lua("entry.lua", "buffer_mark_trained.lua")
 _MARK_SHARED_SEEN_LUA = lua("buffer_mark_shared_seen.lua")
+# No `#!lua`: expiry only frees memory, so it must run even when Redis is over `maxmemory`.
+_EXPIRE_LUA = lua("buffer_expire.lua")
 
 _SEP = b"\xff"
 
@@ -178,6 +181,7 @@ class Buffer:
         self._write_sha = hashlib.sha1(_WRITE_LUA.encode()).hexdigest()
         self._mark = clients.register_script(self.redis, _MARK_TRAINED_LUA)
         self._mark_seen = clients.register_script(self.redis, _MARK_SHARED_SEEN_LUA)
+        self._expire = clients.register_script(self.redis, _EXPIRE_LUA)
         self._hashes: dict[str, str] = {}
 
     # Keys
@@ -242,7 +246,7 @@ class Buffer:
         ]
         for offset, code in w.dead:
             args += (offset, code)
-        parts: tuple[PartitionPart, ...] = ("offsets", "dedup", "stats", "segs")
+        parts: tuple[PartitionPart, ...] = ("offsets", "dedup", "stats", "segs", "active")
         return [keys.partition_key(tag, part) for part in parts], args, list(groups)
 
     def write(self, writes: Sequence[PartitionWrite]) -> WriteResult:
@@ -424,6 +428,42 @@ class Buffer:
         older = sample_raw[: max(0, len(sample_raw) - len(new_raw))]
         return Snapshot(_events(new_raw), _events(older), seq - len(new_raw) + 1, seq)
 
+    def recent(self, partition: int, segment: str, n: int) -> tuple[list[ClickEvent], int]:
+        """The segment's last `n` events (older sampled ones, then new ones, as `training_snapshot` orders
+        them) and the sequence number of the last, read in one transaction: only `n` are read and parsed,
+        whatever the lists hold."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hget(self.segment_key(partition, segment, "meta"), "seq")
+        pipe.llen(self.segment_key(partition, segment, "new"))
+        pipe.lrange(self.segment_key(partition, segment, "new"), -n, -1)
+        pipe.lrange(self.segment_key(partition, segment, "sample"), -n, -1)
+        seq_raw, new_len, new_raw, sample_raw = pipe.execute()
+        older = sample_raw[: max(0, len(sample_raw) - new_len)]
+        raw = new_raw if new_len >= n else [*older, *new_raw][-n:]
+        return _events(raw), int(seq_raw or 0)
+
+    def events_counters(self, partitions: Iterable[int]) -> dict[int, int]:
+        """Each partition's `events` counter: every event ever buffered there (one read per partition)."""
+        parts = list(partitions)
+        pipe = self.redis.pipeline(transaction=False)
+        for p in parts:
+            pipe.hget(self.partition_key(p, "stats"), "events")
+        return {p: int(raw or 0) for p, raw in zip(parts, pipe.execute(), strict=True)}
+
+    def shared_counted(self) -> dict[int, int]:
+        """partition -> its `events` counter when the group's last shared run pooled."""
+        raw = self.redis.hgetall(keys.shared_counted_key(self.prefix, self.topic))
+        return {int(k): int(v) for k, v in raw.items()}
+
+    def mark_shared_counted(self, counters: dict[int, int]) -> int:
+        """Move the counters a shared run took forward (never back), atomically; returns how many moved."""
+        if not counters:
+            return 0
+        args: list[Any] = []
+        for p, n in counters.items():
+            args += (str(p), n)
+        return int(self._mark_seen(keys=[keys.shared_counted_key(self.prefix, self.topic)], args=args))
+
     def candidates(self, partition: int, segment: str) -> list[Candidate]:
         """Distinct recent query/item pairs of a segment, most recently seen first."""
         pipe = self.redis.pipeline(transaction=True)
@@ -480,6 +520,33 @@ class Buffer:
         stamp = int(time.time() * 1000) if now_ms is None else now_ms
         fence = "" if epoch is None else epoch
         return int(self._mark(keys=[meta, new, offsets], args=[seq_to, stamp, fence]))
+
+    def expire_idle(
+        self, partition: int, older_than_ms: int, limit: int = 100, epoch: int | None = None
+    ) -> list[str]:
+        """Delete up to `limit` segments whose last event is older than `older_than_ms`, with all their
+        keys, and their shared-seen marks; returns their names. Offsets, dedup and stats stay. With the
+        owner `epoch`: nothing, when the partition has had a newer owner since.
+
+        The script checks the time again, so a segment that got an event since it was picked stays.
+        The mark lives in another slot and goes after the script: a crash in between, or a shared run
+        that marks the segment meanwhile, leaves an old mark that hides the returning segment's events
+        from shared runs as new until its sequence number passes that mark."""
+        active = self.partition_key(partition, "active")
+        picked = self.redis.zrangebyscore(active, "-inf", f"({older_than_ms}", start=0, num=limit)
+        if not picked:
+            return []
+        tag = self._tag(partition)
+        args: list[Any] = [older_than_ms, "" if epoch is None else epoch]
+        for h in picked:
+            args += (h, keys.segment_key_base(tag, h.decode()))
+        script_keys = [self.partition_key(partition, part) for part in ("segs", "active", "offsets")]
+        reply = self._expire(keys=script_keys, args=args)
+        gone = [(reply[i].decode(), reply[i + 1]) for i in range(0, len(reply), 2)]
+        if gone:
+            fields = [f"{partition}:{h}" for h, _ in gone]
+            self.redis.hdel(keys.shared_seen_key(self.prefix, self.topic), *fields)
+        return [name.decode("utf-8", "surrogatepass") for _, name in gone if name]
 
     def purge(self) -> int:
         """Delete every key under this prefix (tests, demos); returns how many."""

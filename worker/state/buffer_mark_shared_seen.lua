@@ -1,4 +1,5 @@
--- KEYS: the group's shared-seen hash. ARGV: (field, sequence number) pairs.
+-- KEYS: one of the group's shared-run marks (seen: sequence numbers; counted: partition counters).
+-- ARGV: (field, number) pairs.
 -- Each mark only moves forward: a slower or older shared run can never hand back events already taken.
 local moved = 0
 for i = 1, #ARGV, 2 do

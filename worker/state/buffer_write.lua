@@ -1,4 +1,4 @@
--- KEYS: the partition's offsets, dedup, stats and segs keys (worker.state.keys).
+-- KEYS: the partition's offsets, dedup, stats, segs and active keys (worker.state.keys).
 -- ARGV: now_ms, dedup cutoff ms, dedup_max_ids, new_events_cap, sample_cap, candidates_cap, next offset,
 -- segments, dead letters, lowest offset, the blob, the writer's owner epoch ('' = unchecked), the stored
 -- next offset the writer continues from ('' = unchecked, -1 = none), then (offset, code) per dead letter.
@@ -96,6 +96,7 @@ for i = 1, nseg do
         redis.call('HSET', meta, 'name', names[i])
         redis.call('SADD', KEYS[4], hs[i])
       end
+      redis.call('ZADD', KEYS[5], now, hs[i])
       newlen = chunked('RPUSH', new, items, 4000)
       if newlen > new_cap then
         local drop = newlen - new_cap

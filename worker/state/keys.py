@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
-PartitionPart = Literal["offsets", "dedup", "stats", "segs", "served"]
-"""`served`: which shared version the partition's published scores were last refreshed for."""
+PartitionPart = Literal["offsets", "dedup", "stats", "segs", "served", "active"]
+"""`served`: which shared version the partition's published scores were last refreshed for; `active`:
+segment hash -> when it last got an event (ms), what idle segments expire by (`worker.state.retention`)."""
 SegmentPart = Literal["meta", "new", "sample", "cand", "candz"]
 RegistryPart = Literal["next", "name", "records", "champion", "moves", "published"]
 """`moves`: how often the champion pointer moved (promotions and rollbacks); `published`: the outbox
@@ -67,6 +68,12 @@ def shared_seen_key(prefix: str, topic: str) -> str:
     """The hash of `<partition>:<segment hash>` -> the last sequence number the group's shared trainer
     took as new: what it has trained on survives a restart and a change of trainer."""
     return f"{prefix}:{{{topic}-shared}}:seen"
+
+
+def shared_counted_key(prefix: str, topic: str) -> str:
+    """The hash of partition -> its `events` counter (`PartitionPart` `stats`) when the last shared run
+    pooled: what arrived since is the group's new events, read per partition, never per segment."""
+    return f"{prefix}:{{{topic}-shared}}:counted"
 
 
 def shared_lock_key(prefix: str, topic: str) -> str:

@@ -232,6 +232,16 @@ class Registry:
         version = max((r.version for r in outbox.records), default=0)
         self._published(keys=[self._key(outbox.segment, "published")], args=[version, outbox.moves])
 
+    def forget(self, segment: str) -> None:
+        """Delete everything of an expired segment (`worker.state.retention`) but its version counter:
+        a segment that comes back continues above its old numbers, so no (segment, version) a consumer
+        has seen is ever handed out twice. The champion goes before the adapters it points at, the index
+        entry last: a crash midway leaves unused directories or an empty index entry, nothing served."""
+        parts: tuple[RegistryPart, ...] = ("champion", "records", "name", "moves", "published")
+        self.client.delete(*(self._key(segment, part) for part in parts))
+        shutil.rmtree(self.store / segment_hash(segment), ignore_errors=True)
+        self.client.hdel(keys.registry_index_key(self.prefix), segment_hash(segment))
+
     def prune(self, segment: str) -> list[int]:
         """Keep the champion, the newest `keep` promoted versions (the rollback targets, however many
         challengers were rejected since) and the newest `keep` records; delete the rest and their adapters."""

@@ -19,7 +19,8 @@ from confluent_kafka import Message
 Header = tuple[str, str | bytes | None]
 KEY_CAP = 4096
 """Bytes of a message key kept (keys are segment names; a longer one is cut)."""
-MESSAGE_CHARS = 1000
+MESSAGE_CHARS = 8000
+"""`dlq.message` is cut here (a schema error lists every violation, already cut to this by decode)."""
 
 
 class DeadLetter(NamedTuple):

@@ -140,6 +140,16 @@ class Trigger:
             self._recheck = {k for k in self._recheck if k[0] not in parts}
             self._until_shared = {k for k in self._until_shared if k[0] not in parts}
 
+    def forget(self, partition: int, segment: str) -> None:
+        """An expired segment (`worker.state.retention`): not queued, waited on or retried any more, and a
+        job for it already on the queue is skipped (`still_owned`)."""
+        key = (partition, segment)
+        with self._lock:
+            for store in (self._pending, self._waiting, self._backoff):
+                store.pop(key, None)
+            for keys in (self._queued, self._recheck, self._until_shared):
+                keys.discard(key)
+
     def still_owned(self, job: DueSegment) -> bool:
         """The trainer asks before it starts: no training for segments of partitions given away."""
         with self._lock:

@@ -14,6 +14,7 @@ BENCHES: Table = {
     "scale": ("worker.tools.bench.scale", "ingest throughput as worker processes are added"),
     "capacity": ("worker.tools.bench.capacity", "what many segments cost one worker's memory"),
     "failover": ("worker.tools.bench.failover", "a SIGKILLed owner's partition to the survivor; memory"),
+    "pool": ("worker.tools.bench.pool", "a shared run's pooling: peak memory bounded, against reading all"),
 }
 
 
