@@ -34,9 +34,9 @@ def _docs() -> list[tuple[Path, dict[str, Any]]]:
     return out
 
 
-def _one(kind: str) -> dict[str, Any]:
-    found = [d for _, d in _docs() if d["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+def _one(kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for _, d in _docs() if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
 
 
@@ -49,7 +49,7 @@ def _container() -> dict[str, Any]:
 def _env() -> dict[str, str]:
     """The worker's environment as Kubernetes builds it: ConfigMap, then Secret, then `env`."""
     env: dict[str, str] = {}
-    env.update(_one("ConfigMap")["data"])
+    env.update(_one("ConfigMap", "ctr-worker")["data"])
     env.update(_one("Secret")["stringData"])
     for item in _container().get("env", []):
         env[item["name"]] = item.get("value", "")
@@ -129,7 +129,9 @@ def test_env_names_are_settings_and_parse() -> None:
     assert {"WORKER_KAFKA_SASL_PASSWORD", "WORKER_REDIS_URL"} <= set(secret)
     assert all("CHANGE-ME" in v for v in secret.values()), "the Secret holds placeholders only"
     assert re.match(r"^rediss?://:[^@]+@", secret["WORKER_REDIS_URL"]), "Redis URL carries a password"
-    assert not set(secret) & set(_one("ConfigMap")["data"]), "a secret value is also in the ConfigMap"
+    assert not set(secret) & set(_one("ConfigMap", "ctr-worker")["data"]), (
+        "a secret value is also in the ConfigMap"
+    )
     Settings(**{k.removeprefix("WORKER_").lower(): v for k, v in worker_env.items()})
 
 

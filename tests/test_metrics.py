@@ -231,11 +231,21 @@ def test_every_declared_name_is_exported() -> None:
     m.prequential.record("s", [0.2, 0.8], [0, 1])
     m.sync_ingest(FakeStats(by_code={"schema": 1}))
     m.set_partitions({0: 1}, {0: 1})
+    m.watch_readiness(lambda: {"redis": True})
     names = {s.name for fam in m.registry.collect() for s in fam.samples}
     for name in METRIC_NAMES:
         assert name in names or f"{name}_bucket" in names, name
     families = {fam.name for fam in m.registry.collect() if fam.name.startswith("ctr_worker_")}
     assert {n.removesuffix("_total") for n in METRIC_NAMES} == families
+
+
+def test_ready_gauge_follows_the_readiness_checks() -> None:
+    checks = {"redis": True, "kafka": True}
+    m = Metrics()
+    m.watch_readiness(lambda: dict(checks))
+    assert m.registry.get_sample_value("ctr_worker_ready") == 1.0
+    checks["kafka"] = False
+    assert m.registry.get_sample_value("ctr_worker_ready") == 0.0
 
 
 @dataclass

@@ -33,11 +33,12 @@ COMMANDS: Table = {
     "generate-shop": ("worker.tools.shop", "write a generated shop (synthetic click events) as JSONL"),
     "ingest": ("worker.stream.ingest", "consume click events into the Redis buffers (no training)"),
     "run": ("worker.app", "run the worker: ingest, train, publish"),
-    "eval": ("worker.tools.evaluate", "offline evaluation on real data, no Kafka needed"),
+    "eval": ("worker.tools.evaluate", "evaluation on real data: offline, or --live through workers"),
     "models": ("worker.state.registry", "list, show or roll back model versions"),
     "bench": ("worker.tools.bench", "benchmarks against raw baselines, JSON output"),
     "soak": ("worker.tools.soak", "a worker under steady load: lag, memory, no event lost"),
     "demo": ("worker.tools.demo", "the whole job on the local stack, on the generated shop or real data"),
+    "alerts": ("worker.ops.alerts", "write the Prometheus alerting rules, thresholds from WORKER_ALERT_*"),
 }
 
 

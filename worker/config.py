@@ -234,6 +234,77 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Longest drain after SIGTERM before the running training is abandoned."
     )
 
+    # Alerts: thresholds of the Prometheus rules `python -m worker alerts` renders (deploy/alerts.yml)
+    alert_job: str = Field(
+        "ctr-worker", min_length=1, description="Prometheus job scraping the workers; its `up` is watched."
+    )
+    alert_down_for_s: int = Field(
+        300, ge=0, le=86400, description="Unscrapeable this long is down: longer than a restart or rollout."
+    )
+    alert_not_ready_for_s: int = Field(
+        600, ge=0, le=86400, description="Not ready this long alerts: a rebalance makes readiness blink."
+    )
+    alert_lag_min_events: int = Field(
+        10_000, ge=0, description="Lag below this never alerts: a few consume batches behind is normal."
+    )
+    alert_lag_for_s: int = Field(
+        900, ge=1, le=86400, description="Lag growing this long alerts: a burst is caught up within minutes."
+    )
+    alert_train_failures: int = Field(
+        3, ge=1, description="Failed trainings in the window that alert: one is retried, three are a pattern."
+    )
+    alert_train_failure_window_s: int = Field(
+        3600, ge=1, le=7 * 86400, description="Window of the failed-trainings alert: the longest back-off."
+    )
+    alert_no_promotion_s: int = Field(
+        21_600,
+        ge=1,
+        le=30 * 86400,
+        description="No promotion this long while events arrive alerts: segments train many times in 6 h.",
+    )
+    alert_gate_min_rejections: int = Field(
+        5, ge=1, description="Rejections in that time before the gate alerts: a few are the gate working."
+    )
+    alert_version_min_events: int = Field(
+        1000, ge=1, description="Events buffered in that time before no version alerts: enough to train."
+    )
+    alert_auc_floor: float = Field(
+        0.55, ge=0, le=1, description="Online AUC below this alerts: barely better than chance (0.5)."
+    )
+    alert_auc_drop: float = Field(
+        0.05, gt=0, le=1, description="Online AUC this far below its average alerts: above a window's noise."
+    )
+    alert_auc_baseline_s: int = Field(
+        86_400,
+        ge=60,
+        le=30 * 86400,
+        description="Span of the AUC drop alert's average: a day evens out cycles.",
+    )
+    alert_auc_min_events: int = Field(
+        100, ge=1, description="Window events a segment needs before its AUC alerts: fewer give a noisy AUC."
+    )
+    alert_auc_for_s: int = Field(
+        1800, ge=0, le=86400, description="AUC alerts hold this long: one bad window is noise."
+    )
+    alert_dlq_share: float = Field(
+        0.01, gt=0, le=1, description="Dead-lettered share of input that alerts: a sound producer sends ~0."
+    )
+    alert_dependency_errors: int = Field(
+        3, ge=1, description="Kafka/Redis/DLQ errors per rate window that alert: clients retry one or two."
+    )
+    alert_rate_window_s: int = Field(
+        300,
+        ge=2,
+        le=86400,
+        description="Window of dead-letter and error rates: several scrapes, still current.",
+    )
+    alert_for_s: int = Field(
+        600,
+        ge=0,
+        le=86400,
+        description="Rate alerts hold this long: ride out one bad batch or a broker restart.",
+    )
+
     # Consumer side (added with ingest)
     session_timeout_ms: int = Field(45_000, ge=1_000, le=3_600_000, description="Consumer session timeout.")
     group_instance_id: str = Field(

@@ -306,6 +306,7 @@ def start(
     Logs "metrics endpoint" with the bound host and port: with port 0 only this knows where it listens.
     """
     m = metrics if metrics is not None else Metrics()
+    m.watch_readiness(ready)
     host, port = settings.metrics_host, settings.metrics_port
     try:
         server = _Server(

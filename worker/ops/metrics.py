@@ -58,7 +58,31 @@ METRIC_NAMES: tuple[str, ...] = (
     "ctr_worker_online_auc",
     "ctr_worker_online_logloss",
     "ctr_worker_online_window_events",
+    "ctr_worker_ready",
 )
+
+
+class _ReadinessCollector:
+    """`ctr_worker_ready` at scrape time, from the same cached checks as `/readyz`: an alert sees what a
+    probe sees, on a thread of the HTTP server, never the poll loop's."""
+
+    def __init__(self, ready: Callable[[], dict[str, bool]]) -> None:
+        self.ready = ready
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(f"{PREFIX}ready", "")]
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            ok = all(self.ready().values())
+        except Exception:
+            ok = False
+        yield GaugeMetricFamily(
+            f"{PREFIX}ready",
+            "1 while /readyz answers 200 (partitions assigned, Kafka and Redis answer, Redis takes writes, "
+            "model loaded), else 0.",
+            value=1.0 if ok else 0.0,
+        )
 
 
 class _PrequentialCollector:
@@ -266,6 +290,7 @@ class Metrics:
             self.score_requests.labels(outcome=outcome)
         self.prequential = Prequential(window=window, max_segments=max_segments)
         self.registry.register(_PrequentialCollector(self.prequential))
+        self._readiness: _ReadinessCollector | None = None
         self.slow_refresh_s = slow_refresh_s
         self._seen: dict[str, int] = {}
         self._reasons: set[str] = set()
@@ -273,6 +298,12 @@ class Metrics:
         self._partitions: set[int] = set()
 
     # Training
+
+    def watch_readiness(self, ready: Callable[[], dict[str, bool]]) -> None:
+        """Export `ctr_worker_ready` from `ready` (the `/readyz` checks); once per registry."""
+        if self._readiness is None:
+            self._readiness = _ReadinessCollector(ready)
+            self.registry.register(self._readiness)
 
     def training_started(self, scope: str) -> float:
         """Count a start; returns a `time.perf_counter()` stamp for `training_finished`."""

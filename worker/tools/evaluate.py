@@ -671,7 +671,12 @@ def _spacing(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="homedepot", help="homedepot, a Home Depot .csv.gz or a .jsonl")
+    parser.add_argument(
+        "--data",
+        default="homedepot",
+        help="homedepot, hd-5k, hd-10k (Home Depot subsets), shop (the generated shop), "
+        "a Home Depot .csv.gz or a .jsonl",
+    )
     parser.add_argument("--holdout-frac", type=float, default=0.3, help="held-out query share (JSONL)")
     parser.add_argument("--quick", action="store_true", help="a CPU-sized subset (see the notes)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")

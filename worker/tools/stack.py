@@ -724,12 +724,13 @@ def cli_main(args: argparse.Namespace) -> int:
     settings = load_settings()
     rest: list[str] = list(getattr(args, "tool_args", None) or [])
     if args.action == "kafka-tool":
-        if not rest:
-            print(
-                f"usage: stack kafka-tool TOOL [ARGS...], TOOL one of {', '.join(KAFKA_TOOLS)}",
-                file=sys.stderr,
-            )
-            return 2
+        usage = (
+            f"usage: python -m worker stack kafka-tool TOOL [ARGS...], TOOL one of "
+            f"{', '.join(KAFKA_TOOLS)}; `stack kafka-tool TOOL --help` shows the tool's own options"
+        )
+        if not rest or rest[0] in ("-h", "--help"):
+            print(usage, file=sys.stdout if rest else sys.stderr)
+            return 0 if rest else 2
         try:
             return run_kafka_tool(settings, rest[0], rest[1:])
         except StackError as exc:
