@@ -104,10 +104,11 @@ class Registry:
         return self.store / segment_hash(segment) / f"{version:08d}"
 
     def stored_version(self, segment: str) -> int:
-        """The highest version the model store holds for the segment, complete or being written (0: none)."""
+        """The highest version the model store holds for the segment, complete or being written (0: none,
+        or a store it cannot read: then saving fails too, and the training is recorded as failed)."""
         try:
             names = os.listdir(self.store / segment_hash(segment))
-        except FileNotFoundError:
+        except OSError:
             return 0
         return max((int(m.group(1)) for m in map(_STORED_VERSION.match, names) if m), default=0)
 
