@@ -160,3 +160,20 @@ def test_two_workers_shared_runs_never_overlap(settings: Settings) -> None:
         for w in (first, second):
             w.request_consumer.close()
             w.lease.close()
+
+
+def test_a_run_with_nothing_new_takes_the_counters_so_it_is_not_due_again(settings: Settings) -> None:
+    """Counters ahead of the marks (a restored Redis): the empty run takes them and trains nothing."""
+    trainer = _Trainer()
+    worker = _worker(settings, trainer)
+    worker._pool = lambda: Pool([], [], {}, [], {0: 5, 1: 3})  # type: ignore[method-assign]
+    try:
+        assert worker._run_shared() is None
+        assert trainer.calls == 0
+        assert worker.buffer.shared_counted() == {0: 5, 1: 3}
+        assert worker._shared_lock.acquire(), "the empty run released the lock"
+        worker._shared_lock.release()
+    finally:
+        worker.request_consumer.close()
+        worker.lease.close()
+        worker.buffer.purge()

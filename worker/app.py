@@ -404,6 +404,9 @@ class Worker:
             new, older, partitions = pooled.new, pooled.older, pooled.partitions
             self._group_new = 0
             if not new:
+                # The counters moved but the marks already cover every buffered event (a restored
+                # Redis): take them, or the due count would start an empty run every few seconds.
+                self.buffer.mark_shared_counted(pooled.counters)
                 return None
             log.info("shared training", events=len(new), older=len(older), partitions=partitions)
             try:
