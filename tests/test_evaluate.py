@@ -25,15 +25,17 @@ from worker.learn.train import (
     score_segment,
 )
 from worker.ops.quality import holdout_score
-from worker.tools.datasets import load_homedepot, load_jsonl
+from worker.tools.datasets import Dataset, load_homedepot, load_jsonl
 from worker.tools.evaluate import (
     CHECKPOINT_NAMES,
     PROCEDURES,
+    SMALL_SHOP_EVENTS,
     EvalPlan,
     add_arguments,
     batch_positions,
     cli_main,
     quick_plan,
+    quick_plan_for,
     run_evaluation,
 )
 
@@ -82,7 +84,7 @@ def test_cli_runs_the_evaluation_and_prints_json_last(
 
     dataset = load_jsonl(jsonl, holdout_frac=0.3, min_rows=20)
     assert dataset.eval_segments == ["Delta", "GE"]
-    monkeypatch.setattr(evaluate, "quick_plan", tiny_plan)
+    monkeypatch.setattr(evaluate, "quick_plan_for", lambda data: tiny_plan())
     phases: list[tuple[str, bool]] = []
     original = evaluate.run_evaluation
 
@@ -218,7 +220,13 @@ def test_leaving_out_batch_and_naive_keeps_the_shape_with_nulls(jsonl: Path) -> 
     for seg in result["segments"]:
         assert first["per_segment"][seg]["shared_version"] is None
         assert first["per_segment"][seg]["auc"] == result["per_segment"][seg]["zero_shot"]["0"]["auc"]
-        assert set(last["per_segment"][seg]) == {"auc", "logloss", "segment_version", "shared_version"}
+        assert set(last["per_segment"][seg]) == {
+            "auc",
+            "logloss",
+            "segment_version",
+            "shared_version",
+            "served",
+        }
     runs = result["worker"]["shared_runs"]
     promoted = [
         i + 1 for i, r in enumerate(runs) if r["decision"] == "promoted" and r["stream_position"] <= 50
@@ -254,3 +262,11 @@ def test_per_query_segments_evaluate_without_an_empty_set(jsonl: Path, tmp_path:
     assert result["pair_level_holdout"] == ["one-query"]
     assert any("held out by pair" in n for n in result["notes"])
     assert result["per_segment"]["one-query"]["worker"]["end"] is not None
+
+
+def test_quick_replays_a_small_shop_whole_and_slices_a_large_one() -> None:
+    stream = load_homedepot().stream()
+    small = quick_plan_for(Dataset(events=stream[:SMALL_SHOP_EVENTS]))
+    assert (small.segments, small.segment_cap, small.other_events) == (None, None, None)
+    assert small.overrides == {} and "whole shop" in small.notes[0]
+    assert quick_plan_for(Dataset(events=stream[: SMALL_SHOP_EVENTS + 1])) == quick_plan()

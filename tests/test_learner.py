@@ -16,10 +16,12 @@ import pytest
 from registry_helpers import version_record
 
 from worker.config import Settings
+from worker.events import HoldoutMetrics, ServingChoice
 from worker.learn.history import fold_of
-from worker.learn.learner import Abandoned, Learner, clean_partial_dirs
+from worker.learn.learner import Abandoned, Learner, Serving, clean_partial_dirs
 from worker.learn.model import new_click_model
 from worker.learn.store import STALE_TMP_S, _atomic_dir, abandoned, save_shared
+from worker.learn.train import score_segment
 from worker.state.registry import SHARED_SEGMENT, Registry
 from worker.tools.datasets import load_homedepot
 
@@ -249,3 +251,42 @@ def test_plain_transformers_and_peft_rebuild_the_served_encoder_from_the_files(l
             batch["attention_mask"],
         )
     assert not torch.allclose(ours, packaged, atol=1e-3), "the check can tell the two encoders apart"
+
+
+def test_a_segment_held_back_by_a_shared_promotion_is_served_zero_shot_until_its_own_choice(
+    learner: Learner, settings: Settings
+) -> None:
+    """A promoted shared version names the segments its pooled pairs say it serves worse than zero-shot:
+    they score zero-shot (adapter version 0, shared version 0), the others the new shared model; a choice
+    the segment makes on that shared version afterwards decides, and a restarted learner reads the same."""
+    learner.refresh_shared()
+    first = learner.shared_version
+    shared = learner.shared_registry
+    version = shared.next_version(SHARED_SEGMENT)
+    path = save_shared(shared.adapter_dir(SHARED_SEGMENT, version), new_click_model(learner.backbone, 1))
+    back = ServingChoice(
+        kind="zero_shot", shared_version=version, n=50, auc={"zero_shot": 0.7, "shared": 0.6}
+    )
+    shared.record(
+        version_record(
+            SHARED_SEGMENT,
+            version,
+            str(path),
+            scope="shared",
+            held_back={"GE": back},
+            challenger=HoldoutMetrics(auc=0.75, logloss=0.6, n=300),
+            zero_shot=HoldoutMetrics(auc=0.70, logloss=0.7, n=300),
+        ),
+        gated_against=first,
+    )
+    pairs = [("cordless drill", "cordless brushless drill kit"), ("light bulb", "LED bulb 60W")]
+    zero = score_segment(learner.backbone, None, None, pairs)
+    for worker in (learner, Learner(learner.settings, Registry.from_settings(learner.settings))):
+        assert worker.serving("GE") == Serving("zero_shot", 0, 0)
+        assert np.allclose(worker.score("GE", pairs)[0], zero)
+        assert worker.serving("Delta") == Serving("shared", 0, version)
+        assert worker.prior() == pytest.approx(0.05)
+    later = learner.registry.next_version("GE")
+    own = back.model_copy(update={"kind": "shared"})
+    learner.registry.record(version_record("GE", later, None, decision="rejected", serving=own))
+    assert learner.serving("GE") == Serving("shared", 0, version), "its own later choice decides"

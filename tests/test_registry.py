@@ -10,7 +10,7 @@ import redis
 from registry_helpers import version_record
 
 from worker.config import Settings
-from worker.events import HoldoutMetrics
+from worker.events import HoldoutMetrics, ServingChoice
 from worker.state.registry import (
     SHARED_SEGMENT,
     Registry,
@@ -299,3 +299,25 @@ def test_the_shared_model_rolls_back_from_the_cli_after_six_rejections(
     assert f"shared  champion={v2}" in capsys.readouterr().out
     assert cli_main(parser.parse_args(["rollback", "GE", "--shared"])) == 2
     assert reg.champion_version(SHARED_SEGMENT) is None, "the segment namespace is untouched"
+
+
+def test_a_serving_choice_is_stored_with_its_record_and_a_change_republishes_the_scores(
+    reg: Registry, settings: Settings
+) -> None:
+    """The choice lives beside the records (one script, one slot), so a restart or a new owner reads it;
+    a change of what serves counts as a move, so the outbox republishes the segment's scores."""
+    assert reg.serving("GE") is None
+    zero = ServingChoice(kind="zero_shot", shared_version=3, n=40, auc={"zero_shot": 0.7, "shared": 0.6})
+    version = reg.next_version("GE")
+    reg.record(version_record("GE", version, None, decision="rejected", serving=zero))
+    assert reg.serving("GE") == zero
+    assert Registry.from_settings(settings).serving("GE") == zero
+    [moved] = reg.outboxes(["GE"])
+    assert moved.rescore and moved.moves == 1
+    reg.mark_published(moved)
+    again = reg.next_version("GE")
+    reg.record(version_record("GE", again, None, decision="rejected", serving=zero))
+    [same] = reg.outboxes(["GE"])
+    assert not same.rescore, "the same choice again changes no score"
+    reg.forget("GE")
+    assert reg.serving("GE") is None

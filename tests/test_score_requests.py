@@ -24,7 +24,10 @@ class _BrokenScorer:
     shared = None
     shared_version = 0
 
-    def score(self, segment: str, pairs: Any, folds: Any = None) -> Any:
+    def serving(self, segment: str) -> Any:
+        raise RuntimeError(f"no model for {segment}")
+
+    def score(self, segment: str, pairs: Any, folds: Any = None, serving: Any = None) -> Any:
         raise RuntimeError(f"no model for {segment}")
 
 

@@ -14,7 +14,7 @@ import torch
 
 from worker.config import Settings
 from worker.events import ClickEvent
-from worker.learn import history, match
+from worker.learn import history, match, train
 from worker.learn.gate import GateRules, Scored, judge
 from worker.learn.history import QueryHistory
 from worker.learn.model import (
@@ -35,6 +35,7 @@ from worker.learn.train import (
     pairs_of,
     probabilities,
     sample_replay,
+    segment_training_data,
     shared_training_data,
     split_holdout,
     train_segment_adapter,
@@ -291,3 +292,41 @@ def test_shared_training_data_does_not_depend_on_the_order_it_is_gathered_in() -
         assert ids(getattr(a, part)) == ids(getattr(b, part)), part
     c = shared_training_data(new, older, settings, 4)
     assert ids(c.replay) != ids(a.replay), "the run number seeds the replay sample"
+
+
+def test_the_epoch_is_picked_on_events_the_gate_never_judges_on(
+    backbone: Backbone, settings: Settings, shared: ClickModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pairs that pick the epoch overstate its win (winner's curse): a segment training stops early on
+    a slice of its own training events, apart from the gate's seen and unseen pairs, in every run."""
+    stream = [e for e in load_homedepot().stream() if e.segment == "GE"][:160]
+    s = settings.model_copy(update={"early_stopping_patience": 1, "early_stopping_frac": 0.2})
+    data = segment_training_data(stream[80:], stream[:80], s, run=1)
+    ids = {
+        name: {e.event_id for e in getattr(data, name)}
+        for name in ("new", "replay", "holdout", "unseen", "stop")
+    }
+    assert ids["stop"] and ids["holdout"]
+    for name in ("new", "replay", "holdout", "unseen"):
+        assert not ids["stop"] & ids[name], name
+    again = segment_training_data(stream[100:], stream[:100], s, run=2)
+    assert {e.event_id for e in again.stop} >= ids["stop"] & {e.event_id for e in stream[:100]}, "stable"
+    off = segment_training_data(
+        stream[80:], stream[:80], s.model_copy(update={"early_stopping_patience": 0}), 1
+    )
+    assert off.stop == []
+
+    judged: list[set[str]] = []
+    real_fit = train.fit
+
+    def spy(*args: object, **kwargs: object) -> object:
+        judged.append({e.event_id for e in kwargs["holdout"]})  # type: ignore[attr-defined]
+        return real_fit(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train, "fit", spy)
+    result = train_segment_adapter(
+        backbone, shared, None, data.new, data.replay, data.holdout, s, unseen=data.unseen, stop=data.stop
+    )
+    assert judged == [ids["stop"]]
+    assert result.challenger is not None and result.challenger.n == len(data.holdout) + len(data.unseen)
+    assert result.serving is not None and result.serving.n == result.challenger.n

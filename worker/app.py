@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from worker.config import ConfigError, Settings, load_settings
 from worker.events import ScoreRequest, ScoreUpdate
-from worker.learn.learner import Abandoned, Learner
+from worker.learn.learner import Abandoned, Learner, Serving
 from worker.logs import configure_logging
 from worker.ops.http import MetricsServer, Readiness
 from worker.ops.http import start as start_metrics
@@ -626,9 +626,12 @@ class Worker:
         candidates = self.buffer.candidates(partition, segment)
         if not candidates:
             return
+        serving = self.learner.serving(segment)
         with self.metrics.scoring_duration.labels(kind="refresh").time():
-            probs, version = self.learner.score(segment, [(c.query, c.item_text) for c in candidates])
-        updates = self._updates(segment, [(c.query, c.item_id) for c in candidates], probs, version)
+            probs, _ = self.learner.score(
+                segment, [(c.query, c.item_text) for c in candidates], serving=serving
+            )
+        updates = self._updates(segment, [(c.query, c.item_id) for c in candidates], probs, serving)
         published = self.publisher.scores(updates)
         self.stats.scores_published += published
         self.metrics.scores_published.labels(kind="refresh").inc(published)
@@ -638,11 +641,10 @@ class Worker:
         segment: str,
         items: Sequence[tuple[str | None, str]],
         probs: np.ndarray,
-        version: int,
+        serving: Serving,
         request_id: str | None = None,
     ) -> list[ScoreUpdate]:
         """Score updates of (query, item id) pairs, stamped with the versions that scored them."""
-        assert self.learner is not None
         now = datetime.now(UTC)
         return [
             ScoreUpdate(
@@ -650,8 +652,8 @@ class Worker:
                 query=query,
                 item_id=item_id,
                 score=float(p),
-                model_version=version,
-                shared_version=self.learner.shared_version,
+                model_version=serving.version,
+                shared_version=serving.shared_version,
                 scored_at=now,
                 request_id=request_id,
             )
@@ -688,10 +690,11 @@ class Worker:
     def _score_request(self, request: ScoreRequest) -> None:
         assert self.learner is not None
         pairs = [(p.query, p.item_text) for p in request.pairs]
+        serving = self.learner.serving(request.segment)
         with self.metrics.scoring_duration.labels(kind="request").time():
-            probs, version = self.learner.score(request.segment, pairs)
+            probs, _ = self.learner.score(request.segment, pairs, serving=serving)
         items = [(p.query, p.item_id) for p in request.pairs]
-        self.publisher.scores(self._updates(request.segment, items, probs, version, request.request_id))
+        self.publisher.scores(self._updates(request.segment, items, probs, serving, request.request_id))
         self.stats.requests_answered += 1
         self.metrics.score_requests.labels(outcome="answered").inc()
         self.metrics.scores_published.labels(kind="request").inc(len(request.pairs))

@@ -196,6 +196,30 @@ class Settings(BaseSettings):
         description="Share of distinct queries no model trains on: every gate also judges on them, as on "
         "tomorrow's new queries (0: off).",
     )
+    early_stopping_frac: float = Field(
+        0.15,
+        ge=0,
+        lt=1,
+        description="Share of a segment's training events set aside to pick the epoch, apart from the "
+        "gate's holdout (0: no early stopping), so the pairs that pick the epoch do not judge it.",
+    )
+    serving_delta: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="A segment moves to another model only when the lower bound of its AUC gain is above "
+        "-this: the loss a segment may risk, at most, on thin evidence.",
+    )
+    serving_prior_sd: float = Field(
+        0.02,
+        ge=0.001,
+        le=1,
+        description="Spread of segments' gains around the pooled gain: small, thin evidence follows the "
+        "pool; large, each segment follows its own.",
+    )
+    serving_bootstrap: int = Field(
+        400, ge=50, le=10_000, description="Bootstrap resamples of a segment's serving choice."
+    )
     shared_bootstrap_min_events: int = Field(
         256, ge=16, description="Events needed before the first shared model is trained."
     )

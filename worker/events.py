@@ -139,6 +139,26 @@ class HoldoutMetrics(_Wire):
     n: int = Field(ge=0)
 
 
+ServingKind = Literal["zero_shot", "shared", "adapter"]
+
+
+class ServingChoice(_Wire):
+    """What serves a segment after a decision, and the evidence it was chosen on (`learn.choice`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="ServingChoice")
+
+    kind: ServingKind = Field(
+        description="zero_shot: the pretrained encoder's cosine; shared: the shared model alone; "
+        "adapter: the shared model with the segment's champion adapter."
+    )
+    shared_version: int = Field(ge=0, description="The shared model version the choice was made on.")
+    n: int = Field(ge=0, description="The segment's held-out pairs the choice was made on.")
+    auc: dict[str, float | None] = Field(
+        default_factory=dict, description="Each candidate's AUC on those pairs (null: one class only)."
+    )
+    reason: str = ""
+
+
 class ModelVersionEvent(_Wire):
     """Every training decision, promoted or not, with the registry's record of it."""
 
@@ -169,6 +189,19 @@ class ModelVersionEvent(_Wire):
     device: str
     train_seconds: float = Field(ge=0)
     created_at: datetime
+    serving: ServingChoice | None = Field(
+        default=None, description="A segment version: what serves the segment after this decision."
+    )
+    zero_shot: HoldoutMetrics | None = Field(
+        default=None,
+        description="A shared version: zero-shot on the same pooled holdout, the prior of every "
+        "segment's serving choice.",
+    )
+    held_back: dict[SegmentName, ServingChoice] = Field(
+        default_factory=dict,
+        description="A promoted shared version: the segments it does not serve, their pooled held-out pairs "
+        "saying it is worse than zero-shot; each stays on zero-shot until its own training's choice.",
+    )
 
 
 WIRE_TYPES: dict[str, type[_Wire]] = {

@@ -14,13 +14,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import structlog
 
 from worker.config import Settings
-from worker.events import ClickEvent, HoldoutMetrics
+from worker.events import ClickEvent, HoldoutMetrics, ServingChoice, ServingKind
+from worker.learn.choice import Choice, prior_gain, resolve
 from worker.learn.model import (
     ClickModel,
     Pair,
@@ -62,6 +63,16 @@ def _wire_metrics(m: HoldoutScore | None) -> HoldoutMetrics | None:
     return HoldoutMetrics(auc=m.auc, logloss=logloss, n=m.n)
 
 
+def _wire_choice(choice: Choice | None, shared_version: int) -> ServingChoice | None:
+    """A serving choice as recorded, made on `shared_version`."""
+    if choice is None:
+        return None
+    aucs: dict[str, float | None] = {str(k): v for k, v in choice.auc.items()}
+    return ServingChoice(
+        kind=choice.kind, shared_version=shared_version, n=choice.n, auc=aucs, reason=choice.reason
+    )
+
+
 def clean_partial_dirs(store: Path) -> int:
     """Remove temp directories a killed process left behind (the registry never points at them), but
     not those another worker sharing the store is writing now (`store.abandoned`)."""
@@ -84,6 +95,14 @@ SCORING_MODELS = 8
 encoder's linear weights (about 42 MB at MiniLM-L6 in fp32) and shares the rest with the shared model."""
 
 
+class Serving(NamedTuple):
+    """What scores a segment now: `version` is its adapter's (0: none), `shared_version` 0 for zero-shot."""
+
+    kind: ServingKind
+    version: int
+    shared_version: int
+
+
 class Abandoned(RuntimeError):
     """A training whose result must not be recorded: its segment now belongs to another worker."""
 
@@ -99,6 +118,7 @@ class Learner:
         self.shared_version = 0
         self.shared_dir: Path | None = None
         self._shared_next: ClickModel | None = None
+        self._held_back: frozenset[str] = frozenset()
         self._adapters: OrderedDict[str, tuple[int, SegmentAdapter]] = OrderedDict()
         self._composed: OrderedDict[tuple[str, int, int], ClickModel] = OrderedDict()
         clean_partial_dirs(settings.model_store)
@@ -115,15 +135,18 @@ class Learner:
         if champion is None or champion.version == self.shared_version or champion.adapter is None:
             return
         self.shared, _ = load_shared(Path(champion.adapter), self.backbone)
-        self._serve_shared(self.shared, champion.version, Path(champion.adapter))
+        self._serve_shared(self.shared, champion)
         self._shared_next = None
         log.info("shared model loaded", model_version=champion.version)
 
-    def _serve_shared(self, model: ClickModel, version: int, directory: Path) -> None:
-        """A new shared champion: adapters gated on the old one stop being served (`adapter`)."""
+    def _serve_shared(self, model: ClickModel, record: VersionRecord) -> None:
+        """A new shared champion: adapters gated on the old one stop being served (`adapter`), and the
+        segments it was found worse for are held back (`choice.held_back`)."""
+        assert record.adapter is not None
         self.shared = model.eval()
-        self.shared_version = version
-        self.shared_dir = directory
+        self.shared_version = record.version
+        self.shared_dir = Path(record.adapter)
+        self._held_back = frozenset(record.held_back)
         self._adapters.clear()
 
     def adapter(self, segment: str) -> tuple[int, SegmentAdapter | None]:
@@ -155,18 +178,44 @@ class Learner:
         """Drop the segment's adapter from memory; the next `adapter(segment)` loads it from the store."""
         self._adapters.pop(segment, None)
 
+    def prior(self) -> float:
+        """The shared champion's AUC gain over zero-shot on its pooled holdout (`choice.prior_gain`)."""
+        champion = self.shared_registry.champion(SHARED_SEGMENT)
+        if champion is None or champion.challenger is None or champion.zero_shot is None:
+            return 0.0
+        return prior_gain(champion.challenger.auc, champion.zero_shot.auc)
+
+    def serving(self, segment: str) -> Serving:
+        """What serves the segment (`choice.resolve`) with the versions that score it."""
+        self.refresh_shared()
+        choice = self.registry.serving(segment) if self.shared is not None else None
+        version, adapter = self.adapter(segment) if self.shared is not None else (0, None)
+        current = choice is not None and choice.shared_version == self.shared_version
+        held = segment in self._held_back and not current
+        kind = resolve(
+            None if choice is None else choice.kind, self.shared is not None, adapter is not None, held
+        )
+        if kind == "zero_shot":
+            return Serving(kind, 0, 0)
+        return Serving(kind, version if kind == "adapter" else 0, self.shared_version)
+
     def score(
-        self, segment: str, pairs: Sequence[Pair], folds: Sequence[int | None] | None = None
+        self,
+        segment: str,
+        pairs: Sequence[Pair],
+        folds: Sequence[int | None] | None = None,
+        serving: Serving | None = None,
     ) -> tuple[np.ndarray, int]:
-        """Probabilities and the version that produced them (0: shared model or zero-shot); `folds` when
-        the pairs are events (`ClickModel.history_features`).
+        """Probabilities and the adapter version that produced them (0: shared model or zero-shot), by
+        what serves the segment (`serving`, read here when not given); `folds` when the pairs are events
+        (`ClickModel.history_features`).
 
         Each (segment, champion, shared version) is merged into a served copy once (`_serving`), so
         scoring costs one forward pass per batch, not a LoRA injection per call."""
-        self.refresh_shared()
-        if self.shared is None:
+        served = self.serving(segment) if serving is None else serving
+        if served.kind == "zero_shot" or self.shared is None:
             return score_segment(self.backbone, None, None, pairs), 0
-        version, adapter = self.adapter(segment)
+        version, adapter = self.adapter(segment) if served.kind == "adapter" else (0, None)
         model = self._serving(segment, version, adapter)
         return score_pairs(self.backbone, model, pairs, folds=folds), version
 
@@ -230,6 +279,11 @@ class Learner:
             created_at=datetime.now(UTC),
             adapter=adapter_dir,
             shared_version=self.shared_version if scope == "segment" else None,
+            serving=_wire_choice(result.serving, self.shared_version) if decision != "failed" else None,
+            zero_shot=_wire_metrics(result.zero_shot),
+            held_back={
+                s: c for s, choice in result.held_back.items() if (c := _wire_choice(choice, version))
+            },
         )
         return registry.record(rec, gated_against=gated_against)
 
@@ -260,6 +314,9 @@ class Learner:
             data.holdout,
             self.settings,
             unseen=data.unseen,
+            stop=data.stop,
+            served=self.serving(segment).kind,
+            prior=self.prior(),
         )
         if not still_owned():
             raise Abandoned(f"{segment!r}: partition lost during training")
@@ -308,7 +365,7 @@ class Learner:
         if result.shared is not None:
             self._shared_next = result.shared
         if rec.decision == "promoted" and result.shared is not None and rec.adapter is not None:
-            self._serve_shared(result.shared, rec.version, Path(rec.adapter))
+            self._serve_shared(result.shared, rec)
         return rec, result
 
     def _serving(self, segment: str, version: int, adapter: SegmentAdapter | None) -> ClickModel:

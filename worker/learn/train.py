@@ -31,7 +31,8 @@ import structlog
 import torch
 
 from worker.config import Settings
-from worker.events import ClickEvent
+from worker.events import ClickEvent, ServingKind
+from worker.learn.choice import Choice, ChoiceRules, choose, held_back
 from worker.learn.gate import GateRules, Scored, judge
 from worker.learn.history import QueryHistory, fold_of, query_key
 from worker.learn.model import (
@@ -69,6 +70,12 @@ class TrainResult:
     adapter: SegmentAdapter | None = None
     shared: ClickModel | None = None
     kept_epoch: int = 0
+    serving: Choice | None = None
+    """A segment training: what serves the segment next (`learn.choice`); None: unchanged."""
+    zero_shot: HoldoutScore | None = None
+    """A shared training: zero-shot on the pooled holdout, the prior of the segments' serving choices."""
+    held_back: dict[str, Choice] = field(default_factory=dict)
+    """A promoted shared training: the segments it must not serve yet (`choice.held_back`)."""
 
     @property
     def promoted(self) -> bool:
@@ -107,6 +114,13 @@ def is_unseen_query(query: str | None, frac: float) -> bool:
     return int.from_bytes(digest, "big") / 2.0**64 < frac
 
 
+def is_early_stopping(event_id: str, frac: float) -> bool:
+    """Stable membership of a training event in the slice that picks a segment training's epoch: those
+    pairs are never trained on and never judge the gate, whose win they would overstate."""
+    digest = hashlib.blake2b(event_id.encode(), digest_size=8, person=b"early-stop").digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < frac
+
+
 def split_holdout(events: Sequence[ClickEvent], frac: float) -> tuple[list[ClickEvent], list[ClickEvent]]:
     train = [e for e in events if not is_holdout(e.event_id, frac)]
     held = [e for e in events if is_holdout(e.event_id, frac)]
@@ -134,6 +148,8 @@ class TrainingData:
     holdout: list[ClickEvent]
     unseen: list[ClickEvent] = field(default_factory=list)
     counted: list[ClickEvent] = field(default_factory=list)
+    stop: list[ClickEvent] = field(default_factory=list)
+    """A segment training's early-stopping events, apart from the gate's `holdout` and `unseen`."""
 
 
 @dataclass(frozen=True)
@@ -166,13 +182,17 @@ def _event_id(event: ClickEvent) -> str:
 def segment_training_data(
     new: Sequence[ClickEvent], older: Sequence[ClickEvent], settings: Settings, run: int
 ) -> TrainingData:
-    """New events minus the segment's held-out ones, a replay sample of its older events, and the two
-    holdout slices (the segment's held-out events of seen queries, its events of unseen queries)."""
+    """New events minus the segment's held-out ones, a replay sample of its older events, the two
+    holdout slices (the segment's held-out events of seen queries, its events of unseen queries) and the
+    early-stopping slice of its training events (`is_early_stopping`)."""
     split = _split(new, older, settings.holdout_frac, settings.unseen_query_frac)
-    replay = sample_replay(
-        split.train_old, round(len(split.train_new) * settings.replay_frac), settings.seed + run
-    )
-    return TrainingData(split.train_new, replay, split.held, split.unseen)
+    frac = settings.early_stopping_frac if settings.early_stopping_patience > 0 else 0.0
+    stop = [e for e in (*split.train_old, *split.train_new) if is_early_stopping(e.event_id, frac)]
+    stopping = {e.event_id for e in stop}
+    train_new = [e for e in split.train_new if e.event_id not in stopping]
+    train_old = [e for e in split.train_old if e.event_id not in stopping]
+    replay = sample_replay(train_old, round(len(train_new) * settings.replay_frac), settings.seed + run)
+    return TrainingData(train_new, replay, split.held, split.unseen, stop=stop)
 
 
 def shared_training_data(
@@ -485,8 +505,8 @@ def train_shared(
             if settings.query_history
             else None
         )
+        zero = zero_shot_scores(backbone, pretrained_encoder(backbone), pairs_of(held)) if held else None
         if serving is None:
-            zero = zero_shot_scores(backbone, pretrained_encoder(backbone), pairs_of(held)) if held else None
             attempt.measure_champion(zero)
         else:
             attempt.measure_champion(probabilities(backbone, _with_history(serving, table), held))
@@ -500,7 +520,13 @@ def train_shared(
         probs = probabilities(backbone, challenger_model, held)
     except Exception as exc:
         return attempt.failed(exc)
-    return attempt.judged(probs, fitted, len(events), shared=challenger_model)
+    result = attempt.judged(probs, fitted, len(events), shared=challenger_model)
+    if zero is not None:
+        result.zero_shot = holdout_score(attempt.labels, zero)
+        if result.promoted:
+            rules = ChoiceRules.from_settings(settings)
+            result.held_back = held_back([e.segment for e in held], attempt.labels, probs, zero, rules)
+    return result
 
 
 def _with_history(model: ClickModel, table: QueryHistory | None) -> ClickModel:
@@ -522,35 +548,61 @@ def train_segment_adapter(
     holdout_events: Sequence[ClickEvent],
     settings: Settings,
     unseen: Sequence[ClickEvent] = (),
+    stop: Sequence[ClickEvent] = (),
+    served: ServingKind = "shared",
+    prior: float = 0.0,
 ) -> TrainResult:
-    """Train the segment's LoRA + calibration on the shared model, warm-started from its champion.
+    """Train the segment's LoRA + calibration on the shared model, warm-started from its champion, gate
+    it against what serves the segment now (`served`), then choose what serves it next.
 
-    The champion is measured as it would be served now: current shared model plus champion adapter
-    (or the shared model alone when the segment has none yet), on the segment's held-out events of
-    seen queries and its events of unseen ones.
+    On the segment's held-out events of seen queries and its events of unseen ones, zero-shot, the shared
+    model alone and the shared model with the champion adapter are scored as they are served. The gate
+    compares the challenger with `served`: a promoted adapter serves. Otherwise `learn.choice` picks among
+    the others, with the pooled gain of the shared model over zero-shot (`prior`) as the prior. The
+    epoch is picked on `stop`, never on the gate's pairs.
     """
     held = [*holdout_events, *unseen]
     attempt = _Attempt("segment", backbone, settings, held, len(unseen))
     events = [*new_events, *replay_events]
+    if served == "adapter" and champion_adapter is None:
+        served = "shared"
+    options: dict[ServingKind, np.ndarray] = {}
     try:
-        serving = (
-            shared if champion_adapter is None else with_adapter(shared, champion_adapter, settings.seed)
-        )
-        attempt.measure_champion(probabilities(backbone, serving, held))
-        del serving
+        if held:
+            options["zero_shot"] = zero_shot_scores(backbone, pretrained_encoder(backbone), pairs_of(held))
+            options["shared"] = probabilities(backbone, shared, held)
+            if champion_adapter is not None:
+                serving = with_adapter(shared, champion_adapter, settings.seed)
+                options["adapter"] = probabilities(backbone, serving, held)
+                del serving
+        attempt.measure_champion(options.get(served))
         if champion_adapter is None:
             seg = attach_lora(
                 shared, settings.lora_rank, settings.lora_alpha, settings.lora_dropout, settings.seed
             )
         else:
             seg = with_adapter(shared, champion_adapter, settings.seed)
-        fitted = fit(backbone, seg, events, FitOptions.for_segment(settings), holdout=held)
+        fitted = fit(backbone, seg, events, FitOptions.for_segment(settings), holdout=stop)
         attempt.losses = fitted.losses
         probs = probabilities(backbone, seg, held)
         adapter = extract_adapter(seg)
     except Exception as exc:
         return attempt.failed(exc)
-    return attempt.judged(probs, fitted, len(events), adapter=adapter)
+    result = attempt.judged(probs, fitted, len(events), adapter=adapter)
+    if result.promoted:
+        aucs: dict[ServingKind, float | None] = {
+            k: holdout_score(attempt.labels, v).auc for k, v in options.items()
+        }
+        aucs["adapter"] = None if result.challenger is None else result.challenger.auc
+        result.serving = Choice(
+            "adapter", len(held), aucs, f"adapter promoted over {served}: {result.reason}"
+        )
+    elif not held:
+        result.serving = Choice(served, 0, {}, f"{served} keeps serving: no held-out pairs")
+    else:
+        priors: dict[ServingKind, float] = {"zero_shot": 0.0, "shared": prior, "adapter": prior}
+        result.serving = choose(served, attempt.labels, options, priors, ChoiceRules.from_settings(settings))
+    return result
 
 
 def score_segment(

@@ -15,8 +15,9 @@ PartitionPart = Literal["offsets", "dedup", "stats", "segs", "served", "active"]
 """`served`: which shared version the partition's published scores were last refreshed for; `active`:
 segment hash -> when it last got an event (ms), what idle segments expire by (`worker.state.retention`)."""
 SegmentPart = Literal["meta", "new", "sample", "cand", "candz"]
-RegistryPart = Literal["next", "name", "records", "champion", "moves", "published"]
-"""`moves`: how often the champion pointer moved (promotions and rollbacks); `published`: the outbox
+RegistryPart = Literal["next", "name", "records", "champion", "moves", "published", "serving"]
+"""`moves`: how often what serves the segment changed (promotions, rollbacks, serving choices);
+`serving`: the segment's serving choice (`learn.choice`), absent until its first one; `published`: the outbox
 pointer, a hash of the highest version whose model-version event and the `moves` whose scores Kafka
 acknowledged."""
 

@@ -29,7 +29,7 @@ import orjson
 from pydantic import ConfigDict
 
 from worker.config import Settings, load_settings
-from worker.events import ModelVersionEvent
+from worker.events import ModelVersionEvent, ServingChoice
 from worker.state import client as clients
 from worker.state import keys
 from worker.state.client import RedisClient
@@ -134,10 +134,12 @@ class Registry:
         compared with the model that serves now."""
         if rec.decision == "promoted" and (rec.adapter is None or not Path(rec.adapter).is_dir()):
             raise RegistryError(f"version {rec.version} of {rec.segment!r} has no complete adapter directory")
-        record_keys = [self._key(rec.segment, part) for part in ("records", "champion", "moves")]
+        parts: tuple[RegistryPart, ...] = ("records", "champion", "moves", "serving")
+        record_keys = [self._key(rec.segment, part) for part in parts]
         promote = "1" if rec.decision == "promoted" else "0"
+        serving = "" if rec.serving is None else rec.serving.model_dump_json()
         status, current = self._promote(
-            keys=record_keys, args=[rec.version, rec.model_dump_json(), promote, gated_against or 0]
+            keys=record_keys, args=[rec.version, rec.model_dump_json(), promote, gated_against or 0, serving]
         )
         if int(status) == 2:
             assert rec.adapter is not None
@@ -150,7 +152,7 @@ class Registry:
                     "adapter": None,
                 }
             )
-            self._promote(keys=record_keys, args=[rec.version, rec.model_dump_json(), "0", 0])
+            self._promote(keys=record_keys, args=[rec.version, rec.model_dump_json(), "0", 0, ""])
         self.prune(rec.segment)
         return rec
 
@@ -162,6 +164,11 @@ class Registry:
     def champion_version(self, segment: str) -> int | None:
         raw = self.client.get(self._key(segment, "champion"))
         return int(raw) if raw else None
+
+    def serving(self, segment: str) -> ServingChoice | None:
+        """The segment's last serving choice (None: none made yet, it follows the shared model)."""
+        raw = self.client.get(self._key(segment, "serving"))
+        return ServingChoice.model_validate_json(raw) if raw else None
 
     def get(self, segment: str, version: int) -> VersionRecord | None:
         raw = self.client.hget(self._key(segment, "records"), str(version))
@@ -238,7 +245,7 @@ class Registry:
         a segment that comes back continues above its old numbers, so no (segment, version) a consumer
         has seen is ever handed out twice. The champion goes before the adapters it points at, the index
         entry last: a crash midway leaves unused directories or an empty index entry, nothing served."""
-        parts: tuple[RegistryPart, ...] = ("champion", "records", "name", "moves", "published")
+        parts: tuple[RegistryPart, ...] = ("champion", "records", "name", "moves", "published", "serving")
         self.client.delete(*(self._key(segment, part) for part in parts))
         shutil.rmtree(self.store / segment_hash(segment), ignore_errors=True)
         self.client.hdel(keys.registry_index_key(self.prefix), segment_hash(segment))

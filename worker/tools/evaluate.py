@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from worker.config import Settings, load_settings
-from worker.events import ClickEvent
+from worker.events import ClickEvent, ServingKind
+from worker.learn.choice import prior_gain, resolve
 from worker.learn.history import QueryHistory
 from worker.learn.model import Backbone, ClickModel, SegmentAdapter, load_backbone, new_click_model
 from worker.learn.train import (
@@ -56,6 +57,7 @@ from worker.learn.train import (
 from worker.ops.quality import HoldoutScore, holdout_score
 from worker.stream.trigger import enough_new_events
 from worker.tools.datasets import Dataset, load_dataset
+from worker.tools.evalplot import plot_curve
 
 CHECKPOINTS = (0, 16, 64, 256)
 CHECKPOINT_NAMES = (*(str(k) for k in CHECKPOINTS), "end")
@@ -105,6 +107,20 @@ def quick_plan() -> EvalPlan:
             "comparable with the full run",
         ),
     )
+
+
+SMALL_SHOP_EVENTS = 10_000
+"""A stream this small is replayed whole by `--quick` too: every small shop (hd-5k, hd-10k, shop) fits a
+working session on 2 CPU cores that way, and a thinner slice is too small for the shared gate to judge."""
+
+
+def quick_plan_for(dataset: Dataset) -> EvalPlan:
+    """`--quick`: a small shop whole (`SMALL_SHOP_EVENTS`), a large one's `quick_plan` slice."""
+    events = len(dataset.stream())
+    if events > SMALL_SHOP_EVENTS:
+        return quick_plan()
+    note = f"quick on a small shop ({events:,} stream events <= {SMALL_SHOP_EVENTS:,}): the whole shop"
+    return dataclasses.replace(full_plan(), notes=(note,))
 
 
 def _pick_segments(dataset: Dataset, stream: Sequence[ClickEvent], limit: int | None) -> list[str]:
@@ -240,6 +256,15 @@ class _WorkerSim:
     shared_version: int | None = None
     train_seconds: float = 0.0
     shared_log: list[dict[str, Any]] = field(default_factory=list)
+    choices: dict[str, tuple[ServingKind, int | None]] = field(default_factory=dict)
+    held_back: set[str] = field(default_factory=set)
+    prior: float = 0.0
+
+    def serving(self, segment: str) -> ServingKind:
+        """As the worker resolves it (`Learner.serving`)."""
+        kind, on = self.choices.get(segment, (None, None))
+        held = segment in self.held_back and on != self.shared_version
+        return resolve(kind, self.shared_serving is not None, segment in self.adapters, held)
 
     def observe(self, event: ClickEvent) -> None:
         s = self.settings
@@ -294,6 +319,9 @@ class _WorkerSim:
             data.holdout,
             s,
             unseen=data.unseen,
+            stop=data.stop,
+            served=self.serving(segment),
+            prior=self.prior,
         )
         self.train_seconds += result.train_seconds
         self.decisions["segment"][result.decision] += 1
@@ -304,6 +332,8 @@ class _WorkerSim:
             self._check_not_worse(result.challenger, result.champion)
             self.adapters[segment] = result.adapter
             self.segment_versions[segment] = self.segment_runs[segment]
+        if result.serving is not None and result.decision != "failed":
+            self.choices[segment] = (result.serving.kind, self.shared_version)
         self.seg_new[segment] = []
 
     def _check_not_worse(self, challenger: HoldoutScore | None, champion: HoldoutScore | None) -> None:
@@ -340,6 +370,8 @@ class _WorkerSim:
                 "events": len(self.pool) + len(self.shared_new),
                 "stream_position": self.observed,
                 "decision": result.decision,
+                "reason": result.reason,
+                "held_back": {k: c.reason for k, c in result.held_back.items()},
                 "kept_epoch": result.kept_epoch,
                 "history_events": (
                     None
@@ -356,6 +388,11 @@ class _WorkerSim:
             self._check_not_worse(result.challenger, result.champion)
             self.shared_serving = result.shared
             self.shared_version = run
+            self.held_back = set(result.held_back)
+            self.prior = prior_gain(
+                None if result.challenger is None else result.challenger.auc,
+                None if result.zero_shot is None else result.zero_shot.auc,
+            )
             self.segment_versions.clear()
             self.adapters.clear()
         self.pool = _last_per_segment([*self.pool, *self.shared_new], s.sample_cap)
@@ -363,7 +400,11 @@ class _WorkerSim:
         self.since_shared = 0
 
     def score(self, segment: str, pairs: Sequence[tuple[str | None, str]]) -> np.ndarray:
-        return score_segment(self.backbone, self.shared_serving, self.adapters.get(segment), pairs)
+        kind = self.serving(segment)
+        shared = None if kind == "zero_shot" else self.shared_serving
+        return score_segment(
+            self.backbone, shared, self.adapters.get(segment) if kind == "adapter" else None, pairs
+        )
 
 
 def _last_per_segment(events: Sequence[ClickEvent], cap: int) -> list[ClickEvent]:
@@ -463,6 +504,7 @@ def run_evaluation(
             per[s] = {
                 **m,
                 "segment_version": sim.segment_versions.get(s, 0),
+                "served": sim.serving(s),
                 "shared_version": sim.shared_version,
             }
         mean = _mean(list(per.values()))
@@ -475,11 +517,16 @@ def run_evaluation(
     batch_trained_on: dict[str, dict[str, int]] = {s: {} for s in segments}
 
     def assemble(partial: str | None) -> dict[str, Any]:
-        filled = {s: {p: dict(results[s][p]) for p in PROCEDURES} for s in segments}
+        filled: dict[str, dict[str, Any]] = {
+            s: {p: dict(results[s][p]) for p in PROCEDURES} for s in segments
+        }
         for s in segments:
             for proc in PROCEDURES:
                 for name in CHECKPOINT_NAMES:
                     filled[s][proc].setdefault(name, None)
+            filled[s]["test_pairs"] = len(holdout[s])
+            filled[s]["positives"] = int(labels[s].sum())
+            filled[s]["served_at_end"] = sim.serving(s)
         mean = {
             proc: {name: _mean([filled[s][proc][name] for s in segments]) for name in CHECKPOINT_NAMES}
             for proc in PROCEDURES
@@ -638,31 +685,6 @@ def run_evaluation(
     return assemble(None)
 
 
-def plot_curve(result: dict[str, Any], path: Path) -> Path:
-    """Mean AUC per checkpoint, one line per procedure (PNG, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    x = list(range(len(CHECKPOINT_NAMES)))
-    for proc in PROCEDURES:
-        ys = [result["mean"][proc][name]["auc"] for name in CHECKPOINT_NAMES]
-        ax.plot(x, [np.nan if y is None else y for y in ys], marker="o", label=proc)
-    ax.set_xticks(x, list(CHECKPOINT_NAMES))
-    ax.set_xlabel("labelled events of the segment seen")
-    ax.set_ylabel(f"mean holdout AUC ({len(result['segments'])} segments)")
-    ax.set_title("quick evaluation" if result.get("quick") else "evaluation")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _spacing(text: str) -> float:
     value = float(text)
     if not value >= 1.0:
@@ -757,7 +779,7 @@ def cli_main(args: argparse.Namespace, settings: Settings | None = None) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(partial, default=str) + "\n")
 
-    plan = quick_plan() if args.quick else full_plan()
+    plan = quick_plan_for(dataset) if args.quick else full_plan()
     if args.batch_spacing is not None:
         plan = dataclasses.replace(plan, batch_spacing=args.batch_spacing)
     result = run_evaluation(

@@ -7,6 +7,9 @@ path, then measures in fresh processes, side by side in the same run:
 - `read_all`, the raw baseline: every segment's whole buffer read and parsed (what the trainer did before
   the pool was bounded);
 - `pool`: `worker.state.pool.pool`, bounded by `--max-events` in all (`WORKER_SHARED_POOL_MAX_EVENTS`);
+- with `--train`, `shared_run`: the lease holder's whole shared run in a fresh process, the backbone
+  loaded, the bounded pool read and one shared training on it (`Learner.train_shared`), as the worker runs
+  it; its peak is what a lease holder needs, and it does not grow with `--segments` beyond the cap;
 
 each with its peak resident memory (VmHWM) and seconds, and the Redis commands of one due count: the
 per-segment scan the trainer ran every 2 s before, against `group_new`'s per-partition counters.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import shutil
 import sys
 import time
 import uuid
@@ -75,9 +79,27 @@ def _measure(settings: Settings, mode: str, out: Any) -> None:
                 snap = buffer.training_snapshot(p, segment)
                 held += [*snap.sample_events, *snap.new_events]
         n = len(held)
-    else:
+    elif mode == "pool":
         got = pool(buffer, PARTITIONS, settings)
         n = len(got.new) + len(got.older)
+    else:
+        from worker.learn.learner import Learner
+        from worker.state.registry import Registry
+
+        learner = Learner(settings, Registry.from_settings(settings))
+        got = pool(buffer, PARTITIONS, settings)
+        n = len(got.new) + len(got.older)
+        rec, result = learner.train_shared(got.new, got.older, (0, len(got.new)))
+        out.put(
+            {
+                "events": n,
+                "trained_events": result.n_train,
+                "decision": rec.decision,
+                "seconds": round(time.perf_counter() - started, 3),
+                "peak_rss_mib": _hwm_mib(),
+            }
+        )
+        return
     out.put({"events": n, "seconds": round(time.perf_counter() - started, 3), "peak_rss_mib": _hwm_mib()})
 
 
@@ -118,13 +140,17 @@ def count_cost(settings: Settings) -> dict[str, Any]:
     return out
 
 
-def run_bench(settings: Settings, segments: int, events: int) -> dict[str, Any]:
+def run_bench(settings: Settings, segments: int, events: int, train: bool = False) -> dict[str, Any]:
     _say(f"filling Redis: {segments} segments x {events} events")
     total = fill(settings, segments, events)
     _say("baseline: every buffer read whole")
     raw = _in_child(settings, "read_all")
     _say(f"pool bounded to {settings.shared_pool_max_events} events")
     bounded = _in_child(settings, "pool")
+    shared_run = None
+    if train:
+        _say("a whole shared run: backbone, bounded pool, one shared training")
+        shared_run = _in_child(settings, "train")
     return {
         "segments": segments,
         "events_per_segment": events,
@@ -134,6 +160,7 @@ def run_bench(settings: Settings, segments: int, events: int) -> dict[str, Any]:
         "pool": bounded,
         "rss_ratio_pool_vs_read_all": round(bounded["peak_rss_mib"] / raw["peak_rss_mib"], 3),
         "due_count": count_cost(settings),
+        **({"shared_run": shared_run} if shared_run is not None else {}),
     }
 
 
@@ -141,6 +168,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segments", type=int, default=4000)
     parser.add_argument("--events", type=int, default=100, help="events per segment")
     parser.add_argument("--max-events", type=int, default=None, help="WORKER_SHARED_POOL_MAX_EVENTS")
+    parser.add_argument(
+        "--train", action="store_true", help="also a whole shared run (backbone + pool + training)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
 
 
@@ -149,9 +179,10 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.max_events is not None:
         settings = settings.model_copy(update={"shared_pool_max_events": args.max_events})
     try:
-        result = run_bench(settings, args.segments, args.events)
+        result = run_bench(settings, args.segments, args.events, args.train)
     finally:
         Buffer(settings).purge()
+        shutil.rmtree(settings.model_store, ignore_errors=True)
     text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
     if args.out is not None:
         args.out.write_text(text + "\n")

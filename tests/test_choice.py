@@ -1,0 +1,126 @@
+"""The per-segment serving choice (`worker.learn.choice`): a segment moves only on evidence, borrows the
+pooled evidence when its own is thin, and is never moved against its own clear evidence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worker.config import Settings
+from worker.learn.choice import (
+    ChoiceRules,
+    bootstrap_auc_difference,
+    choose,
+    compare,
+    held_back,
+    prior_gain,
+    resolve,
+)
+from worker.ops.quality import auc
+
+RULES = ChoiceRules(z=1.645, delta=0.02, prior_sd=0.02, reps=400, seed=0)
+
+
+def _holdout(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.4).astype(np.float64)
+    return labels, rng.random(n)
+
+
+def _ranking(labels: np.ndarray, signal: float, seed: int) -> np.ndarray:
+    """Scores whose AUC grows with `signal` (0: chance)."""
+    return labels * signal + np.random.default_rng(seed).random(len(labels))
+
+
+def test_the_bootstrap_difference_is_the_auc_difference_and_its_spread_shrinks_with_pairs() -> None:
+    labels, _ = _holdout(200)
+    a, b = _ranking(labels, 0.6, 1), _ranking(labels, 0.2, 2)
+    out = bootstrap_auc_difference(labels, a, b, 400, 0)
+    assert out is not None
+    d, sd = out
+    a_auc, b_auc = auc(labels, a), auc(labels, b)
+    assert a_auc is not None and b_auc is not None
+    assert d == pytest.approx(a_auc - b_auc)
+    small = bootstrap_auc_difference(labels[:40], a[:40], b[:40], 400, 0)
+    assert small is not None and small[1] > sd > 0
+    assert bootstrap_auc_difference(np.ones(10), a[:10], b[:10], 100, 0) is None
+
+
+def test_thin_evidence_follows_the_pool_and_no_evidence_of_gain_keeps_what_serves() -> None:
+    one_class = np.zeros(20)
+    probs = {"zero_shot": np.random.default_rng(0).random(20), "shared": np.random.default_rng(1).random(20)}
+    assert choose("zero_shot", one_class, probs, {"shared": 0.08}, RULES).kind == "shared"
+    assert choose("zero_shot", one_class, probs, {"shared": 0.0}, RULES).kind == "zero_shot"
+    assert choose("zero_shot", one_class, probs, {"shared": 0.01}, RULES).kind == "zero_shot"
+
+
+def test_a_segment_is_never_moved_against_its_own_clear_evidence_of_harm() -> None:
+    labels, _ = _holdout(300)
+    zero = _ranking(labels, 0.8, 1)
+    worse = _ranking(labels, 0.1, 2)
+    c = compare(labels, zero, worse, prior=0.2, rules=RULES)
+    assert c.own_harm(RULES.z) and c.shrunk > 0, "the pool alone would have moved it"
+    choice = choose("zero_shot", labels, {"zero_shot": zero, "shared": worse}, {"shared": 0.2}, RULES)
+    assert choice.kind == "zero_shot"
+    assert choice.auc["zero_shot"] == auc(labels, zero) and choice.n == 300
+
+
+def test_clear_own_evidence_moves_a_segment_off_the_pooled_choice() -> None:
+    """trade-pros on `shop`: the pool says shared, the segment's own pairs say zero-shot, clearly."""
+    labels, _ = _holdout(300)
+    zero, shared = _ranking(labels, 0.8, 1), _ranking(labels, 0.2, 2)
+    choice = choose("shared", labels, {"zero_shot": zero, "shared": shared}, {"shared": 0.07}, RULES)
+    assert choice.kind == "zero_shot" and "replaces shared" in choice.reason
+
+
+def test_the_best_candidate_that_clears_the_rule_serves() -> None:
+    labels, _ = _holdout(400)
+    probs = {
+        "zero_shot": _ranking(labels, 0.1, 1),
+        "shared": _ranking(labels, 0.5, 2),
+        "adapter": _ranking(labels, 1.5, 3),
+    }
+    assert choose("zero_shot", labels, probs, {"shared": 0.05, "adapter": 0.05}, RULES).kind == "adapter"
+
+
+def test_noise_does_not_move_a_segment() -> None:
+    labels, _ = _holdout(60)
+    same = _ranking(labels, 0.3, 1)
+    noisy = same + np.random.default_rng(9).normal(0, 0.05, len(same))
+    assert choose("zero_shot", labels, {"zero_shot": same, "shared": noisy}, {}, RULES).kind == "zero_shot"
+
+
+@pytest.mark.parametrize(
+    ("choice", "shared", "adapter", "served"),
+    [
+        (None, False, False, "zero_shot"),
+        ("adapter", False, True, "zero_shot"),
+        (None, True, False, "shared"),
+        (None, True, True, "adapter"),
+        ("zero_shot", True, True, "zero_shot"),
+        ("shared", True, True, "shared"),
+        ("adapter", True, False, "shared"),
+    ],
+)
+def test_resolve(choice: str | None, shared: bool, adapter: bool, served: str) -> None:
+    assert resolve(choice, shared, adapter) == served  # type: ignore[arg-type]
+
+
+def test_prior_and_rules_from_settings() -> None:
+    assert prior_gain(0.75, 0.7) == pytest.approx(0.05)
+    assert prior_gain(None, 0.7) == 0.0
+    rules = ChoiceRules.from_settings(Settings(serving_delta=0.05, serving_prior_sd=0.1))
+    assert (rules.delta, rules.prior_sd) == (0.05, 0.1)
+
+
+def test_a_pooled_win_holds_back_the_segments_it_serves_clearly_worse() -> None:
+    labels, _ = _holdout(600)
+    segments = ["hurt"] * 200 + ["helped"] * 200 + ["thin"] * 200
+    zero = _ranking(labels, 0.3, 1)
+    shared = _ranking(labels, 1.2, 2)
+    hurt = slice(0, 200)
+    shared[hurt] = _ranking(labels[hurt], 0.0, 3)
+    back = held_back(segments, labels, shared, zero, RULES)
+    assert set(back) == {"hurt"}
+    assert back["hurt"].kind == "zero_shot" and back["hurt"].n == 200
+    assert set(held_back(["a"] * 600, labels, zero, zero, RULES)) == {"a"}, "no gain: zero-shot stays"
