@@ -20,7 +20,10 @@ def test_bench_score_prints_raw_cold_and_warm_rates_and_ratios_as_its_last_json_
     parser = argparse.ArgumentParser()
     score.add_arguments(parser)
     args = parser.parse_args(
-        ["--pairs", "24", "--repeats", "2", "--refresh-segments", "2", "--refresh-candidates", "8", "--json"]
+        [
+            *("--pairs", "24", "--repeats", "2", "--refresh-segments", "2", "--refresh-candidates", "8"),
+            *("--precision-train-events", "48", "--json"),
+        ]
     )
     assert score.cli_main(args, settings) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -44,6 +47,20 @@ def test_bench_score_prints_raw_cold_and_warm_rates_and_ratios_as_its_last_json_
     assert (refresh["segments"], refresh["candidates_per_segment"]) == (2, 8)
     assert all(refresh[k] > 0 for k in ("refresh_s", "merge_s_per_segment", "with_adapter_s_per_segment"))
     assert refresh["scoring_pairs_per_s"] > 0
+
+    compared = result["precision"]
+    routes = [f"{r}_{p}_forward" for r in ("torch", "onnx") for p in ("fp32", "int8")]
+    ends = [f"torch_{p}_{k}" for p in ("fp32", "int8") for k in ("warm", "cold")]
+    assert set(compared["pairs_per_s"]) == {*routes, *ends}, compared.get("onnx_error")
+    assert all(v > 0 for v in compared["pairs_per_s"].values())
+    assert compared["torch_int8_speedup_warm"] == pytest.approx(
+        compared["pairs_per_s"]["torch_int8_warm"] / compared["pairs_per_s"]["torch_fp32_warm"], rel=0.01
+    )
+    assert compared["onnx_fp32_max_abs_diff_vs_torch"] < 0.1, "the exported model is the same model"
+    for name in ("shop", "hd-5k"):
+        quality = compared["quality"][name]
+        assert quality["trained_events"] == 48 and quality["holdout_pairs"] > 100
+        assert abs(quality["auc_difference"]) < 0.05 and quality["max_abs_probability_diff"] > 0
 
 
 def test_bench_score_refuses_empty_runs() -> None:

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -290,3 +291,34 @@ def test_a_segment_held_back_by_a_shared_promotion_is_served_zero_shot_until_its
     own = back.model_copy(update={"kind": "shared"})
     learner.registry.record(version_record("GE", later, None, decision="rejected", serving=own))
     assert learner.serving("GE") == Serving("shared", 0, version), "its own later choice decides"
+
+
+def test_int8_scoring_serves_and_gates_the_quantised_model(
+    learner: Learner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What is gated is what is served: with `scoring_precision=int8` the gate scores the challenger and
+    the champion int8, and the served copy (adapter merged, then quantised once) is the int8 model."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from worker.learn import train
+
+    int8 = Learner(learner.settings.model_copy(update={"scoring_precision": "int8"}), learner.registry)
+    calls: list[bool] = []
+    real = train.served_copy
+
+    def spy(model: Any, adapter: Any, int8: bool) -> Any:
+        calls.append(int8)
+        return real(model, adapter, int8)
+
+    monkeypatch.setattr(train, "served_copy", spy)
+    events = [e for e in load_homedepot().stream() if e.segment == "GE"][:40]
+    out = int8.train_segment("GE", events[20:], events[:20], (21, 40))
+    assert out is not None and out[0].decision == "promoted"
+    assert len(calls) >= 2 and all(calls), "the gate's sides were scored int8"
+    pairs = [(e.query, e.item_text) for e in events[:6]]
+    probs, version = int8.score("GE", pairs)
+    assert version == out[0].version
+    [served] = int8._composed.values()
+    assert any(isinstance(m, DynamicLinear) for m in served.encoder.modules())
+    fp32, _ = learner.score("GE", pairs)
+    assert 0 < np.abs(probs - fp32).max() < 0.1

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from worker.config import Settings
 from worker.events import ClickEvent
@@ -451,3 +452,25 @@ def test_an_error_in_the_producer_thread_reaches_the_caller(backbone: Backbone, 
         score_pairs(broken, shared, [("drill", "cordless drill")], prefetch=True)
     assert threading.active_count() == threads
     assert not any(t.name == "score-prefetch" for t in threading.enumerate())
+
+
+def test_an_int8_copy_quantises_the_encoder_scores_close_and_leaves_the_model_as_it_was(
+    backbone: Backbone, shared: ClickModel, events: list[ClickEvent]
+) -> None:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from worker.learn.model import quantized_copy, served_copy
+
+    pairs = [(e.query, e.item_text) for e in events[:24]]
+    before = score_pairs(backbone, shared, pairs)
+    int8 = quantized_copy(shared)
+    kinds = {type(m) for m in int8.encoder.modules()}
+    assert DynamicLinear in kinds and nn.Linear not in kinds
+    assert isinstance(shared.head, nn.Linear) and any(
+        isinstance(m, nn.Linear) for m in shared.encoder.modules()
+    )
+    assert int8.query_history is shared.query_history
+    probs = score_pairs(backbone, int8, pairs)
+    assert 0 < np.abs(probs - before).max() < 0.1
+    assert np.array_equal(score_pairs(backbone, shared, pairs), before), "the fp32 model is untouched"
+    assert served_copy(shared, None, int8=False) is shared

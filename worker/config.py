@@ -165,6 +165,11 @@ class Settings(BaseSettings):
         0.05, gt=0, lt=1, description="Share of events no model trains on; they gate the shared model."
     )
 
+    scoring_precision: Literal["fp32", "int8"] = Field(
+        "fp32",
+        description="CPU scoring: fp32, or int8 (the linear layers dynamically quantised; the gate and eval "
+        "then judge the int8 model). On CUDA the encoder scores in bf16 either way.",
+    )
     max_resident_adapters: int = Field(
         256, ge=1, description="Segment adapters kept in memory (LRU); others load lazily from the store."
     )

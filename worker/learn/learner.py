@@ -29,7 +29,7 @@ from worker.learn.model import (
     base_model_path,
     load_backbone,
     score_pairs,
-    serving_copy,
+    served_copy,
 )
 from worker.learn.store import (
     SHARED_ENCODER,
@@ -91,8 +91,9 @@ def clean_partial_dirs(store: Path) -> int:
 
 
 SCORING_MODELS = 8
-"""Served copies (shared + a segment's merged adapter, `serving_copy`) kept for scoring; each holds only the
-encoder's linear weights (about 42 MB at MiniLM-L6 in fp32) and shares the rest with the shared model."""
+"""Served copies (shared + a segment's merged adapter, `served_copy`, int8 when it serves int8) kept for
+scoring; each holds only the encoder's linear weights (about 42 MB at MiniLM-L6 in fp32, a quarter in
+int8) and shares the rest with the shared model."""
 
 
 class Serving(NamedTuple):
@@ -379,7 +380,7 @@ class Learner:
             return model
         for stale in [k for k in self._composed if k[2] != self.shared_version]:
             del self._composed[stale]
-        model = serving_copy(self.shared, adapter)
+        model = served_copy(self.shared, adapter, self.settings.scoring_precision == "int8")
         if model is not self.shared:
             self._composed[key] = model
             while len(self._composed) > SCORING_MODELS:

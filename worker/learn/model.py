@@ -637,6 +637,29 @@ def serving_copy(model: ClickModel, adapter: SegmentAdapter | None = None) -> Cl
     return served.eval()
 
 
+def quantized_copy(model: ClickModel) -> ClickModel:
+    """`model` for int8 scoring on a CPU: the encoder's linear layers dynamically quantised (int8 weights,
+    activations quantised per batch, `torch.ao.quantization.quantize_dynamic`). Merge an adapter first
+    (`serving_copy`): its LoRA is then part of the weights, quantised once per served copy. The copy
+    shares every other tensor and the query history with `model`."""
+    from torch.ao.quantization import quantize_dynamic
+
+    memo: dict[int, Any] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    if model.query_history is not None:
+        memo[id(model.query_history)] = model.query_history
+    served = copy.deepcopy(model, memo)
+    quantize_dynamic(served.encoder, {nn.Linear}, dtype=torch.qint8, inplace=True)  # type: ignore[no-untyped-call]
+    return served.eval()
+
+
+def served_copy(model: ClickModel, adapter: SegmentAdapter | None, int8: bool) -> ClickModel:
+    """What the worker scores with: `serving_copy`, quantised when it serves int8 on a CPU."""
+    merged = serving_copy(model, adapter)
+    if int8 and model.calibration.device.type == "cpu":
+        return quantized_copy(merged)
+    return merged
+
+
 def extract_adapter(seg: ClickModel) -> SegmentAdapter:
     _offline_hub()
     from peft import get_peft_model_state_dict

@@ -45,6 +45,7 @@ from worker.learn.model import (
     new_click_model,
     pretrained_encoder,
     score_pairs,
+    served_copy,
     with_adapter,
     zero_shot_scores,
 )
@@ -509,7 +510,8 @@ def train_shared(
         if serving is None:
             attempt.measure_champion(zero)
         else:
-            attempt.measure_champion(probabilities(backbone, _with_history(serving, table), held))
+            champion_view = _with_history(_served(serving, settings), table)
+            attempt.measure_champion(probabilities(backbone, champion_view, held))
         challenger_model = new_click_model(backbone, settings.seed) if model is None else copy.deepcopy(model)
         for param in challenger_model.parameters():
             param.requires_grad = True
@@ -517,7 +519,7 @@ def train_shared(
         challenger_model.query_history = table
         fitted = fit(backbone, challenger_model, events, FitOptions.for_shared(settings), holdout=held)
         attempt.losses = fitted.losses
-        probs = probabilities(backbone, challenger_model, held)
+        probs = probabilities(backbone, _served(challenger_model, settings), held)
     except Exception as exc:
         return attempt.failed(exc)
     result = attempt.judged(probs, fitted, len(events), shared=challenger_model)
@@ -527,6 +529,18 @@ def train_shared(
             rules = ChoiceRules.from_settings(settings)
             result.held_back = held_back([e.segment for e in held], attempt.labels, probs, zero, rules)
     return result
+
+
+def _int8(settings: Settings) -> bool:
+    return settings.scoring_precision == "int8"
+
+
+def _served(model: ClickModel, settings: Settings, adapter: SegmentAdapter | None = None) -> ClickModel:
+    """The model as the worker serves it, for the gate to judge: with int8 scoring, `model` (and
+    `adapter`, merged) quantised (`served_copy`); in fp32, `model` with `adapter` injected as trained."""
+    if _int8(settings):
+        return served_copy(model, adapter, int8=True)
+    return model if adapter is None else with_adapter(model, adapter, settings.seed)
 
 
 def _with_history(model: ClickModel, table: QueryHistory | None) -> ClickModel:
@@ -570,9 +584,9 @@ def train_segment_adapter(
     try:
         if held:
             options["zero_shot"] = zero_shot_scores(backbone, pretrained_encoder(backbone), pairs_of(held))
-            options["shared"] = probabilities(backbone, shared, held)
+            options["shared"] = probabilities(backbone, _served(shared, settings), held)
             if champion_adapter is not None:
-                serving = with_adapter(shared, champion_adapter, settings.seed)
+                serving = _served(shared, settings, champion_adapter)
                 options["adapter"] = probabilities(backbone, serving, held)
                 del serving
         attempt.measure_champion(options.get(served))
@@ -584,8 +598,8 @@ def train_segment_adapter(
             seg = with_adapter(shared, champion_adapter, settings.seed)
         fitted = fit(backbone, seg, events, FitOptions.for_segment(settings), holdout=stop)
         attempt.losses = fitted.losses
-        probs = probabilities(backbone, seg, held)
         adapter = extract_adapter(seg)
+        probs = probabilities(backbone, served_copy(shared, adapter, True) if _int8(settings) else seg, held)
     except Exception as exc:
         return attempt.failed(exc)
     result = attempt.judged(probs, fitted, len(events), adapter=adapter)
@@ -611,10 +625,14 @@ def score_segment(
     adapter: SegmentAdapter | None,
     pairs: Sequence[Pair],
     folds: Sequence[int | None] | None = None,
+    int8: bool = False,
 ) -> np.ndarray:
-    """Probabilities under shared + the segment's adapter, shared alone, or zero-shot cosine if no shared.
-    `folds` when the pairs are events (see `ClickModel.history_features`)."""
+    """Probabilities under shared + the segment's adapter, shared alone, or zero-shot cosine if no shared;
+    `int8` as the worker scores with int8 (`served_copy`). `folds` when the pairs are events (see
+    `ClickModel.history_features`)."""
     if shared is None:
         return zero_shot_scores(backbone, pretrained_encoder(backbone), pairs)
+    if int8:
+        return score_pairs(backbone, served_copy(shared, adapter, True), pairs, folds=folds)
     model = shared if adapter is None else with_adapter(shared, adapter)
     return score_pairs(backbone, model, pairs, folds=folds)

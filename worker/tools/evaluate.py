@@ -402,9 +402,9 @@ class _WorkerSim:
     def score(self, segment: str, pairs: Sequence[tuple[str | None, str]]) -> np.ndarray:
         kind = self.serving(segment)
         shared = None if kind == "zero_shot" else self.shared_serving
-        return score_segment(
-            self.backbone, shared, self.adapters.get(segment) if kind == "adapter" else None, pairs
-        )
+        adapter = self.adapters.get(segment) if kind == "adapter" else None
+        int8 = self.settings.scoring_precision == "int8"
+        return score_segment(self.backbone, shared, adapter, pairs, int8=int8)
 
 
 def _last_per_segment(events: Sequence[ClickEvent], cap: int) -> list[ClickEvent]:

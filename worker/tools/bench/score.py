@@ -12,6 +12,10 @@ serves it), interleaved over `repeats` rounds, medians reported:
 - **host_cold**, **host_warm**: the host side alone (encode, features, packing; no forward): what the
   worker adds to the forward at most, a steadier figure than a ratio on a busy machine.
 
+`precision` (on a CPU) compares fp32 with int8 scoring: torch's dynamic quantisation and ONNX Runtime's,
+side by side on the same batches, and their AUC on the `shop` and `hd-5k` holdouts
+(`worker.tools.bench.precision`).
+
 `refresh` then times what a shared promotion costs: every segment's served copy is rebuilt
 (`serving_copy`) and its candidates, already tokenised, are scored again; `with_adapter`, the PEFT
 composition the worker did per champion before, is timed on a few segments for comparison.
@@ -49,6 +53,7 @@ from worker.learn.model import (
     with_adapter,
 )
 from worker.learn.train import pairs_of
+from worker.tools.bench import precision
 from worker.tools.datasets import load_dataset
 
 COMPOSE_SAMPLES = 3
@@ -154,6 +159,7 @@ def run_bench(
     refresh_segments: int = 100,
     refresh_candidates: int = 2000,
     seed: int = 0,
+    precision_train_events: int = 1024,
 ) -> dict[str, Any]:
     """Medians of `repeats` rounds, each side once per round in a rotating order, after one untimed
     warm-up of each side (first kernels, allocator growth and library handles stay out of the figures)."""
@@ -231,6 +237,17 @@ def run_bench(
         promoted.query_history = shared.query_history
         refreshed = refresh(backbone, promoted, adapters, candidates)
 
+    compared: dict[str, Any] = {}
+    if device.type == "cpu" and precision_train_events > 0:
+        _say("precision: fp32 against int8 (torch dynamic quantisation, ONNX Runtime)")
+
+        def clear() -> None:
+            backbone.clear_token_cache()
+            history.query_key.cache_clear()
+
+        compared = precision.speed(backbone, served, score_set, batches, repeats, clear)
+        compared["quality"] = precision.quality(backbone, settings, precision_train_events)
+
     other = "cold_inline" if default_prefetch else "cold_prefetch"
     return {
         "device": str(device),
@@ -256,6 +273,7 @@ def run_bench(
         "runs_s": {k: [round(x, 4) for x in v] for k, v in runs.items()},
         "max_abs_diff_vs_batch_1": float(check.max()),
         "refresh": refreshed,
+        "precision": compared,
         "notes": "pairs/s from medians over rounds after one warm-up of each side; ratios = side / raw "
         "(higher is better); raw = forward only on the worker's batches already on the device; "
         "host_*_s = the host side alone (encode, features, packing; no forward), cold and warm",
@@ -271,6 +289,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--refresh-candidates", type=int, default=2000, help="candidates per refreshed segment"
     )
+    parser.add_argument(
+        "--precision-train-events",
+        type=int,
+        default=1024,
+        help="events the fp32/int8 quality check trains its shared models on (0: skip the comparison)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line last")
 
 
@@ -282,6 +306,7 @@ def cli_main(args: argparse.Namespace, settings: Settings | None = None) -> int:
         repeats=args.repeats,
         refresh_segments=args.refresh_segments,
         refresh_candidates=args.refresh_candidates,
+        precision_train_events=args.precision_train_events,
     )
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
