@@ -121,3 +121,24 @@ def test_group_new_reads_counters_not_segments(s: Settings, monkeypatch: pytest.
     assert group_new(buffer, 3) == 2
     assert buffer.mark_shared_counted({0: 1}) == 0  # an older run's counters never move it back
     assert group_new(buffer, 3) == 2
+
+
+def test_more_segments_than_the_bound_pool_one_event_each_from_a_subset_and_keep_the_rest_new(
+    s: Settings,
+) -> None:
+    """At 10,000 segments and a bound of 2,000 events the share rounded to zero and a run pooled nothing:
+    now as many segments as the bound give their newest event, the others stay new for later runs."""
+    buffer = Buffer(s)
+    _fill(buffer, {f"seg-{i}": 3 for i in range(120)})
+    bound = s.model_copy(update={"shared_pool_max_events": 40})
+    got = pool(buffer, 1, bound)
+    assert len(got.new) == 40 and len({e.segment for e in got.new}) == 40
+    assert got.older == [] and len(got.marks) == 40
+    buffer.mark_shared_seen(got.marks)
+    buffer.mark_shared_counted(got.counters)
+    _fill(buffer, {"late": 1}, start=1000)
+    again = pool(buffer, 1, bound)
+    taken = {e.segment for e in got.new}
+    fresh = {e.segment for e in again.new}
+    assert len(again.new) <= 40 and fresh - taken, "segments left out before are drawn now"
+    assert all(e.segment not in taken for e in again.new), "a taken segment has nothing new"

@@ -7,6 +7,9 @@ and at most `shared_pool_segment_cap` from one segment, the newest first. The pe
 largest that keeps the total within its bound (`fair_share`, water-filling): a small segment keeps all
 its events, and only the large ones are cut, to the same share, so small segments keep their voice. What
 a segment holds beyond its share is not trained on by this run and counts as taken (its mark moves past).
+With more segments than the bound (share below one event), a random subset of as many segments as the
+bound gives its newest event each, drawn anew every run; the others' marks stay, so their events are new
+to a later run.
 
 Whether a run is due is counted cheaply (`group_new`): each partition's `events` counter against the
 counter the last run took, one read per partition, never per segment.
@@ -14,6 +17,7 @@ counter the last run took, one read per partition, never per segment.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -55,13 +59,17 @@ def pool(buffer: Buffer, partitions: int, settings: Settings) -> Pool:
     states = [(p, st) for p in range(partitions) for st in buffer.segment_states(p)]
     sizes = [min(st.seq, depth) for _, st in states]
     share = min(settings.shared_pool_segment_cap, fair_share(sizes, settings.shared_pool_max_events))
+    chosen = [i for i, size in enumerate(sizes) if size > 0]
+    if share == 0 and chosen:
+        share = 1
+        draw = random.Random(sum(counters.values()))
+        chosen = sorted(draw.sample(chosen, min(len(chosen), settings.shared_pool_max_events)))
     new: list[ClickEvent] = []
     older: list[ClickEvent] = []
     marks: dict[tuple[int, str], int] = {}
     with_new: set[int] = set()
-    for (p, st), size in zip(states, sizes, strict=True):
-        if min(size, share) == 0:
-            continue
+    for i in chosen:
+        (p, st), size = states[i], sizes[i]
         events, seq_to = buffer.recent(p, st.segment, min(size, share))
         key = (p, buffer.segment_hash(st.segment))
         fresh = max(0, min(len(events), seq_to - seen.get(key, 0)))
