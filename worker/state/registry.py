@@ -295,6 +295,15 @@ def _row(rec: VersionRecord, champion: int | None) -> str:
     return f"{mark} v{rec.version:<5} {rec.decision:<9} auc={auc_text} parent={rec.parent_version} {when}"
 
 
+def _serves(choice: ServingChoice | None) -> str:
+    """A segment's recorded serving choice, as `models list` shows it (the worker also holds a segment
+    back on zero-shot when the shared model's promotion found it worse there, until its own choice)."""
+    if choice is None:
+        return "shared-or-adapter (no choice yet: follows the shared model)"
+    aucs = " ".join(f"{k}={v:.3f}" for k, v in choice.auc.items() if v is not None)
+    return f"{choice.kind} (chosen on shared v{choice.shared_version}, {choice.n} pairs: {aucs})"
+
+
 def cli_main(args: argparse.Namespace) -> int:
     reg = Registry.from_settings(load_settings())
     if args.shared:
@@ -308,7 +317,9 @@ def cli_main(args: argparse.Namespace) -> int:
         segments = [args.segment] if args.segment else reg.segments()
         for segment in segments:
             champion = reg.champion_version(segment)
-            print(f"{segment}  champion={champion}")
+            choice = reg.serving(segment) if not args.shared else None
+            serves = "" if args.shared else f"  serves={_serves(choice)}"
+            print(f"{segment}  champion={champion}{serves}")
             for rec in reg.versions(segment):
                 print("  " + _row(rec, champion))
         return 0
