@@ -46,6 +46,7 @@ TINY: dict[str, object] = {
     "gate_min_holdout": 8,
     "gate_auc_tolerance": 1.0,
     "gate_logloss_margin": 1000.0,
+    "serving_choice": False,
     "drain_grace_s": 60.0,
     "torch_threads": 1,
 }

@@ -29,7 +29,7 @@ from worker.tools.replay import produce_events
 pytestmark = pytest.mark.integration
 
 HARMED = "GE"
-OVERRIDES = {"gate_min_holdout": 100000, "max_seq_len": 16}
+OVERRIDES = {"gate_min_holdout": 100000, "max_seq_len": 16, "serving_choice": True}
 
 
 def _stream(settings: Settings) -> tuple[list[ClickEvent], Any]:

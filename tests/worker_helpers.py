@@ -16,8 +16,9 @@ from worker.config import Settings
 from worker.stream.kafka import client_config
 from worker.tools.procs import WORKER_RUN, child_env, start_worker, stop_worker
 
-# Tiny and fast on a CPU, with the gate opened so every challenger is promoted: these tests exercise the
-# running worker, the gate's own decisions are tested in test_gate.py and test_train.py.
+# Tiny and fast on a CPU, with the gate opened so every challenger is promoted and the per-segment serving
+# choice off: these tests exercise the running worker; the gate's own decisions are tested in test_gate.py
+# and test_train.py, the serving choice in test_choice.py and test_serving.py.
 SMALL: dict[str, object] = {
     "max_seq_len": 16,
     "min_new_events": 16,
@@ -31,6 +32,7 @@ SMALL: dict[str, object] = {
     "gate_logloss_margin": 1000,
     "gate_min_holdout": 1,
     "shared_min_holdout": 1,
+    "serving_choice": False,
     "drain_grace_s": 60,
     "metrics_port": 0,
 }

@@ -208,6 +208,11 @@ class Settings(BaseSettings):
         description="Share of a segment's training events set aside to pick the epoch, apart from the "
         "gate's holdout (0: no early stopping), so the pairs that pick the epoch do not judge it.",
     )
+    serving_choice: bool = Field(
+        True,
+        description="Choose per segment between zero-shot, the shared model and its adapter "
+        "(`learn.choice`); off: every segment follows the shared model and its adapter.",
+    )
     serving_delta: float = Field(
         0.02,
         ge=0,

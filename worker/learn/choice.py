@@ -188,17 +188,17 @@ def held_back(
     zero_shot: np.ndarray,
     rules: ChoiceRules,
 ) -> dict[str, Choice]:
-    """The segments a promoted shared model must not serve yet: per segment, on its pairs of the pooled
-    holdout, the same rule as a segment training's choice, from zero-shot with the pooled gain as the
-    prior, so a pooled win does not silently move a segment it serves worse. Segments without pairs follow
-    the pool."""
+    """The segments a promoted shared model must not serve yet. Its pooled win makes it what serves by
+    default; per segment, on its pairs of the pooled holdout, zero-shot takes the segment back only by the
+    same rule as a segment training's choice (prior: the pooled gain), so thin evidence follows the pool
+    and a pooled win does not silently move a segment its own pairs say it serves worse."""
     prior = prior_gain(auc(labels, shared), auc(labels, zero_shot))
     names = np.asarray(segments, dtype=object)
     out: dict[str, Choice] = {}
     for segment in sorted(set(segments)):
         mask = names == segment
         probs: dict[ServingKind, np.ndarray] = {"zero_shot": zero_shot[mask], "shared": shared[mask]}
-        choice = choose("zero_shot", labels[mask], probs, {"shared": prior}, rules)
+        choice = choose("shared", labels[mask], probs, {"shared": prior}, rules)
         if choice.kind == "zero_shot":
             out[segment] = choice
     return out

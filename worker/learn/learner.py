@@ -189,10 +189,11 @@ class Learner:
     def serving(self, segment: str) -> Serving:
         """What serves the segment (`choice.resolve`) with the versions that score it."""
         self.refresh_shared()
-        choice = self.registry.serving(segment) if self.shared is not None else None
+        choosing = self.shared is not None and self.settings.serving_choice
+        choice = self.registry.serving(segment) if choosing else None
         version, adapter = self.adapter(segment) if self.shared is not None else (0, None)
         current = choice is not None and choice.shared_version == self.shared_version
-        held = segment in self._held_back and not current
+        held = choosing and segment in self._held_back and not current
         kind = resolve(
             None if choice is None else choice.kind, self.shared is not None, adapter is not None, held
         )

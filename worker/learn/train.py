@@ -525,7 +525,7 @@ def train_shared(
     result = attempt.judged(probs, fitted, len(events), shared=challenger_model)
     if zero is not None:
         result.zero_shot = holdout_score(attempt.labels, zero)
-        if result.promoted:
+        if result.promoted and settings.serving_choice:
             rules = ChoiceRules.from_settings(settings)
             result.held_back = held_back([e.segment for e in held], attempt.labels, probs, zero, rules)
     return result
@@ -603,6 +603,8 @@ def train_segment_adapter(
     except Exception as exc:
         return attempt.failed(exc)
     result = attempt.judged(probs, fitted, len(events), adapter=adapter)
+    if not settings.serving_choice:
+        return result
     if result.promoted:
         aucs: dict[ServingKind, float | None] = {
             k: holdout_score(attempt.labels, v).auc for k, v in options.items()
