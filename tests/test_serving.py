@@ -4,7 +4,8 @@ One segment's clicks follow zero-shot's ranking exactly, so the shared model, tr
 other segments' events, ranks it worse: after its training the segment is served by zero-shot (the
 model-version event says so), its published scores are zero-shot's, and a second worker process that
 takes over its partitions after a restart still answers it with zero-shot, while the shared model
-serves the others. Adapters are kept out (`gate_min_holdout`) so that the serving choice alone decides."""
+serves the others. Adapters are kept out (`gate_min_holdout`) so that the serving choice alone decides;
+the choice is made on unseen queries' pairs, so more of the few queries are kept unseen."""
 
 from __future__ import annotations
 
@@ -29,7 +30,12 @@ from worker.tools.replay import produce_events
 pytestmark = pytest.mark.integration
 
 HARMED = "GE"
-OVERRIDES = {"gate_min_holdout": 100000, "max_seq_len": 16, "serving_choice": True}
+OVERRIDES = {
+    "gate_min_holdout": 100000,
+    "max_seq_len": 16,
+    "serving_choice": True,
+    "unseen_query_frac": 0.4,
+}
 
 
 def _stream(settings: Settings) -> tuple[list[ClickEvent], Any]:

@@ -1,7 +1,8 @@
 """What serves each segment: zero-shot, the shared model, or the shared model with its adapter.
 
 The promise "never serve worse than what you had" is per segment, so each segment is judged on its own
-held-out pairs, and moves away from what serves it only on evidence (`../shared/DESIGN.md`):
+held-out pairs of unseen queries (pairs of queries a model trained on flatter it, and new queries are
+what it must serve), and moves away from what serves it only on evidence (`../shared/DESIGN.md`):
 - paired, on the same pairs, with a stratified bootstrap of the AUC difference (positives and negatives
   resampled apart), which holds better than DeLong's normal approximation at 20-200 pairs;
 - shrunk toward the pooled evidence (empirical Bayes with a prior of spread `serving_prior_sd`): a
@@ -189,9 +190,10 @@ def held_back(
     rules: ChoiceRules,
 ) -> dict[str, Choice]:
     """The segments a promoted shared model must not serve yet. Its pooled win makes it what serves by
-    default; per segment, on its pairs of the pooled holdout, zero-shot takes the segment back only by the
-    same rule as a segment training's choice (prior: the pooled gain), so thin evidence follows the pool
-    and a pooled win does not silently move a segment its own pairs say it serves worse."""
+    default; per segment, on its pairs of the pooled holdout (the caller passes those of unseen queries),
+    zero-shot takes the segment back only by the same rule as a segment training's choice (prior: the
+    pooled gain), so thin evidence follows the pool and a pooled win does not silently move a segment its
+    own pairs say it serves worse."""
     prior = prior_gain(auc(labels, shared), auc(labels, zero_shot))
     names = np.asarray(segments, dtype=object)
     out: dict[str, Choice] = {}

@@ -415,6 +415,13 @@ class _Attempt:
     def labels(self) -> np.ndarray:
         return labels_of(self.holdout)
 
+    @property
+    def unseen(self) -> np.ndarray:
+        """Which holdout pairs are of unseen queries: the honest part, on which serving is chosen."""
+        mask = np.zeros(len(self.holdout), dtype=bool)
+        mask[len(self.holdout) - self.n_unseen :] = True
+        return mask
+
     def measure_champion(self, probs: np.ndarray | None) -> None:
         self.champion_probs = probs
         self.champion = None if probs is None or not self.holdout else holdout_score(self.labels, probs)
@@ -442,9 +449,7 @@ class _Attempt:
         adapter: SegmentAdapter | None = None,
         shared: ClickModel | None = None,
     ) -> TrainResult:
-        labels = self.labels
-        unseen = np.zeros(len(labels), dtype=bool)
-        unseen[len(labels) - self.n_unseen :] = True
+        labels, unseen = self.labels, self.unseen
         rules = (
             GateRules.for_shared(self.settings)
             if self.scope == "shared"
@@ -527,7 +532,14 @@ def train_shared(
         result.zero_shot = holdout_score(attempt.labels, zero)
         if result.promoted and settings.serving_choice:
             rules = ChoiceRules.from_settings(settings)
-            result.held_back = held_back([e.segment for e in held], attempt.labels, probs, zero, rules)
+            unseen_only = attempt.unseen
+            result.held_back = held_back(
+                [e.segment for e, u in zip(held, unseen_only, strict=True) if u],
+                attempt.labels[unseen_only],
+                probs[unseen_only],
+                zero[unseen_only],
+                rules,
+            )
     return result
 
 
@@ -572,8 +584,8 @@ def train_segment_adapter(
     On the segment's held-out events of seen queries and its events of unseen ones, zero-shot, the shared
     model alone and the shared model with the champion adapter are scored as they are served. The gate
     compares the challenger with `served`: a promoted adapter serves. Otherwise `learn.choice` picks among
-    the others, with the pooled gain of the shared model over zero-shot (`prior`) as the prior. The
-    epoch is picked on `stop`, never on the gate's pairs.
+    the others on the unseen queries' pairs alone, with the pooled gain of the shared model over zero-shot
+    (`prior`) as the prior. The epoch is picked on `stop`, never on the gate's pairs.
     """
     held = [*holdout_events, *unseen]
     attempt = _Attempt("segment", backbone, settings, held, len(unseen))
@@ -616,8 +628,15 @@ def train_segment_adapter(
     elif not held:
         result.serving = Choice(served, 0, {}, f"{served} keeps serving: no held-out pairs")
     else:
+        unseen_only = attempt.unseen
         priors: dict[ServingKind, float] = {"zero_shot": 0.0, "shared": prior, "adapter": prior}
-        result.serving = choose(served, attempt.labels, options, priors, ChoiceRules.from_settings(settings))
+        result.serving = choose(
+            served,
+            attempt.labels[unseen_only],
+            {k: v[unseen_only] for k, v in options.items()},
+            priors,
+            ChoiceRules.from_settings(settings),
+        )
     return result
 
 
