@@ -83,6 +83,66 @@ def test_kustomization_lists_every_manifest() -> None:
     assert set(kust["resources"]) == files
 
 
+KEDA = K8S / "keda"
+
+
+def _keda(kind: str) -> dict[str, Any]:
+    found = [
+        d for p in KEDA.glob("*.yaml") for d in yaml.safe_load_all(p.read_text()) if d and d["kind"] == kind
+    ]
+    assert len(found) == 1, kind
+    return found[0]  # type: ignore[no-any-return]
+
+
+def _keda_problems(scaled: dict[str, Any], auth: dict[str, Any]) -> list[str]:
+    """What makes the lag scaler disagree with the worker it scales (KEDA's CRDs are not in
+    kubernetes-validate's schemas, so the fields that matter are checked here)."""
+    env, problems = _env(), []
+    spec = scaled["spec"]
+    if spec["scaleTargetRef"]["name"] != _one("Deployment")["metadata"]["name"]:
+        problems.append("scaleTargetRef is not the Deployment")
+    if not 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= int(env["WORKER_TOPIC_PARTITIONS"]):
+        problems.append("replicas must stay within 1..WORKER_TOPIC_PARTITIONS")
+    [trigger] = spec["triggers"]
+    meta = trigger["metadata"]
+    expected = {
+        "bootstrapServers": env["WORKER_KAFKA_BOOTSTRAP"],
+        "consumerGroup": env["WORKER_GROUP_ID"],
+        "topic": env["WORKER_INPUT_TOPIC"],
+        "allowIdleConsumers": "false",
+        "sasl": env["WORKER_KAFKA_SASL_MECHANISM"].lower().replace("-", "_", 1).replace("-", ""),
+        "tls": "enable" if env["WORKER_KAFKA_SECURITY_PROTOCOL"].endswith("SSL") else "disable",
+    }
+    problems += [f"{k}: {meta.get(k)!r} != {v!r}" for k, v in expected.items() if meta.get(k) != v]
+    if trigger["type"] != "kafka" or trigger["authenticationRef"]["name"] != auth["metadata"]["name"]:
+        problems.append("not a kafka trigger authenticated by the TriggerAuthentication")
+    grace = _one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    if down["stabilizationWindowSeconds"] < grace or any(p["value"] != 1 for p in down["policies"]):
+        problems.append("scale-in must remove one draining pod at a time, slower than its drain")
+    container = _container()["name"]
+    for ref in auth["spec"].get("env", []):
+        if ref["containerName"] != container or ref["name"] not in env:
+            problems.append(f"{ref['parameter']}: no {ref['name']} in the worker container")
+    secret = _one("Secret")
+    for ref in auth["spec"].get("secretTargetRef", []):
+        if ref["name"] != secret["metadata"]["name"] or ref["key"] not in secret["stringData"]:
+            problems.append(f"{ref['parameter']}: no {ref['key']} in the Secret")
+    return problems
+
+
+def test_keda_scales_on_the_workers_lag_within_the_partitions() -> None:
+    kust = yaml.safe_load((KEDA / "kustomization.yaml").read_text())
+    assert set(kust["resources"]) == {".."} | {p.name for p in KEDA.glob("*.yaml")} - {"kustomization.yaml"}
+    scaled, auth = _keda("ScaledObject"), _keda("TriggerAuthentication")
+    assert scaled["apiVersion"] == auth["apiVersion"] == "keda.sh/v1alpha1"
+    assert _keda_problems(scaled, auth) == []
+    broken = json.loads(json.dumps(scaled))
+    broken["spec"]["maxReplicaCount"] = int(_env()["WORKER_TOPIC_PARTITIONS"]) + 1
+    broken["spec"]["triggers"][0]["metadata"]["consumerGroup"] = "someone-else"
+    assert len(_keda_problems(broken, auth)) == 2
+
+
 def test_probes_point_at_health_endpoints() -> None:
     c = _container()
     port = int(_env()["WORKER_METRICS_PORT"])
