@@ -35,6 +35,7 @@ COMMANDS: Table = {
     "run": ("worker.app", "run the worker: ingest, train, publish"),
     "eval": ("worker.tools.evaluate", "evaluation on real data: offline, or --live through workers"),
     "models": ("worker.state.registry", "list, show or roll back model versions"),
+    "dlq": ("worker.tools.dlq", "list dead letters, or re-drive them to the topic they came from, once"),
     "bench": ("worker.tools.bench", "benchmarks against raw baselines, JSON output"),
     "soak": ("worker.tools.soak", "a worker under steady load: lag, memory, no event lost"),
     "demo": ("worker.tools.demo", "the whole job on the local stack, on the generated shop or real data"),

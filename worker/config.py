@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     dlq_topic: str = Field(
         "clicks-dlq", min_length=1, description="Rejected input with the reason in headers."
     )
+    dlq_redrive_max: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="Times `dlq redrive` sends a message back; one re-driven this often is skipped.",
+    )
     scores_topic: str = Field(
         "scores", min_length=1, description="Refreshed scores and answers to score requests."
     )

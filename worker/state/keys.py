@@ -81,3 +81,23 @@ def shared_lock_key(prefix: str, topic: str) -> str:
     """The lock a shared run holds while it pools, trains and records (`worker.state.lock`): one shared
     run per group at a time. Tagged like `shared_seen_key`, so one script may fence both."""
     return f"{prefix}:{{{topic}-shared}}:lock"
+
+
+def dlq_redrive_tag(prefix: str, dlq_topic: str) -> str:
+    """`P:{<dlq topic>-redrive}`: the re-drive progress of one DLQ; its keys share one slot."""
+    return f"{prefix}:{{{dlq_topic}-redrive}}"
+
+
+def dlq_redrive_next_key(prefix: str, dlq_topic: str) -> str:
+    """The hash of DLQ partition -> the DLQ offset below which every record is re-driven or skipped."""
+    return f"{dlq_redrive_tag(prefix, dlq_topic)}:next"
+
+
+def dlq_redrive_done_key(prefix: str, dlq_topic: str, partition: int) -> str:
+    """The sorted set of DLQ offsets at or above `next` that a filtered re-drive already handled."""
+    return f"{dlq_redrive_tag(prefix, dlq_topic)}:done:{partition}"
+
+
+def dlq_redrive_lock_key(prefix: str, dlq_topic: str) -> str:
+    """The lock one re-drive of a DLQ holds while it runs (`worker.state.lock`)."""
+    return f"{dlq_redrive_tag(prefix, dlq_topic)}:lock"
