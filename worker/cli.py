@@ -33,6 +33,7 @@ COMMANDS: Table = {
     "generate-shop": ("worker.tools.shop", "write a generated shop (synthetic click events) as JSONL"),
     "ingest": ("worker.stream.ingest", "consume click events into the Redis buffers (no training)"),
     "run": ("worker.app", "run the worker: ingest, train, publish"),
+    "reset": ("worker.stream.reset", "move a stopped group's offsets (Redis and Kafka) to reprocess"),
     "eval": ("worker.tools.evaluate", "evaluation on real data: offline, or --live through workers"),
     "models": ("worker.state.registry", "list, show or roll back model versions"),
     "dlq": ("worker.tools.dlq", "list dead letters, or re-drive them to the topic they came from, once"),
