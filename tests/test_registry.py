@@ -11,13 +11,12 @@ from registry_helpers import version_record
 
 from worker.config import Settings
 from worker.events import HoldoutMetrics, ServingChoice
+from worker.models import add_arguments, cli_main
 from worker.state.registry import (
     SHARED_SEGMENT,
     Registry,
     RegistryError,
     VersionRecord,
-    add_arguments,
-    cli_main,
 )
 
 pytestmark = pytest.mark.integration
@@ -257,12 +256,12 @@ def test_models_cli(
     v2 = _record(reg, "GE").version
     assert models("list") == 0
     out = capsys.readouterr().out
-    assert f"GE  champion={v2}  serves=shared-or-adapter" in out and f"v{v1}" in out
+    assert f"GE  champion={v2}  serves=zero-shot  choice=none yet" in out and f"v{v1}" in out
     choice = ServingChoice(kind="zero_shot", shared_version=2, n=40, auc={"zero_shot": 0.7, "shared": 0.6})
     v3 = reg.next_version("GE")
     reg.record(version_record("GE", v3, None, decision="rejected", serving=choice))
     assert models("list", "GE") == 0
-    assert "serves=zero_shot (chosen on shared v2, 40 pairs: zero_shot=0.700 shared=0.600)" in (
+    assert "choice=zero_shot (chosen on shared v2, 40 pairs: zero_shot=0.700 shared=0.600)" in (
         capsys.readouterr().out
     )
     assert models("rollback", "GE", str(v1), "--expect", str(v1)) == 1, "a listing from before v2"

@@ -42,6 +42,7 @@ from worker.ops.http import MetricsServer, Readiness
 from worker.ops.http import start as start_metrics
 from worker.ops.metrics import Metrics
 from worker.state import client as redis_clients
+from worker.state import pins
 from worker.state.buffer import Buffer
 from worker.state.client import RedisClient
 from worker.state.keys import shared_lock_key
@@ -196,6 +197,7 @@ class Worker:
         self._outbox_checked = 0.0
         self._expiry_checked = 0.0
         self._outbox_owned: frozenset[int] = frozenset()
+        self._pins_seen = -1
         self._failures: dict[tuple[int, str], int] = {}
         self._compute_done = threading.Event()
         self._compute = threading.Thread(target=self._compute_loop, name="compute", daemon=True)
@@ -342,6 +344,7 @@ class Worker:
             self._housekept = now
             self._count_group_new()
             self._refresh_stale_partitions()
+            self._notice_pins()
             self._drain_outboxes()
             self._expire_idle()
         if self._shared_due():
@@ -456,6 +459,15 @@ class Worker:
                 self._publish_scores(partition, segment)
             self.publisher.flush(self.settings.drain_grace_s)
             self.buffer.mark_scores_shared_version(partition, version)
+
+    def _notice_pins(self) -> None:
+        """A pin or unpin (`models pin`) moved the group's counter: read every owned partition's outbox
+        now rather than at the next `OUTBOX_CHECK_S`, so the pinned segment's model-version event and
+        scores go out within seconds. A missed move costs only that wait: the outbox has them."""
+        seen = pins.changes(self.redis, self.settings.redis_prefix)
+        if seen != self._pins_seen:
+            self._pins_seen = seen
+            self._outbox_checked = time.monotonic() - OUTBOX_CHECK_S
 
     def _drain_outboxes(self) -> None:
         """Decisions recorded but not yet acknowledged by Kafka (a crash between the two, a failed

@@ -35,7 +35,7 @@ COMMANDS: Table = {
     "run": ("worker.app", "run the worker: ingest, train, publish"),
     "reset": ("worker.stream.reset", "move a stopped group's offsets (Redis and Kafka) to reprocess"),
     "eval": ("worker.tools.evaluate", "evaluation on real data: offline, or --live through workers"),
-    "models": ("worker.state.registry", "list, show or roll back model versions"),
+    "models": ("worker.models", "list, show, roll back, pin or unpin model versions"),
     "dlq": ("worker.tools.dlq", "list dead letters, or re-drive them to the topic they came from, once"),
     "bench": ("worker.tools.bench", "benchmarks against raw baselines, JSON output"),
     "soak": ("worker.tools.soak", "a worker under steady load: lag, memory, no event lost"),

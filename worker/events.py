@@ -159,8 +159,23 @@ class ServingChoice(_Wire):
     reason: str = ""
 
 
+class ServingPin(_Wire):
+    """An operator's pin (`python -m worker models pin`): what serves the segment, whatever its serving
+    choice or a later promotion says, until it is unpinned."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="ServingPin")
+
+    kind: ServingKind
+    version: int = Field(0, ge=0, description="adapter: the segment's adapter version; 0 otherwise.")
+    shared_version: int = Field(
+        0, ge=0, description="shared, adapter: the shared model version it is served on; 0: zero-shot."
+    )
+    reason: str = ""
+    pinned_at: datetime
+
+
 class ModelVersionEvent(_Wire):
-    """Every training decision, promoted or not, with the registry's record of it."""
+    """Every training decision, promoted or not, and every pin and unpin, with the registry's record."""
 
     model_config = ConfigDict(
         frozen=True,
@@ -176,7 +191,9 @@ class ModelVersionEvent(_Wire):
     segment: SegmentName
     version: int = Field(ge=1)
     parent_version: int | None
-    decision: Literal["promoted", "rejected", "failed"]
+    decision: Literal["promoted", "rejected", "failed", "pinned", "unpinned"] = Field(
+        description="A training's verdict, or an operator's `pinned` / `unpinned` (no model trained)."
+    )
     reason: str = ""
     base_model: str
     events_from: int = Field(ge=0, description="First buffer sequence number trained on.")
@@ -201,6 +218,9 @@ class ModelVersionEvent(_Wire):
         default_factory=dict,
         description="A promoted shared version: the segments it does not serve, their pooled held-out pairs "
         "saying it is worse than zero-shot; each stays on zero-shot until its own training's choice.",
+    )
+    pinned: ServingPin | None = Field(
+        default=None, description="decision `pinned`: what the operator pinned the segment to."
     )
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from worker.config import Settings
-from worker.events import ServingKind
+from worker.events import ServingChoice, ServingKind
 from worker.ops.quality import auc
 
 KINDS: tuple[ServingKind, ...] = ("zero_shot", "shared", "adapter")
@@ -100,6 +100,18 @@ def resolve(
     if has_adapter and choice in (None, "adapter"):
         return "adapter"
     return "shared"
+
+
+def resolve_recorded(
+    choice: ServingChoice | None, shared_version: int, has_adapter: bool, held_back: bool
+) -> ServingKind:
+    """`resolve` from what the registry records, as the learner serves and `models list` shows it:
+    `choice` the segment's last one (None: none, or choosing is off), `shared_version` the shared
+    champion's (0: none), `has_adapter` its champion was gated on that version, `held_back` that
+    version's promotion held it back; a choice made on that version ends the hold-back."""
+    current = choice is not None and choice.shared_version == shared_version
+    kind = None if choice is None else choice.kind
+    return resolve(kind, shared_version > 0, has_adapter, held_back and not current)
 
 
 def prior_gain(shared_auc: float | None, zero_shot_auc: float | None) -> float:

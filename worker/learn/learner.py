@@ -21,7 +21,7 @@ import structlog
 
 from worker.config import Settings
 from worker.events import ClickEvent, HoldoutMetrics, ServingChoice, ServingKind
-from worker.learn.choice import Choice, prior_gain, resolve
+from worker.learn.choice import Choice, prior_gain, resolve_recorded
 from worker.learn.model import (
     ClickModel,
     Pair,
@@ -31,6 +31,7 @@ from worker.learn.model import (
     score_pairs,
     served_copy,
 )
+from worker.learn.pinned import PinnedModels
 from worker.learn.store import (
     SHARED_ENCODER,
     TMP_MARK,
@@ -97,11 +98,13 @@ int8) and shares the rest with the shared model."""
 
 
 class Serving(NamedTuple):
-    """What scores a segment now: `version` is its adapter's (0: none), `shared_version` 0 for zero-shot."""
+    """What scores a segment now: `version` is its adapter's (0: none), `shared_version` 0 for zero-shot;
+    `pinned`: an operator's pin names it (`worker.state.pins`), not the automatic choice."""
 
     kind: ServingKind
     version: int
     shared_version: int
+    pinned: bool = False
 
 
 class Abandoned(RuntimeError):
@@ -122,6 +125,7 @@ class Learner:
         self._held_back: frozenset[str] = frozenset()
         self._adapters: OrderedDict[str, tuple[int, SegmentAdapter]] = OrderedDict()
         self._composed: OrderedDict[tuple[str, int, int], ClickModel] = OrderedDict()
+        self._pinned = PinnedModels(self.backbone)
         clean_partial_dirs(settings.model_store)
 
     @property
@@ -187,16 +191,20 @@ class Learner:
         return prior_gain(champion.challenger.auc, champion.zero_shot.auc)
 
     def serving(self, segment: str) -> Serving:
-        """What serves the segment (`choice.resolve`) with the versions that score it."""
+        """What serves the segment with the versions that score it: its pin, else `automatic`."""
         self.refresh_shared()
+        pin = self.registry.pin(segment)
+        if pin is not None:
+            return Serving(pin.kind, pin.version, pin.shared_version, pinned=True)
+        return self.automatic(segment)
+
+    def automatic(self, segment: str) -> Serving:
+        """What serves the segment unpinned (`choice.resolve_recorded`)."""
         choosing = self.shared is not None and self.settings.serving_choice
         choice = self.registry.serving(segment) if choosing else None
         version, adapter = self.adapter(segment) if self.shared is not None else (0, None)
-        current = choice is not None and choice.shared_version == self.shared_version
-        held = choosing and segment in self._held_back and not current
-        kind = resolve(
-            None if choice is None else choice.kind, self.shared is not None, adapter is not None, held
-        )
+        held = choosing and segment in self._held_back
+        kind = resolve_recorded(choice, self.shared_version, adapter is not None, held)
         if kind == "zero_shot":
             return Serving(kind, 0, 0)
         return Serving(kind, version if kind == "adapter" else 0, self.shared_version)
@@ -215,8 +223,11 @@ class Learner:
         Each (segment, champion, shared version) is merged into a served copy once (`_serving`), so
         scoring costs one forward pass per batch, not a LoRA injection per call."""
         served = self.serving(segment) if serving is None else serving
-        if served.kind == "zero_shot" or self.shared is None:
+        if served.kind == "zero_shot" or (self.shared is None and not served.pinned):
             return score_segment(self.backbone, None, None, pairs), 0
+        if served.pinned:
+            model = self._pinned_model(segment, served)
+            return score_pairs(self.backbone, model, pairs, folds=folds), served.version
         version, adapter = self.adapter(segment) if served.kind == "adapter" else (0, None)
         model = self._serving(segment, version, adapter)
         return score_pairs(self.backbone, model, pairs, folds=folds), version
@@ -317,7 +328,7 @@ class Learner:
             self.settings,
             unseen=data.unseen,
             stop=data.stop,
-            served=self.serving(segment).kind,
+            served=self.automatic(segment).kind,
             prior=self.prior(),
         )
         if not still_owned():
@@ -370,19 +381,51 @@ class Learner:
             self._serve_shared(result.shared, rec)
         return rec, result
 
-    def _serving(self, segment: str, version: int, adapter: SegmentAdapter | None) -> ClickModel:
-        """The served copy for the segment's champion on the current shared model, from the last
-        `SCORING_MODELS` (copies made for an older shared model go first: they hold its tensors)."""
-        assert self.shared is not None
-        key = (segment if adapter is not None else "", version, self.shared_version)
+    def _pinned_model(self, segment: str, served: Serving) -> ClickModel:
+        """The served copy of what a pin names, its shared version and adapter from the store when they
+        are not the ones serving automatically (`learn.pinned`)."""
+        shared = self.shared
+        if shared is None or served.shared_version != self.shared_version:
+            shared = self._pinned.shared(
+                served.shared_version,
+                lambda: self._stored(self.shared_registry, SHARED_SEGMENT, served.shared_version),
+            )
+        adapter = None
+        if served.kind == "adapter":
+            adapter = self._pinned.adapter(
+                segment, served.version, lambda: self._stored(self.registry, segment, served.version)
+            )
+        return self._serving(segment, served.version, adapter, (served.shared_version, shared))
+
+    @staticmethod
+    def _stored(registry: Registry, segment: str, version: int) -> Path:
+        record = registry.get(segment, version)
+        if record is None or record.adapter is None or not Path(record.adapter).is_dir():
+            raise FileNotFoundError(f"pinned version {version} of {segment!r} is not in the model store")
+        return Path(record.adapter)
+
+    def _serving(
+        self,
+        segment: str,
+        version: int,
+        adapter: SegmentAdapter | None,
+        on: tuple[int, ClickModel] | None = None,
+    ) -> ClickModel:
+        """The served copy for the segment's champion on the current shared model (or on `on`, a pinned
+        shared version and its model), from the last `SCORING_MODELS` (copies made for a shared model
+        no longer held go first: they hold its tensors)."""
+        shared_version, shared = on if on is not None else (self.shared_version, self.shared)
+        assert shared is not None
+        key = (segment if adapter is not None else "", version, shared_version)
         model = self._composed.get(key)
         if model is not None:
             self._composed.move_to_end(key)
             return model
-        for stale in [k for k in self._composed if k[2] != self.shared_version]:
+        held = {self.shared_version, *self._pinned.shared_versions()}
+        for stale in [k for k in self._composed if k[2] not in held]:
             del self._composed[stale]
-        model = served_copy(self.shared, adapter, self.settings.scoring_precision == "int8")
-        if model is not self.shared:
+        model = served_copy(shared, adapter, self.settings.scoring_precision == "int8")
+        if model is not shared:
             self._composed[key] = model
             while len(self._composed) > SCORING_MODELS:
                 self._composed.popitem(last=False)

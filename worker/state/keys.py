@@ -15,11 +15,11 @@ PartitionPart = Literal["offsets", "dedup", "stats", "segs", "served", "active"]
 """`served`: which shared version the partition's published scores were last refreshed for; `active`:
 segment hash -> when it last got an event (ms), what idle segments expire by (`worker.state.retention`)."""
 SegmentPart = Literal["meta", "new", "sample", "cand", "candz"]
-RegistryPart = Literal["next", "name", "records", "champion", "moves", "published", "serving"]
-"""`moves`: how often what serves the segment changed (promotions, rollbacks, serving choices);
+RegistryPart = Literal["next", "name", "records", "champion", "moves", "published", "serving", "pin"]
+"""`moves`: how often what serves the segment changed (promotions, rollbacks, serving choices, pins);
 `serving`: the segment's serving choice (`learn.choice`), absent until its first one; `published`: the outbox
 pointer, a hash of the highest version whose model-version event and the `moves` whose scores Kafka
-acknowledged."""
+acknowledged; `pin`: an operator's pin (`state.pins`), absent unless pinned."""
 
 
 def segment_hash(segment: str) -> str:
@@ -58,6 +58,17 @@ def registry_key(prefix: str, seg_hash: str, part: RegistryPart) -> str:
 def registry_index_key(prefix: str) -> str:
     """The hash of segment hash -> name over every segment the registry has seen."""
     return f"{prefix}:reg:index"
+
+
+def pins_key(prefix: str) -> str:
+    """The hash of segment hash -> pin JSON over every pinned segment: what keeps a pinned version from
+    being pruned (written before a segment's `pin`, removed after it)."""
+    return f"{prefix}:reg:pins"
+
+
+def pins_changed_key(prefix: str) -> str:
+    """A counter every pin and unpin increments: what a worker polls to republish at once."""
+    return f"{prefix}:reg:pins-changed"
 
 
 def shared_registry_prefix(prefix: str) -> str:

@@ -11,25 +11,23 @@ The records are the outbox of what the worker publishes (`Registry.outboxes`): a
 first, published after, and a per-segment `published` pointer moves forward once Kafka acknowledged its
 model-version event and, when the champion moved, the segment's refreshed scores. A crash between the
 two publishes them again later: delivery is at least once, and consumers dedupe model-version events by
-(segment, version). Every key comes from `worker.state.keys`.
+(segment, version). An operator's pin (`worker.state.pins`) overrides what serves a segment; while it holds,
+the promotion script refuses every promotion of the segment. Every key comes from `worker.state.keys`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
 from pydantic import ConfigDict
 
-from worker.config import Settings, load_settings
-from worker.events import ModelVersionEvent, ServingChoice
+from worker.config import Settings
+from worker.events import ModelVersionEvent, ServingChoice, ServingPin
 from worker.state import client as clients
 from worker.state import keys
 from worker.state.client import RedisClient
@@ -76,11 +74,22 @@ class Outbox:
 
 
 class Registry:
-    def __init__(self, client: RedisClient, store: Path, prefix: str = "w", keep: int = 5) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        store: Path,
+        prefix: str = "w",
+        keep: int = 5,
+        pinned_by: str | None = None,
+    ) -> None:
+        """`pinned_by`: the shared registry's, the pins index of the segments whose pins may name its
+        versions (`pinned_versions`); a segment registry's pins index is its own."""
         self.client = client
         self.store = store
         self.prefix = prefix
         self.keep = keep
+        self.pins_index = keys.pins_key(prefix) if pinned_by is None else pinned_by
+        self._shared_scope = pinned_by is not None
         self._promote = clients.register_script(client, _PROMOTE)
         self._rollback = clients.register_script(client, _ROLLBACK)
         self._next = clients.register_script(client, _NEXT)
@@ -94,7 +103,11 @@ class Registry:
     def shared(self) -> Registry:
         """The registry of the model shared by all segments: same Redis, its own key prefix and directory."""
         return Registry(
-            self.client, self.store / "shared", keys.shared_registry_prefix(self.prefix), self.keep
+            self.client,
+            self.store / "shared",
+            keys.shared_registry_prefix(self.prefix),
+            self.keep,
+            pinned_by=self.pins_index,
         )
 
     def _key(self, segment: str, part: RegistryPart) -> str:
@@ -131,26 +144,29 @@ class Registry:
         """Store a decision and return what was stored. A promoted one becomes champion only if the
         champion is still `gated_against` (None: no champion); otherwise the race is lost, and the record
         is stored as rejected with the reason and without its adapter: the challenger was never
-        compared with the model that serves now."""
+        compared with the model that serves now. A promotion of a pinned segment is stored as rejected
+        too, without its adapter or serving choice: the champion and the promoted records stay what
+        served before the pin, so unpinning returns to a champion that did serve."""
         if rec.decision == "promoted" and (rec.adapter is None or not Path(rec.adapter).is_dir()):
             raise RegistryError(f"version {rec.version} of {rec.segment!r} has no complete adapter directory")
-        parts: tuple[RegistryPart, ...] = ("records", "champion", "moves", "serving")
+        parts: tuple[RegistryPart, ...] = ("records", "champion", "moves", "serving", "pin")
         record_keys = [self._key(rec.segment, part) for part in parts]
         promote = "1" if rec.decision == "promoted" else "0"
         serving = "" if rec.serving is None else rec.serving.model_dump_json()
         status, current = self._promote(
             keys=record_keys, args=[rec.version, rec.model_dump_json(), promote, gated_against or 0, serving]
         )
-        if int(status) == 2:
+        if int(status) in (2, 3):
             assert rec.adapter is not None
             shutil.rmtree(rec.adapter, ignore_errors=True)
+            reason = (
+                f"lost the race: the champion moved from v{gated_against or 0} to v{int(current)} while "
+                f"this challenger was judged ({rec.reason})"
+                if int(status) == 2
+                else f"pinned: the gate would promote it, but the segment is pinned ({rec.reason})"
+            )
             rec = rec.model_copy(
-                update={
-                    "decision": "rejected",
-                    "reason": f"lost the race: the champion moved from v{gated_against or 0} to "
-                    f"v{int(current)} while this challenger was judged ({rec.reason})",
-                    "adapter": None,
-                }
+                update={"decision": "rejected", "reason": reason, "adapter": None, "serving": None}
             )
             self._promote(keys=record_keys, args=[rec.version, rec.model_dump_json(), "0", 0, ""])
         self.prune(rec.segment)
@@ -169,6 +185,21 @@ class Registry:
         """The segment's last serving choice (None: none made yet, it follows the shared model)."""
         raw = self.client.get(self._key(segment, "serving"))
         return ServingChoice.model_validate_json(raw) if raw else None
+
+    def pin(self, segment: str) -> ServingPin | None:
+        """The segment's pin (`worker.state.pins`), None when it is not pinned."""
+        raw = self.client.get(self._key(segment, "pin"))
+        return ServingPin.model_validate_json(raw) if raw else None
+
+    def pinned_versions(self, segment: str) -> set[int]:
+        """Versions a pin serves, which pruning keeps: in the shared registry every shared version a
+        segment is pinned to, in a segment's its pinned adapter version."""
+        if self._shared_scope:
+            pins = map(ServingPin.model_validate_json, self.client.hvals(self.pins_index))
+            return {p.shared_version for p in pins if p.kind != "zero_shot"}
+        raw = self.client.hget(self.pins_index, segment_hash(segment))
+        pin = ServingPin.model_validate_json(raw) if raw else None
+        return {pin.version} if pin is not None and pin.kind == "adapter" else set()
 
     def get(self, segment: str, version: int) -> VersionRecord | None:
         raw = self.client.hget(self._key(segment, "records"), str(version))
@@ -245,98 +276,36 @@ class Registry:
         a segment that comes back continues above its old numbers, so no (segment, version) a consumer
         has seen is ever handed out twice. The champion goes before the adapters it points at, the index
         entry last: a crash midway leaves unused directories or an empty index entry, nothing served."""
-        parts: tuple[RegistryPart, ...] = ("champion", "records", "name", "moves", "published", "serving")
+        parts: tuple[RegistryPart, ...] = (
+            "champion",
+            "records",
+            "name",
+            "moves",
+            "published",
+            "serving",
+            "pin",
+        )
         self.client.delete(*(self._key(segment, part) for part in parts))
         shutil.rmtree(self.store / segment_hash(segment), ignore_errors=True)
+        self.client.hdel(self.pins_index, segment_hash(segment))
         self.client.hdel(keys.registry_index_key(self.prefix), segment_hash(segment))
 
     def prune(self, segment: str) -> list[int]:
         """Keep the champion, the newest `keep` promoted versions (the rollback targets, however many
-        challengers were rejected since) and the newest `keep` records; delete the rest and their adapters."""
+        challengers were rejected since), the pinned ones and the newest `keep` records; delete the rest
+        and their adapters."""
         records = self.versions(segment)
         champion = self.champion_version(segment)
         promoted = [r.version for r in records if r.decision == "promoted"]
-        kept = {champion, *promoted[-self.keep :], *(r.version for r in records[-self.keep :])}
+        kept = {
+            champion,
+            *promoted[-self.keep :],
+            *(r.version for r in records[-self.keep :]),
+            *self.pinned_versions(segment),
+        }
         doomed = [r for r in records if r.version not in kept]
         for rec in doomed:
             if rec.adapter:
                 shutil.rmtree(rec.adapter, ignore_errors=True)
             self.client.hdel(self._key(segment, "records"), str(rec.version))
         return [r.version for r in doomed]
-
-
-# ---------------------------------------------------------------- CLI: python -m worker models ...
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["list", "show", "rollback"])
-    parser.add_argument("segment", nargs="?", help="segment name (all segments for `list` when omitted)")
-    parser.add_argument(
-        "version", nargs="?", type=int, help="version (default: the champion / the one before)"
-    )
-    parser.add_argument(
-        "--shared",
-        action="store_true",
-        help="the model all segments share, instead of a segment: `models --shared rollback [VERSION]`",
-    )
-    parser.add_argument(
-        "--expect",
-        type=int,
-        metavar="VERSION",
-        help="rollback only if the champion is still VERSION (the one `list` showed); 0: no champion",
-    )
-
-
-def _row(rec: VersionRecord, champion: int | None) -> str:
-    auc = rec.challenger.auc if rec.challenger else None
-    mark = "*" if rec.version == champion else " "
-    auc_text = f"{auc:.4f}" if auc is not None else "  -   "
-    when = f"{rec.created_at:%F %T}"
-    return f"{mark} v{rec.version:<5} {rec.decision:<9} auc={auc_text} parent={rec.parent_version} {when}"
-
-
-def _serves(choice: ServingChoice | None) -> str:
-    """A segment's recorded serving choice, as `models list` shows it (the worker also holds a segment
-    back on zero-shot when the shared model's promotion found it worse there, until its own choice)."""
-    if choice is None:
-        return "shared-or-adapter (no choice yet: follows the shared model)"
-    aucs = " ".join(f"{k}={v:.3f}" for k, v in choice.auc.items() if v is not None)
-    return f"{choice.kind} (chosen on shared v{choice.shared_version}, {choice.n} pairs: {aucs})"
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    reg = Registry.from_settings(load_settings())
-    if args.shared:
-        if args.segment is not None and args.version is None and args.segment.isdigit():
-            args.version, args.segment = int(args.segment), None
-        if args.segment is not None:
-            print("error: --shared takes no segment name", file=sys.stderr)
-            return 2
-        reg, args.segment = reg.shared(), SHARED_SEGMENT
-    if args.action == "list":
-        segments = [args.segment] if args.segment else reg.segments()
-        for segment in segments:
-            champion = reg.champion_version(segment)
-            choice = reg.serving(segment) if not args.shared else None
-            serves = "" if args.shared else f"  serves={_serves(choice)}"
-            print(f"{segment}  champion={champion}{serves}")
-            for rec in reg.versions(segment):
-                print("  " + _row(rec, champion))
-        return 0
-    if not args.segment:
-        print("error: a segment is required", file=sys.stderr)
-        return 2
-    try:
-        if args.action == "show":
-            version = args.version or reg.champion_version(args.segment)
-            shown = reg.get(args.segment, version) if version else None
-            if shown is None:
-                raise RegistryError(f"{args.segment!r} has no version {version}")
-            print(orjson.dumps(shown.model_dump(mode="json"), option=orjson.OPT_INDENT_2).decode())
-            return 0
-        target = reg.rollback(args.segment, args.version, expected=args.expect)
-    except RegistryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"{args.segment}: champion is now v{target.version}")
-    return 0
