@@ -17,6 +17,7 @@ from confluent_kafka import Consumer, Producer
 from worker.config import Settings, load_settings
 from worker.tools import stack as stack_mod
 from worker.tools.procs import free_port
+from worker.tools.stack.kafka import kafka_cluster_id
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +111,7 @@ def test_up_then_down_leaves_no_process_behind(tmp_path: Path, stack: Settings) 
 
 
 def test_cluster_ids_never_look_like_an_option() -> None:
-    ids = [stack_mod._cluster_id() for _ in range(2000)]
+    ids = [kafka_cluster_id() for _ in range(2000)]
     assert not any(i.startswith("-") for i in ids)
     assert all(len(i) == 22 for i in ids) and len(set(ids)) == len(ids)
 
