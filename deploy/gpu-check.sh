@@ -80,7 +80,7 @@ EOF
       IFS=, read -ra settings <<< "${spec#*=}"
       [ ${#settings[@]} -eq 0 ] || export "${settings[@]}"
       # shellcheck disable=SC2086
-      timeout "${EVAL_TIMEOUT_S:-450}" "$python" -m worker.tools.evaluate --data "$data" --json --no-progress \
+      timeout "${EVAL_TIMEOUT_S:-450}" "$python" -m worker.tools.evaluation.offline_command --data "$data" --json --no-progress \
         ${EVAL_ARGS:-} --out "$out/eval-$name.json" --plot "$out/eval-$name.png" > /dev/null \
         2> "/tmp/eval-$name.err" || { echo "eval $name ended early:"; tail -n 20 "/tmp/eval-$name.err"; }
     ) &

@@ -6,6 +6,8 @@ import argparse
 import bisect
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +28,17 @@ from worker.learn.train import (
 )
 from worker.ops.quality import holdout_score
 from worker.tools.datasets import Dataset, load_homedepot, load_jsonl
-from worker.tools.evaluate import (
+from worker.tools.evaluation import offline_command
+from worker.tools.evaluation.cli import add_arguments, cli_main
+from worker.tools.evaluation.offline import batch_positions, run_evaluation
+from worker.tools.evaluation.options import add_offline_arguments
+from worker.tools.evaluation.plan import (
     CHECKPOINT_NAMES,
     PROCEDURES,
     SMALL_SHOP_EVENTS,
     EvalPlan,
-    add_arguments,
-    batch_positions,
-    cli_main,
     quick_plan,
     quick_plan_for,
-    run_evaluation,
 )
 
 
@@ -80,13 +82,11 @@ def tiny_plan() -> EvalPlan:
 def test_cli_runs_the_evaluation_and_prints_json_last(
     jsonl: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import worker.tools.evaluate as evaluate
-
     dataset = load_jsonl(jsonl, holdout_frac=0.3, min_rows=20)
     assert dataset.eval_segments == ["Delta", "GE"]
-    monkeypatch.setattr(evaluate, "quick_plan_for", lambda data: tiny_plan())
+    monkeypatch.setattr(offline_command, "quick_plan_for", lambda data: tiny_plan())
     phases: list[tuple[str, bool]] = []
-    original = evaluate.run_evaluation
+    original = offline_command.run_evaluation
 
     def recording(*args: Any, on_phase: Any, **kwargs: Any) -> dict[str, Any]:
         def record(partial: dict[str, Any]) -> None:
@@ -96,7 +96,7 @@ def test_cli_runs_the_evaluation_and_prints_json_last(
 
         return original(*args, on_phase=record, **kwargs)
 
-    monkeypatch.setattr(evaluate, "run_evaluation", recording)
+    monkeypatch.setattr(offline_command, "run_evaluation", recording)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     png = tmp_path / "curve.png"
@@ -270,3 +270,29 @@ def test_quick_replays_a_small_shop_whole_and_slices_a_large_one() -> None:
     assert (small.segments, small.segment_cap, small.other_events) == (None, None, None)
     assert small.overrides == {} and "whole shop" in small.notes[0]
     assert quick_plan_for(Dataset(events=stream[: SMALL_SHOP_EVENTS + 1])) == quick_plan()
+
+
+def test_eval_lists_every_option_and_the_offline_command_only_the_offline_ones() -> None:
+    """`python -m worker eval` takes both groups; the offline command alone (the GPU check's entry, no
+    Kafka client) takes the offline options and refuses the live ones."""
+    offline = {
+        "--data",
+        "--holdout-frac",
+        "--quick",
+        "--json",
+        "--plot",
+        "--out",
+        "--procedures",
+        "--batch-spacing",
+        "--no-progress",
+    }
+    live = {"--live", "--workers", "--limit", "--checkpoint-every", "--compare-offline"}
+    shown = subprocess.run(
+        [sys.executable, "-m", "worker", "eval", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert all(option in shown for option in offline | live), shown
+    parser = argparse.ArgumentParser()
+    add_offline_arguments(parser)
+    assert {o for action in parser._actions for o in action.option_strings} == offline | {"-h", "--help"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--live"])

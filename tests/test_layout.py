@@ -153,11 +153,12 @@ def loaded(modules: tuple[str, ...], candidates: tuple[str, ...]) -> list[str]:
 
 
 def test_learning_modules_import_no_kafka_or_redis_client() -> None:
-    """model, train, evaluate and bench train must run on a GPU machine that has neither client."""
+    """model, train, the offline evaluation and bench train must run on a GPU machine that has neither
+    client."""
     modules = (
         "worker.learn.model",
         "worker.learn.train",
-        "worker.tools.evaluate",
+        "worker.tools.evaluation.offline_command",
         "worker.tools.bench.train",
     )
     assert loaded(modules, CLIENTS) == []

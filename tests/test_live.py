@@ -18,17 +18,11 @@ from worker.learn.model import base_model_path, load_backbone
 from worker.learn.train import labels_of, pairs_of, score_segment
 from worker.ops.quality import auc
 from worker.state.registry import SHARED_SEGMENT, Registry
-from worker.tools import evaluate
 from worker.tools.datasets import Dataset, load_homedepot, load_jsonl
-from worker.tools.live import (
-    LiveOptions,
-    WorkerLoad,
-    checkpoint_positions,
-    is_idle,
-    live_slice,
-    parse_load,
-    run_live,
-)
+from worker.tools.evaluation import cli
+from worker.tools.evaluation.live import LiveOptions, run_live
+from worker.tools.evaluation.live_fleet import SETTLE_S, WorkerLoad, is_idle, parse_load
+from worker.tools.evaluation.plan import EvalPlan, checkpoint_positions, eval_slice
 
 SEGMENTS = ["Delta", "Everbilt"]
 """Two brands whose held-out pairs zero-shot already ranks well above chance: a broken model shows."""
@@ -76,8 +70,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
     return data
 
 
-def plan(**overrides: object) -> evaluate.EvalPlan:
-    return evaluate.EvalPlan(segments=2, holdout_cap=48, overrides={**TINY, **overrides})
+def plan(**overrides: object) -> EvalPlan:
+    return EvalPlan(segments=2, holdout_cap=48, overrides={**TINY, **overrides})
 
 
 def noise_model(target: Path) -> Path:
@@ -136,19 +130,19 @@ def test_idle_needs_every_event_accounted_and_nothing_pending() -> None:
 
 def test_live_only_flags_need_live(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
-    evaluate.add_arguments(parser)
-    assert evaluate.cli_main(parser.parse_args(["--workers", "2", "--limit", "5"])) == 2
+    cli.add_arguments(parser)
+    assert cli.cli_main(parser.parse_args(["--workers", "2", "--limit", "5"])) == 2
     assert "--workers, --limit only with --live" in capsys.readouterr().err
 
 
 def test_the_held_out_set_follows_data_and_seed(dataset: Dataset) -> None:
-    first = live_slice(dataset, plan(), seed=0)
-    assert first.digest() == live_slice(dataset, plan(), seed=0).digest()
-    assert first.digest() != live_slice(dataset, plan(), seed=1).digest()
+    first = eval_slice(dataset, plan(), seed=0)
+    assert first.digest() == eval_slice(dataset, plan(), seed=0).digest()
+    assert first.digest() != eval_slice(dataset, plan(), seed=1).digest()
     assert [len(first.holdout[s]) for s in SEGMENTS] == [48, 48]
     held = {e.event_id for s in SEGMENTS for e in first.holdout[s]}
     assert not held & {e.event_id for e in first.stream}
-    assert len(live_slice(dataset, plan(), seed=0, limit=50).stream) == 50
+    assert len(eval_slice(dataset, plan(), seed=0, limit=50).stream) == 50
 
 
 # ------------------------------------------------------------------ real workers
@@ -165,7 +159,7 @@ def test_live_run_with_two_workers_reports_what_they_serve(dataset: Dataset, set
     assert result["workers"] == 2 and result["exit_codes"] == [0, 0]
     assert result["segments"] == SEGMENTS
     assert [c["events"] for c in result["live"]] == checkpoint_positions(n, 180) == result["checkpoints"]
-    assert result["holdout_digest"] == live_slice(dataset, plan(), settings.seed).digest()
+    assert result["holdout_digest"] == eval_slice(dataset, plan(), settings.seed).digest()
     assert 0 <= result["zero_shot_mean_auc"] <= 1
     assert result["dead_lettered"] == 0
     previous = dict.fromkeys(SEGMENTS, -1)
@@ -179,7 +173,7 @@ def test_live_run_with_two_workers_reports_what_they_serve(dataset: Dataset, set
             previous[s] = cell["labelled"]
             assert cell["answered_by"]
     assert [previous[s] for s in SEGMENTS] == [
-        sum(1 for e in live_slice(dataset, plan(), 0).stream if e.segment == s) for s in SEGMENTS
+        sum(1 for e in eval_slice(dataset, plan(), 0).stream if e.segment == s) for s in SEGMENTS
     ]
 
     start, end = result["live"][0], result["live"][-1]
@@ -209,7 +203,7 @@ def test_live_run_with_two_workers_reports_what_they_serve(dataset: Dataset, set
 def test_a_noise_base_model_measures_about_one_half_live_and_offline(
     dataset: Dataset, settings: Settings, tmp_path: Path
 ) -> None:
-    sl = live_slice(dataset, plan(), settings.seed)
+    sl = eval_slice(dataset, plan(), settings.seed)
     backbone = load_backbone(settings.model_copy(update={"max_seq_len": 32}))
     healthy = [
         auc(labels_of(sl.holdout[s]), score_segment(backbone, None, None, pairs_of(sl.holdout[s])))
@@ -246,6 +240,5 @@ def test_a_noise_base_model_measures_about_one_half_live_and_offline(
 def test_a_checkpoint_settles_longer_than_the_shared_trainer_takes_to_count_new_events() -> None:
     """Otherwise a checkpoint can be measured between a due shared run's events and its start."""
     from worker.app import SHARED_CHECK_S
-    from worker.tools.live import SETTLE_S
 
     assert SETTLE_S > SHARED_CHECK_S

@@ -34,7 +34,7 @@ COMMANDS: Table = {
     "ingest": ("worker.stream.ingest", "consume click events into the Redis buffers (no training)"),
     "run": ("worker.app", "run the worker: ingest, train, publish"),
     "reset": ("worker.stream.reset", "move a stopped group's offsets (Redis and Kafka) to reprocess"),
-    "eval": ("worker.tools.evaluate", "evaluation on real data: offline, or --live through workers"),
+    "eval": ("worker.tools.evaluation.cli", "evaluation on real data: offline, or --live through workers"),
     "models": ("worker.models", "list, show, roll back, pin or unpin model versions"),
     "dlq": ("worker.tools.dlq", "list dead letters, or re-drive them to the topic they came from, once"),
     "bench": ("worker.tools.bench", "benchmarks against raw baselines, JSON output"),

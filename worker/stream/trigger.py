@@ -12,7 +12,7 @@ Threads: `observe`, `tick`, `assigned` and `revoked` run on the ingest thread; `
 the training thread. One lock guards the state.
 
 The rule itself (`enough_new_events`, `cooldown_over`) needs neither Redis nor Kafka, so the offline
-simulation of `worker.tools.evaluate` imports it from here and replays the worker's own rule.
+simulation of `worker.tools.evaluation` imports it from here and replays the worker's own rule.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 HARM = 0.02
 """How far under its own zero-shot a segment may end before the plot marks it harmed."""
@@ -15,13 +17,9 @@ HARM = 0.02
 
 def plot_curve(result: dict[str, Any], path: Path) -> Path:
     """Left: mean AUC per checkpoint, one line per procedure. Right: per segment, the worker's AUC at
-    "end" against zero-shot's on the same test pairs, marked by what serves it (PNG, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, seg_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    "end" against zero-shot's on the same test pairs, marked by what serves it (PNG)."""
+    fig = Figure(figsize=(13, 5))
+    ax, seg_ax = fig.subplots(1, 2)
     checkpoints = list(result["mean"]["zero_shot"])
     x = list(range(len(checkpoints)))
     for proc, by_checkpoint in result["mean"].items():
@@ -39,11 +37,10 @@ def plot_curve(result: dict[str, Any], path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
-def _segments(ax: Any, result: dict[str, Any]) -> None:
+def _segments(ax: Axes, result: dict[str, Any]) -> None:
     points = []
     for segment, cells in result["per_segment"].items():
         worker, zero = (
