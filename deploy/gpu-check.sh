@@ -30,7 +30,7 @@ print(*(f"{n}=={v(n)}" for n in ("pydantic", "pydantic-core", "pydantic-settings
 import shutil, sys
 from pathlib import Path
 from safetensors.torch import load_file, save_file
-from worker.learn.model import default_base_model
+from worker.learn.encoder import default_base_model
 src, dst = default_base_model(), Path(sys.argv[1])
 for f in src.iterdir():
     if f.is_file() and f.name != "model.safetensors":

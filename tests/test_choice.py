@@ -12,8 +12,9 @@ from worker.learn.choice import (
     bootstrap_auc_difference,
     choose,
     compare,
-    held_back,
+    judge_promotion,
     prior_gain,
+    prior_spread,
     resolve,
 )
 from worker.ops.quality import auc
@@ -113,16 +114,43 @@ def test_prior_and_rules_from_settings() -> None:
     assert (rules.delta, rules.prior_sd) == (0.05, 0.1)
 
 
-def test_a_pooled_win_holds_back_only_the_segments_it_serves_clearly_worse() -> None:
-    """The promotion serves every segment by default; zero-shot takes back a segment only by the rule:
-    thin evidence follows the pool, clear evidence of harm holds the segment back."""
+def test_a_pooled_win_serves_the_segments_it_clears_for_and_holds_back_the_others() -> None:
+    """Moving a segment off zero-shot is a move like any other: the shared model serves a segment where
+    it clears the rule on the segment's pairs, shrunk toward the pooled gain. Where the segments agree,
+    thin evidence follows the pool; where one is clearly hurt, the spread grows, the pool says less about
+    a thin segment, and both stay on zero-shot."""
     labels, _ = _holdout(600)
-    segments = ["hurt"] * 200 + ["helped"] * 200 + ["thin"] * 2 + ["even"] * 198
+    segments = ["hurt"] * 200 + ["helped"] * 200 + ["thin"] * 4 + ["even"] * 196
     zero = _ranking(labels, 0.3, 1)
     shared = _ranking(labels, 1.2, 2)
+    agree = slice(200, 600)
+    prior, back = judge_promotion(segments[agree], labels[agree], shared[agree], zero[agree], RULES)
+    assert back == {}, "every segment gains alike: the shared model serves all, the thin one too"
+    assert prior.segments == 2 and prior.sd == RULES.prior_sd, "agreeing segments: the least spread"
     hurt = slice(0, 200)
     shared[hurt] = _ranking(labels[hurt], 0.0, 3)
-    back = held_back(segments, labels, shared, zero, RULES)
-    assert set(back) == {"hurt"}
+    prior, back = judge_promotion(segments, labels, shared, zero, RULES)
+    assert set(back) == {"hurt", "thin"}
     assert back["hurt"].kind == "zero_shot" and back["hurt"].n == 200
-    assert held_back(["a"] * 600, labels, zero, zero, RULES) == {}, "no gain and no harm: the pool serves"
+    assert prior.gain == pytest.approx(auc(labels, shared) - auc(labels, zero))
+    assert prior.segments == 3 and prior.sd > 0.1, "the segments disagree: a wide spread"
+    prior, back = judge_promotion(["a"] * 600, labels, zero, zero, RULES)
+    assert set(back) == {"a"} and prior.gain == 0, "no gain: zero-shot, the simpler model, keeps serving"
+
+
+def test_too_few_of_a_class_is_no_evidence() -> None:
+    """One positive and one negative resample to themselves: a spread of 0 would read as certainty."""
+    labels = np.array([1.0] * 4 + [0.0] * 40)
+    a, b = _ranking(labels, 1.0, 1), _ranking(labels, 0.0, 2)
+    assert bootstrap_auc_difference(labels, a, b, 400, 0) is None
+    assert bootstrap_auc_difference(np.append(labels, 1.0), np.append(a, 2.0), np.append(b, 0.0), 400, 0)
+    c = compare(labels, b, a, 0.04, RULES)
+    assert c.own is None and c.shrunk == 0.04, "it follows the pool"
+
+
+def test_the_spread_is_what_the_segments_disagree_beyond_their_noise() -> None:
+    assert prior_spread([(0.05, 0.03)], 0.02) == 0.02, "one segment: the floor"
+    assert prior_spread([(0.05, 0.03), (0.051, 0.03), (0.049, 0.03)], 0.02) == 0.02, "agree: the floor"
+    spread = prior_spread([(0.10, 0.01), (-0.10, 0.01), (0.0, 0.01)], 0.02)
+    assert spread == pytest.approx(0.1, rel=0.05), "far apart, each precise: about their own spread"
+    assert prior_spread([(0.10, 0.2), (-0.10, 0.2)], 0.02) == 0.02, "apart within their noise: the floor"

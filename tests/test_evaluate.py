@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from worker.config import Settings
+from worker.learn.backbone import load_backbone
+from worker.learn.click_model import new_click_model
 from worker.learn.history import QueryHistory
-from worker.learn.model import load_backbone, new_click_model
 from worker.learn.train import (
     FitOptions,
     fit,

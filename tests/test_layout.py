@@ -98,7 +98,7 @@ def _broken_rule(module: str, name: str) -> str | None:
 
 def test_the_tree_keeps_the_rules() -> None:
     tree = read_tree(PACKAGE)
-    assert {"worker.state.buffer", "worker.stream.ingest", "worker.learn.model", "worker.ops.metrics"} <= set(
+    assert {"worker.state.buffer", "worker.stream.ingest", "worker.learn.scoring", "worker.ops.metrics"} <= set(
         tree
     )
     assert violations(tree) == []
@@ -108,12 +108,12 @@ def test_the_tree_keeps_the_rules() -> None:
     ("module", "bad_import", "rule"),
     [
         ("worker.state.buffer", "worker.stream.kafka", "state/ imports only"),
-        ("worker.state.registry", "worker.learn.model", "state/ imports only"),
+        ("worker.state.registry", "worker.learn.click_model", "state/ imports only"),
         ("worker.stream.ingest", "torch", "stream/ never imports torch"),
-        ("worker.stream.publish", "worker.learn.model", "stream/ never imports learn/"),
+        ("worker.stream.publish", "worker.learn.scoring", "stream/ never imports learn/"),
         ("worker.learn.train", "redis", "learn/ never imports a Kafka or Redis client"),
-        ("worker.learn.model", "confluent_kafka", "learn/ never imports a Kafka or Redis client"),
-        ("worker.learn.model", "worker.stream.kafka", "learn/ never imports stream/"),
+        ("worker.learn.scoring", "confluent_kafka", "learn/ never imports a Kafka or Redis client"),
+        ("worker.learn.backbone", "worker.stream.kafka", "learn/ never imports stream/"),
         ("worker.learn.train", "worker.state.registry", "only learn/learner.py touches state/"),
         ("worker.ops.metrics", "worker.learn.history", "ops/ imports no product package"),
         ("worker.app", "worker.tools.datasets", "nothing outside tools/ imports tools/"),
@@ -153,10 +153,16 @@ def loaded(modules: tuple[str, ...], candidates: tuple[str, ...]) -> list[str]:
 
 
 def test_learning_modules_import_no_kafka_or_redis_client() -> None:
-    """model, train, the offline evaluation and bench train must run on a GPU machine that has neither
-    client."""
+    """The model modules, train, the offline evaluation and bench train must run on a GPU machine that has
+    neither client."""
     modules = (
-        "worker.learn.model",
+        "worker.learn.encoder",
+        "worker.learn.backbone",
+        "worker.learn.click_model",
+        "worker.learn.adapters",
+        "worker.learn.scoring",
+        "worker.learn.zero_shot",
+        "worker.learn.serving",
         "worker.learn.train",
         "worker.tools.evaluation.offline_command",
         "worker.tools.bench.train",

@@ -17,10 +17,10 @@ import pytest
 from registry_helpers import version_record
 
 from worker.config import Settings
-from worker.events import HoldoutMetrics, ServingChoice
+from worker.events import HoldoutMetrics, ServingChoice, ServingPrior
+from worker.learn.click_model import new_click_model
 from worker.learn.history import fold_of
 from worker.learn.learner import Abandoned, Learner, Serving, clean_partial_dirs
-from worker.learn.model import new_click_model
 from worker.learn.store import STALE_TMP_S, _atomic_dir, abandoned, save_shared
 from worker.learn.train import score_segment
 from worker.state.registry import SHARED_SEGMENT, Registry
@@ -208,7 +208,7 @@ def test_plain_transformers_and_peft_rebuild_the_served_encoder_from_the_files(l
     from peft import PeftModel
     from transformers import AutoModel
 
-    from worker.learn.model import mean_pool
+    from worker.learn.encoder import mean_pool
 
     moved = new_click_model(learner.backbone, 2)
     with torch.no_grad():
@@ -257,7 +257,7 @@ def test_plain_transformers_and_peft_rebuild_the_served_encoder_from_the_files(l
 def test_a_segment_held_back_by_a_shared_promotion_is_served_zero_shot_until_its_own_choice(
     learner: Learner, settings: Settings
 ) -> None:
-    """A promoted shared version names the segments its pooled pairs say it serves worse than zero-shot:
+    """A promoted shared version names the segments its pooled pairs do not clear it for against zero-shot:
     they score zero-shot (adapter version 0, shared version 0), the others the new shared model; a choice
     the segment makes on that shared version afterwards decides, and a restarted learner reads the same."""
     learner.refresh_shared()
@@ -286,7 +286,18 @@ def test_a_segment_held_back_by_a_shared_promotion_is_served_zero_shot_until_its
         assert worker.serving("GE") == Serving("zero_shot", 0, 0)
         assert np.allclose(worker.score("GE", pairs)[0], zero)
         assert worker.serving("Delta") == Serving("shared", 0, version)
-        assert worker.prior() == pytest.approx(0.05)
+        prior = worker.prior()
+        assert prior is not None and prior.gain == pytest.approx(0.05), "recorded before priors were kept"
+        assert prior.sd == learner.settings.serving_prior_sd
+    recorded = ServingPrior(gain=0.03, sd=0.04, segments=5)
+    again = shared.next_version(SHARED_SEGMENT)
+    path = save_shared(shared.adapter_dir(SHARED_SEGMENT, again), new_click_model(learner.backbone, 1))
+    shared.record(
+        version_record(SHARED_SEGMENT, again, str(path), scope="shared", prior=recorded),
+        gated_against=version,
+    )
+    assert learner.prior() == recorded, "the promotion's own prior, spread included"
+    version = again
     later = learner.registry.next_version("GE")
     own = back.model_copy(update={"kind": "shared"})
     learner.registry.record(version_record("GE", later, None, decision="rejected", serving=own))

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from worker.config import Settings, isolated
-from worker.learn.model import base_model_path, load_backbone
+from worker.learn.backbone import load_backbone
+from worker.learn.encoder import base_model_path
 from worker.learn.train import labels_of, pairs_of, score_segment
 from worker.ops.quality import auc
 from worker.state.registry import SHARED_SEGMENT, Registry

@@ -41,11 +41,13 @@ configure_logging("INFO")
 structlog.get_logger("t").info("own event", n=1)
 logging.getLogger("somelib").warning("stdlib %s", "line")
 warnings.warn("a plain warning", UserWarning)
-from worker.learn import model
+from worker.learn.adapters import attach_lora
+from worker.learn.backbone import load_backbone
+from worker.learn.click_model import new_click_model
 settings = Settings(device="cpu", max_seq_len=16)
-backbone = model.load_backbone(settings)
-shared = model.new_click_model(backbone)
-model.attach_lora(shared, rank=4, alpha=8, dropout=0.0, seed=0)
+backbone = load_backbone(settings)
+shared = new_click_model(backbone)
+attach_lora(shared, rank=4, alpha=8, dropout=0.0, seed=0)
 from transformers.utils import logging as hf_logging
 hf_logging.get_logger("transformers.modeling_utils").warning("transformers says")
 from worker.stream.kafka import make_producer

@@ -22,23 +22,16 @@ from torch import nn
 from worker.config import Settings
 from worker.events import ClickEvent
 from worker.learn import history, match
+from worker.learn.adapters import attach_lora, extract_adapter
+from worker.learn.backbone import Backbone, Pair, load_backbone
+from worker.learn.click_model import ClickModel, new_click_model
+from worker.learn.encoder import mean_pool
 from worker.learn.history import QueryHistory
-from worker.learn.model import (
-    Backbone,
-    ClickModel,
-    Pair,
-    attach_lora,
-    extract_adapter,
-    load_backbone,
-    mean_pool,
-    new_click_model,
-    score_pairs,
-    scoring_batches,
-    serving_copy,
-    zero_shot_scores,
-)
+from worker.learn.scoring import score_pairs, scoring_batches
+from worker.learn.serving import serving_copy
 from worker.learn.store import load_adapter, load_shared, save_adapter, save_shared
 from worker.learn.train import pairs_of, score_segment
+from worker.learn.zero_shot import zero_shot_scores
 from worker.tools.datasets import load_homedepot
 
 
@@ -219,11 +212,12 @@ def test_importing_the_model_changes_no_environment_and_loading_is_offline(setti
     names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
     code = (
         "import os, sys, json\n"
-        "import worker.learn.model as model\n"
+        "import worker.learn.adapters, worker.learn.scoring, worker.learn.serving, worker.learn.zero_shot\n"
+        "import worker.learn.backbone as backbone\n"
         f"names = {names!r}\n"
         "imported = {n: os.environ.get(n) for n in names}\n"
         "from worker.config import Settings\n"
-        "model.load_backbone(Settings(device='cpu'))\n"
+        "backbone.load_backbone(Settings(device='cpu'))\n"
         "import huggingface_hub.constants as hub\n"
         "loaded = {n: os.environ.get(n) for n in names}\n"
         "print(json.dumps([imported, loaded, hub.HF_HUB_OFFLINE]))\n"
@@ -459,7 +453,7 @@ def test_an_int8_copy_quantises_the_encoder_scores_close_and_leaves_the_model_as
 ) -> None:
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    from worker.learn.model import quantized_copy, served_copy
+    from worker.learn.serving import quantized_copy, served_copy
 
     pairs = [(e.query, e.item_text) for e in events[:24]]
     before = score_pairs(backbone, shared, pairs)

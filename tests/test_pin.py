@@ -20,7 +20,7 @@ from worker_helpers import TopicReader, WorkerProc, worker_env
 
 from worker.config import Settings
 from worker.events import ClickEvent, ScorePair, ScoreRequest
-from worker.learn.model import load_backbone
+from worker.learn.backbone import load_backbone
 from worker.learn.train import score_segment
 from worker.state.buffer import Buffer, Candidate
 from worker.state.registry import Registry

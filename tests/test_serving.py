@@ -20,7 +20,7 @@ from worker_helpers import TopicReader, WorkerProc, read_all, worker_env
 
 from worker.config import Settings
 from worker.events import ClickEvent, ScorePair, ScoreRequest
-from worker.learn.model import load_backbone
+from worker.learn.backbone import load_backbone
 from worker.learn.train import pairs_of, score_segment
 from worker.state.buffer import Buffer
 from worker.stream.kafka import client_config, ensure_topics, partition_count

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from worker.config import Settings
-from worker.learn.model import load_backbone
+from worker.learn.backbone import load_backbone
 from worker.learn.train import (
     segment_training_data,
     shared_training_data,

@@ -15,17 +15,12 @@ import torch
 from worker.config import Settings
 from worker.events import ClickEvent
 from worker.learn import history, match, train
+from worker.learn.adapters import attach_lora, with_adapter
+from worker.learn.backbone import Backbone, load_backbone
+from worker.learn.click_model import ClickModel, new_click_model
 from worker.learn.gate import GateRules, Scored, judge
 from worker.learn.history import QueryHistory
-from worker.learn.model import (
-    Backbone,
-    ClickModel,
-    attach_lora,
-    load_backbone,
-    new_click_model,
-    score_pairs,
-    with_adapter,
-)
+from worker.learn.scoring import score_pairs
 from worker.learn.train import (
     FitOptions,
     NonFiniteLoss,

@@ -230,8 +230,8 @@ class Settings(BaseSettings):
         0.02,
         ge=0.001,
         le=1,
-        description="Spread of segments' gains around the pooled gain: small, thin evidence follows the "
-        "pool; large, each segment follows its own.",
+        description="Least spread of segments' gains around the pooled gain (each shared promotion "
+        "estimates it across the segments): small, thin evidence follows the pool; large, its own.",
     )
     serving_bootstrap: int = Field(
         400, ge=50, le=10_000, description="Bootstrap resamples of a segment's serving choice."

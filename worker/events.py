@@ -159,6 +159,18 @@ class ServingChoice(_Wire):
     reason: str = ""
 
 
+class ServingPrior(_Wire):
+    """What the pool says about every segment's serving choice (`learn.choice`): the shared model's AUC
+    gain over zero-shot on the pooled unseen queries' pairs, and how much that gain varies from segment to
+    segment (estimated across the segments, never below `WORKER_SERVING_PRIOR_SD`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="ServingPrior")
+
+    gain: float
+    sd: float = Field(ge=0)
+    segments: int = Field(default=0, ge=0, description="Segments the spread was estimated on.")
+
+
 class ServingPin(_Wire):
     """An operator's pin (`python -m worker models pin`): what serves the segment, whatever its serving
     choice or a later promotion says, until it is unpinned."""
@@ -216,8 +228,11 @@ class ModelVersionEvent(_Wire):
     )
     held_back: dict[SegmentName, ServingChoice] = Field(
         default_factory=dict,
-        description="A promoted shared version: the segments it does not serve, their pooled held-out pairs "
-        "saying it is worse than zero-shot; each stays on zero-shot until its own training's choice.",
+        description="A promoted shared version: the segments it does not serve, their pooled held-out "
+        "pairs not clearing it against zero-shot; each stays on zero-shot until its own training's choice.",
+    )
+    prior: ServingPrior | None = Field(
+        default=None, description="A shared version: the prior of every segment's serving choice on it."
     )
     pinned: ServingPin | None = Field(
         default=None, description="decision `pinned`: what the operator pinned the segment to."

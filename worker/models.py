@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def base_model(settings: Settings) -> str:
-    """The pretrained model zero-shot scores with, named as `learn.model.base_model_path` names it,
+    """The pretrained model zero-shot scores with, named as `learn.encoder.base_model_path` names it,
     without importing torch."""
     if settings.base_model:
         return str(settings.base_model)

@@ -5,8 +5,9 @@ held-out pairs of unseen queries (pairs of queries a model trained on flatter it
 what it must serve), and moves away from what serves it only on evidence (`../shared/DESIGN.md`):
 - paired, on the same pairs, with a stratified bootstrap of the AUC difference (positives and negatives
   resampled apart), which holds better than DeLong's normal approximation at 20-200 pairs;
-- shrunk toward the pooled evidence (empirical Bayes with a prior of spread `serving_prior_sd`): a
-  segment with thin evidence follows what the pooled gate says, one with a lot follows its own;
+- shrunk toward the pooled evidence (empirical Bayes: the prior is the shared model's pooled gain over
+  zero-shot, its spread estimated across the segments at each shared promotion, `prior_spread`, never
+  below `serving_prior_sd`): a segment with thin evidence follows the pool, one with a lot its own;
 - decided on a one-sided lower bound: a candidate replaces what serves only when the shrunk difference
   is positive and its lower bound is above `-serving_delta`;
 - and never against the segment's own clear evidence: when its own bound says the candidate is worse,
@@ -20,14 +21,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from worker.config import Settings
-from worker.events import ServingChoice, ServingKind
+from worker.events import ServingChoice, ServingKind, ServingPrior
 from worker.ops.quality import auc
 
+MIN_PER_CLASS = 5
+"""Positives and negatives a segment needs for its own evidence to count; with fewer it follows the pool."""
 KINDS: tuple[ServingKind, ...] = ("zero_shot", "shared", "adapter")
 """In order of preference at a tie: the simpler model serves."""
 
@@ -49,6 +52,10 @@ class ChoiceRules:
             settings.serving_bootstrap,
             settings.seed,
         )
+
+    def on(self, prior: ServingPrior | None) -> ChoiceRules:
+        """These rules with the spread of a shared promotion's prior (`judge_promotion`)."""
+        return self if prior is None else replace(self, prior_sd=prior.sd)
 
 
 @dataclass(frozen=True)
@@ -125,9 +132,11 @@ def prior_gain(shared_auc: float | None, zero_shot_auc: float | None) -> float:
 def bootstrap_auc_difference(
     labels: np.ndarray, a: np.ndarray, b: np.ndarray, reps: int, seed: int
 ) -> tuple[float, float] | None:
-    """AUC(a) - AUC(b) and its stratified-bootstrap standard deviation; None with one class only."""
+    """AUC(a) - AUC(b) and its stratified-bootstrap standard deviation; None with fewer than
+    `MIN_PER_CLASS` positives or negatives, whose bootstrap cannot show their noise (one positive and
+    one negative resample to themselves: a spread of 0)."""
     y = np.asarray(labels) > 0.5
-    if y.all() or not y.any():
+    if min(int(y.sum()), int((~y).sum())) < MIN_PER_CLASS:
         return None
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
 
@@ -170,49 +179,78 @@ def choose(
     that do, the one with the largest shrunk gain. `prior`: each kind's pooled gain over zero-shot (the
     shared gate's; an adapter's is the shared model's, which it starts from). `served` must be in `probs`."""
     aucs: dict[ServingKind, float | None] = {k: auc(labels, p) for k, p in probs.items()}
-    best: tuple[float, ServingKind, Comparison] | None = None
+    compared: list[tuple[float, ServingKind, Comparison]] = []
     for kind in KINDS:
         if kind == served or kind not in probs:
             continue
         gain_prior = prior.get(kind, 0.0) - prior.get(served, 0.0)
         c = compare(labels, probs[served], probs[kind], gain_prior, rules)
-        if not c.clears(rules.z, rules.delta):
-            continue
-        if best is None or c.shrunk > best[0]:
-            best = (c.shrunk, kind, c)
+        compared.append((c.shrunk, kind, c))
     n = len(labels)
-    if best is None:
-        return Choice(served, n, aucs, f"{served} keeps serving: no candidate clears the rule on {n} pairs")
-    _, kind, c = best
-    own = "no own evidence" if c.own is None else f"own {c.own:+.3f} ± {c.own_sd:.3f}"
+    clearing = [x for x in compared if x[2].clears(rules.z, rules.delta)]
+    if not clearing:
+        best = max(compared, default=None, key=lambda x: x[0])
+        why = "" if best is None else f" (best, {best[1]}: {_evidence(best[2], rules.z)})"
+        return Choice(
+            served, n, aucs, f"{served} keeps serving: no candidate clears the rule on {n} pairs{why}"
+        )
+    _, kind, c = max(clearing, key=lambda x: x[0])
     return Choice(
-        kind,
-        n,
-        aucs,
-        f"{kind} replaces {served}: gain {c.shrunk:+.3f} ({own}), lower bound {c.lower(rules.z):+.3f} "
-        f"> -{rules.delta:g} on {n} pairs",
+        kind, n, aucs, f"{kind} replaces {served}: {_evidence(c, rules.z)} > -{rules.delta:g} on {n} pairs"
     )
 
 
-def held_back(
+def _evidence(c: Comparison, z: float) -> str:
+    own = "no own evidence" if c.own is None else f"own {c.own:+.3f} ± {c.own_sd:.3f}"
+    return f"gain {c.shrunk:+.3f} ({own}), lower bound {c.lower(z):+.3f}"
+
+
+def prior_spread(own: Sequence[tuple[float, float]], floor: float) -> float:
+    """How much the true gain varies from segment to segment, from each segment's own estimate and its
+    standard deviation (DerSimonian-Laird's method of moments: the spread of the estimates beyond what
+    their noise explains), never below `floor`. A pool whose segments disagree lets each segment's own
+    evidence weigh more."""
+    if len(own) < 2:
+        return floor
+    d = np.array([x for x, _ in own])
+    w = 1.0 / np.maximum(np.array([sd for _, sd in own]) ** 2, 1e-12)
+    mean = float((w * d).sum() / w.sum())
+    q = float((w * (d - mean) ** 2).sum())
+    c = float(w.sum() - (w * w).sum() / w.sum())
+    tau2 = max(0.0, (q - (len(own) - 1)) / c) if c > 0 else 0.0
+    return max(floor, math.sqrt(tau2))
+
+
+def judge_promotion(
     segments: Sequence[str],
     labels: np.ndarray,
     shared: np.ndarray,
     zero_shot: np.ndarray,
     rules: ChoiceRules,
-) -> dict[str, Choice]:
-    """The segments a promoted shared model must not serve yet. Its pooled win makes it what serves by
-    default; per segment, on its pairs of the pooled holdout (the caller passes those of unseen queries),
-    zero-shot takes the segment back only by the same rule as a segment training's choice (prior: the
-    pooled gain), so thin evidence follows the pool and a pooled win does not silently move a segment its
-    own pairs say it serves worse."""
-    prior = prior_gain(auc(labels, shared), auc(labels, zero_shot))
+) -> tuple[ServingPrior, dict[str, Choice]]:
+    """A promoted shared model, per segment, on the pooled holdout's pairs (the caller passes those of
+    unseen queries): the prior of every segment's choice on it (the pooled gain over zero-shot, and its
+    spread across these segments), and the segments it must not serve yet. Moving a segment off zero-shot
+    is a move like any other: the shared model serves a segment only where it clears the rule against
+    zero-shot on the segment's pairs, shrunk toward the pooled gain, so thin evidence follows the pool and
+    a pooled win does not silently move a segment its own pairs say it may serve worse. A segment with
+    no pairs here follows the pool."""
+    gain = prior_gain(auc(labels, shared), auc(labels, zero_shot))
     names = np.asarray(segments, dtype=object)
+    masks = {segment: names == segment for segment in sorted(set(segments))}
+    own = [
+        d
+        for mask in masks.values()
+        if (
+            d := bootstrap_auc_difference(labels[mask], shared[mask], zero_shot[mask], rules.reps, rules.seed)
+        )
+    ]
+    prior = ServingPrior(gain=gain, sd=prior_spread(own, rules.prior_sd), segments=len(own))
+    on_prior = rules.on(prior)
     out: dict[str, Choice] = {}
-    for segment in sorted(set(segments)):
-        mask = names == segment
+    for segment, mask in masks.items():
         probs: dict[ServingKind, np.ndarray] = {"zero_shot": zero_shot[mask], "shared": shared[mask]}
-        choice = choose("shared", labels[mask], probs, {"shared": prior}, rules)
+        choice = choose("zero_shot", labels[mask], probs, {"shared": gain}, on_prior)
         if choice.kind == "zero_shot":
             out[segment] = choice
-    return out
+    return prior, out

@@ -20,18 +20,15 @@ import numpy as np
 import structlog
 
 from worker.config import Settings
-from worker.events import ClickEvent, HoldoutMetrics, ServingChoice, ServingKind
+from worker.events import ClickEvent, HoldoutMetrics, ServingChoice, ServingKind, ServingPrior
+from worker.learn.adapters import SegmentAdapter
+from worker.learn.backbone import Pair, load_backbone
 from worker.learn.choice import Choice, prior_gain, resolve_recorded
-from worker.learn.model import (
-    ClickModel,
-    Pair,
-    SegmentAdapter,
-    base_model_path,
-    load_backbone,
-    score_pairs,
-    served_copy,
-)
+from worker.learn.click_model import ClickModel
+from worker.learn.encoder import base_model_path
 from worker.learn.pinned import PinnedModels
+from worker.learn.scoring import score_pairs
+from worker.learn.serving import served_copy
 from worker.learn.store import (
     SHARED_ENCODER,
     TMP_MARK,
@@ -146,7 +143,7 @@ class Learner:
 
     def _serve_shared(self, model: ClickModel, record: VersionRecord) -> None:
         """A new shared champion: adapters gated on the old one stop being served (`adapter`), and the
-        segments it was found worse for are held back (`choice.held_back`)."""
+        segments it does not clear for are held back (`choice.judge_promotion`)."""
         assert record.adapter is not None
         self.shared = model.eval()
         self.shared_version = record.version
@@ -183,12 +180,16 @@ class Learner:
         """Drop the segment's adapter from memory; the next `adapter(segment)` loads it from the store."""
         self._adapters.pop(segment, None)
 
-    def prior(self) -> float:
-        """The shared champion's AUC gain over zero-shot on its pooled holdout (`choice.prior_gain`)."""
+    def prior(self) -> ServingPrior | None:
+        """The prior of the segments' serving choices on the shared champion (`choice.judge_promotion`);
+        a champion recorded before it was kept: its pooled AUC gain over zero-shot, the least spread."""
         champion = self.shared_registry.champion(SHARED_SEGMENT)
-        if champion is None or champion.challenger is None or champion.zero_shot is None:
-            return 0.0
-        return prior_gain(champion.challenger.auc, champion.zero_shot.auc)
+        if champion is None or champion.prior is not None:
+            return None if champion is None else champion.prior
+        if champion.challenger is None or champion.zero_shot is None:
+            return None
+        gain = prior_gain(champion.challenger.auc, champion.zero_shot.auc)
+        return ServingPrior(gain=gain, sd=self.settings.serving_prior_sd)
 
     def serving(self, segment: str) -> Serving:
         """What serves the segment with the versions that score it: its pin, else `automatic`."""
@@ -294,6 +295,7 @@ class Learner:
             shared_version=self.shared_version if scope == "segment" else None,
             serving=_wire_choice(result.serving, self.shared_version) if decision != "failed" else None,
             zero_shot=_wire_metrics(result.zero_shot),
+            prior=result.prior,
             held_back={
                 s: c for s, choice in result.held_back.items() if (c := _wire_choice(choice, version))
             },

@@ -9,7 +9,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from worker.learn.model import Backbone, ClickModel, SegmentAdapter
+from worker.learn.adapters import SegmentAdapter
+from worker.learn.backbone import Backbone
+from worker.learn.click_model import ClickModel
 from worker.learn.store import load_adapter, load_shared
 
 PINNED_SHARED = 2

@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from worker.learn import history
-from worker.learn.model import Backbone, ClickModel, SegmentAdapter, load_encoder
+from worker.learn.adapters import SegmentAdapter
+from worker.learn.backbone import Backbone
+from worker.learn.click_model import ClickModel
+from worker.learn.encoder import load_encoder
 
 META = "meta.json"
 SHARED_ENCODER = "encoder"

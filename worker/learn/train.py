@@ -31,24 +31,16 @@ import structlog
 import torch
 
 from worker.config import Settings
-from worker.events import ClickEvent, ServingKind
-from worker.learn.choice import Choice, ChoiceRules, choose, held_back
+from worker.events import ClickEvent, ServingKind, ServingPrior
+from worker.learn.adapters import SegmentAdapter, attach_lora, extract_adapter, with_adapter
+from worker.learn.backbone import Backbone, Pair
+from worker.learn.choice import Choice, ChoiceRules, choose, judge_promotion
+from worker.learn.click_model import ClickModel, new_click_model
 from worker.learn.gate import GateRules, Scored, judge
 from worker.learn.history import QueryHistory, fold_of, query_key
-from worker.learn.model import (
-    Backbone,
-    ClickModel,
-    Pair,
-    SegmentAdapter,
-    attach_lora,
-    extract_adapter,
-    new_click_model,
-    pretrained_encoder,
-    score_pairs,
-    served_copy,
-    with_adapter,
-    zero_shot_scores,
-)
+from worker.learn.scoring import score_pairs
+from worker.learn.serving import served_copy
+from worker.learn.zero_shot import pretrained_encoder, zero_shot_scores
 from worker.ops.quality import HoldoutScore, holdout_score
 
 log = structlog.get_logger(__name__)
@@ -76,7 +68,9 @@ class TrainResult:
     zero_shot: HoldoutScore | None = None
     """A shared training: zero-shot on the pooled holdout, the prior of the segments' serving choices."""
     held_back: dict[str, Choice] = field(default_factory=dict)
-    """A promoted shared training: the segments it must not serve yet (`choice.held_back`)."""
+    """A promoted shared training: the segments it must not serve yet (`choice.judge_promotion`)."""
+    prior: ServingPrior | None = None
+    """A promoted shared training: the prior of every segment's serving choice on it."""
 
     @property
     def promoted(self) -> bool:
@@ -533,7 +527,7 @@ def train_shared(
         if result.promoted and settings.serving_choice:
             rules = ChoiceRules.from_settings(settings)
             unseen_only = attempt.unseen
-            result.held_back = held_back(
+            result.prior, result.held_back = judge_promotion(
                 [e.segment for e, u in zip(held, unseen_only, strict=True) if u],
                 attempt.labels[unseen_only],
                 probs[unseen_only],
@@ -576,7 +570,7 @@ def train_segment_adapter(
     unseen: Sequence[ClickEvent] = (),
     stop: Sequence[ClickEvent] = (),
     served: ServingKind = "shared",
-    prior: float = 0.0,
+    prior: ServingPrior | None = None,
 ) -> TrainResult:
     """Train the segment's LoRA + calibration on the shared model, warm-started from its champion, gate
     it against what serves the segment now (`served`), then choose what serves it next.
@@ -584,8 +578,8 @@ def train_segment_adapter(
     On the segment's held-out events of seen queries and its events of unseen ones, zero-shot, the shared
     model alone and the shared model with the champion adapter are scored as they are served. The gate
     compares the challenger with `served`: a promoted adapter serves. Otherwise `learn.choice` picks among
-    the others on the unseen queries' pairs alone, with the pooled gain of the shared model over zero-shot
-    (`prior`) as the prior. The epoch is picked on `stop`, never on the gate's pairs.
+    the others on the unseen queries' pairs alone, with the shared model's promotion's `prior` (None: no
+    pooled evidence, the segment's own decides). The epoch is picked on `stop`, never on the gate's pairs.
     """
     held = [*holdout_events, *unseen]
     attempt = _Attempt("segment", backbone, settings, held, len(unseen))
@@ -629,13 +623,14 @@ def train_segment_adapter(
         result.serving = Choice(served, 0, {}, f"{served} keeps serving: no held-out pairs")
     else:
         unseen_only = attempt.unseen
-        priors: dict[ServingKind, float] = {"zero_shot": 0.0, "shared": prior, "adapter": prior}
+        gain = 0.0 if prior is None else prior.gain
+        priors: dict[ServingKind, float] = {"zero_shot": 0.0, "shared": gain, "adapter": gain}
         result.serving = choose(
             served,
             attempt.labels[unseen_only],
             {k: v[unseen_only] for k, v in options.items()},
             priors,
-            ChoiceRules.from_settings(settings),
+            ChoiceRules.from_settings(settings).on(prior),
         )
     return result
 

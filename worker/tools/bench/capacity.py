@@ -93,7 +93,8 @@ def _record(
 def _prepare_models(settings: Settings, shared_dir: Path, adapter_dir: Path) -> float:
     """In a child process, so training's memory never shows in the figures: an (untrained) shared
     model and one adapter really trained on it; returns the training seconds."""
-    from worker.learn.model import load_backbone, new_click_model
+    from worker.learn.backbone import load_backbone
+    from worker.learn.click_model import new_click_model
     from worker.learn.store import save_adapter, save_shared
     from worker.learn.train import train_segment_adapter
 

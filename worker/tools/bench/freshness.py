@@ -71,7 +71,8 @@ def raw_round(
     candidates: list[tuple[str | None, str]],
 ) -> tuple[float, Any]:
     """One training + scoring as plain calls; returns seconds and the new adapter."""
-    from worker.learn.model import score_pairs, with_adapter
+    from worker.learn.adapters import with_adapter
+    from worker.learn.scoring import score_pairs
     from worker.learn.train import segment_training_data, train_segment_adapter
 
     start = time.perf_counter()
@@ -85,7 +86,8 @@ def raw_round(
 
 
 def _raw_only(args: argparse.Namespace) -> dict[str, Any]:
-    from worker.learn.model import load_backbone, new_click_model
+    from worker.learn.backbone import load_backbone
+    from worker.learn.click_model import new_click_model
 
     opened = {"gate_auc_tolerance": 1.0, "gate_logloss_margin": 1000.0, "gate_min_holdout": 1}
     settings = load_settings().model_copy(update=opened)
@@ -270,7 +272,7 @@ def _e2e(args: argparse.Namespace) -> dict[str, Any]:
 
 def _raw_start(settings: Settings) -> dict[str, Any]:
     """The models the worker serves after the warm-up round, loaded here for the in-process baseline."""
-    from worker.learn.model import load_backbone
+    from worker.learn.backbone import load_backbone
     from worker.learn.store import load_adapter, load_shared
     from worker.state.registry import SHARED_SEGMENT, Registry
 

@@ -1,7 +1,7 @@
 """fp32 against int8 CPU scoring, for `bench score`: speed on the same pairs, quality on real holdouts.
 
 Two int8 routes are measured side by side on the same model and batches:
-- **torch**: `worker.learn.model.quantized_copy`, torch's dynamic quantisation of the encoder's linear
+- **torch**: `worker.learn.serving.quantized_copy`, torch's dynamic quantisation of the encoder's linear
   layers, what `WORKER_SCORING_PRECISION=int8` serves;
 - **onnx**: the same model exported to ONNX and quantised by ONNX Runtime (`quantize_dynamic`, int8
   weights), run by an ORT CPU session (needs the `onnx` and `onnxruntime` packages).
@@ -26,7 +26,10 @@ import torch
 from torch import nn
 
 from worker.config import Settings
-from worker.learn.model import Backbone, ClickModel, Pair, quantized_copy, score_pairs
+from worker.learn.backbone import Backbone, Pair
+from worker.learn.click_model import ClickModel
+from worker.learn.scoring import score_pairs
+from worker.learn.serving import quantized_copy
 from worker.learn.train import labels_of, pairs_of, train_shared
 from worker.ops.quality import auc
 from worker.tools.datasets import load_dataset

@@ -35,23 +35,17 @@ import torch
 
 from worker.config import Settings, load_settings
 from worker.learn import history, match
-from worker.learn.model import (
+from worker.learn.adapters import SegmentAdapter, attach_lora, extract_adapter, with_adapter
+from worker.learn.backbone import Backbone, Pair, load_backbone
+from worker.learn.click_model import ClickModel, new_click_model
+from worker.learn.scoring import (
     SCORE_BATCH,
     SCORE_BATCH_TOKENS,
-    Backbone,
-    ClickModel,
-    Pair,
-    SegmentAdapter,
-    attach_lora,
-    extract_adapter,
-    load_backbone,
-    new_click_model,
     prepared_batches,
     score_pairs,
     scoring_batches,
-    serving_copy,
-    with_adapter,
 )
+from worker.learn.serving import serving_copy
 from worker.learn.train import pairs_of
 from worker.tools.bench import precision
 from worker.tools.datasets import load_dataset

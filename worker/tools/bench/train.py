@@ -20,7 +20,10 @@ import torch
 from worker.config import Settings, load_settings
 from worker.events import ClickEvent
 from worker.learn import history, match
-from worker.learn.model import Backbone, ClickModel, load_backbone, mean_pool, new_click_model, score_pairs
+from worker.learn.backbone import Backbone, load_backbone
+from worker.learn.click_model import ClickModel, new_click_model
+from worker.learn.encoder import mean_pool
+from worker.learn.scoring import score_pairs
 from worker.learn.train import pairs_of, train_shared
 from worker.tools.datasets import load_dataset
 

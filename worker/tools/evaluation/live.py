@@ -23,7 +23,7 @@ from typing import Any
 
 from worker.config import Settings, isolated
 from worker.events import ClickEvent
-from worker.learn.model import load_backbone
+from worker.learn.backbone import load_backbone
 from worker.learn.train import labels_of, pairs_of, score_segment
 from worker.state.registry import SHARED_SEGMENT, Registry
 from worker.stream.kafka import ensure_topics, make_producer

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from worker.config import Settings
+from worker.learn.backbone import Backbone, Pair, load_backbone
+from worker.learn.click_model import new_click_model
 from worker.learn.history import QueryHistory
-from worker.learn.model import Backbone, Pair, load_backbone, new_click_model
 from worker.learn.train import FitOptions, fit, labels_of, pairs_of, score_segment
 from worker.tools.datasets import Dataset
 from worker.tools.evaluation.metrics import Metrics, holdout_metrics, mean

@@ -11,9 +11,11 @@ from typing import Any
 import numpy as np
 
 from worker.config import Settings
-from worker.events import ClickEvent, ServingKind
-from worker.learn.choice import prior_gain, resolve
-from worker.learn.model import Backbone, ClickModel, SegmentAdapter
+from worker.events import ClickEvent, ServingKind, ServingPrior
+from worker.learn.adapters import SegmentAdapter
+from worker.learn.backbone import Backbone
+from worker.learn.choice import resolve
+from worker.learn.click_model import ClickModel
 from worker.learn.train import (
     score_segment,
     segment_training_data,
@@ -61,7 +63,7 @@ class WorkerSim:
     shared_log: list[dict[str, Any]] = field(default_factory=list)
     choices: dict[str, tuple[ServingKind, int | None]] = field(default_factory=dict)
     held_back: set[str] = field(default_factory=set)
-    prior: float = 0.0
+    prior: ServingPrior | None = None
 
     def serving(self, segment: str) -> ServingKind:
         """As the worker resolves it (`Learner.serving`)."""
@@ -175,6 +177,7 @@ class WorkerSim:
                 "decision": result.decision,
                 "reason": result.reason,
                 "held_back": {k: c.reason for k, c in result.held_back.items()},
+                "prior": None if result.prior is None else result.prior.model_dump(),
                 "kept_epoch": result.kept_epoch,
                 "history_events": (
                     None
@@ -192,10 +195,7 @@ class WorkerSim:
             self.shared_serving = result.shared
             self.shared_version = run
             self.held_back = set(result.held_back)
-            self.prior = prior_gain(
-                None if result.challenger is None else result.challenger.auc,
-                None if result.zero_shot is None else result.zero_shot.auc,
-            )
+            self.prior = result.prior
             self.segment_versions.clear()
             self.adapters.clear()
         self.pool = last_per_segment([*self.pool, *self.shared_new], s.sample_cap)
