@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Protocol, cast
+from collections.abc import Sequence
 
+from worker.commands import Table, ToolingMissing, dispatch
 from worker.config import ConfigError
-
-
-class Command(Protocol):
-    """What a command's module offers the table: its options, and its entry point given them."""
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
-
-    def cli_main(self, args: argparse.Namespace) -> int: ...
-
-
-class ToolingMissing(RuntimeError):
-    """A command whose module is not installed (the production image ships without `worker/tools`)."""
-
-
-Table = Mapping[str, tuple[str, str]]
-"""Command name -> (module, one-line help)."""
 
 COMMANDS: Table = {
     "stack": ("worker.tools.stack", "start, stop or check the local Kafka and Redis"),
@@ -42,24 +24,6 @@ COMMANDS: Table = {
     "demo": ("worker.tools.demo", "the whole job on the local stack, on the generated shop or real data"),
     "alerts": ("worker.ops.alerts", "write the Prometheus alerting rules, thresholds from WORKER_ALERT_*"),
 }
-
-
-def dispatch(table: Table, name: str, argv: Sequence[str], prog: str) -> int:
-    """Runs command `name` of `table` on `argv`, importing only that command's module, so that
-    `stack status` and `bench ingest` do not pay for importing torch."""
-    module, help_text = table[name]
-    try:
-        command = cast(Command, importlib.import_module(module))
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not module.startswith(exc.name):
-            raise
-        raise ToolingMissing(
-            f"`{name}` is tooling ({module}), which this installation leaves out: the production image "
-            "holds what `run` needs; install the project with its `tools` extra for the rest"
-        ) from None
-    parser = argparse.ArgumentParser(prog=f"{prog} {name}", description=help_text)
-    command.add_arguments(parser)
-    return command.cli_main(parser.parse_args(argv))
 
 
 def _usage() -> str:

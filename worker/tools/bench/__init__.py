@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from worker.cli import Table, dispatch
+from worker.commands import Table, dispatch
 
 BENCHES: Table = {
     "ingest": ("worker.tools.bench.ingest", "the worker's ingest path against a raw consume loop"),

@@ -47,7 +47,8 @@ from worker.learn.scoring import (
 )
 from worker.learn.serving import serving_copy
 from worker.learn.train import pairs_of
-from worker.tools.bench import precision
+from worker.tools.bench.precision import quality as precision_quality
+from worker.tools.bench.precision import speed as precision_speed
 from worker.tools.datasets import load_dataset
 
 COMPOSE_SAMPLES = 3
@@ -239,8 +240,8 @@ def run_bench(
             backbone.clear_token_cache()
             history.query_key.cache_clear()
 
-        compared = precision.speed(backbone, served, score_set, batches, repeats, clear)
-        compared["quality"] = precision.quality(backbone, settings, precision_train_events)
+        compared = precision_speed(backbone, served, score_set, batches, repeats, clear)
+        compared["quality"] = precision_quality(backbone, settings, precision_train_events)
 
     other = "cold_inline" if default_prefetch else "cold_prefetch"
     return {
