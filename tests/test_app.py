@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 from confluent_kafka import Producer
-from worker_helpers import TopicReader, WorkerProc, worker_env
+from worker_helpers import TopicReader, WorkerProc, in_stream_order, worker_env
 
 from worker.config import Settings
 from worker.events import ClickEvent
@@ -36,7 +36,7 @@ def events() -> list[ClickEvent]:
     stream = load_homedepot().stream()
     picked = [e for s in SEGMENTS for e in [x for x in stream if x.segment == s][:48]]
     others = [e for e in stream if e.segment not in SEGMENTS][:160]
-    return sorted(picked + others, key=lambda e: int(e.event_id.split("-")[1]))
+    return in_stream_order(picked + others)
 
 
 def _promoted(versions: list[dict[str, Any]], segment: str) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ import orjson
 import pytest
 import redis
 from confluent_kafka import Consumer, KafkaError, Producer
-from worker_helpers import WorkerProc, read_all, worker_env
+from worker_helpers import WorkerProc, in_stream_order, read_all, worker_env
 
 from worker.config import Settings, load_settings
 from worker.events import ClickEvent
@@ -56,7 +56,7 @@ def events() -> list[ClickEvent]:
     stream = load_homedepot().stream()
     picked = [e for s in SEGMENTS for e in [x for x in stream if x.segment == s][:48]]
     others = [e for e in stream if e.segment not in SEGMENTS][:160]
-    return sorted(picked + others, key=lambda e: int(e.event_id.split("-")[1]))
+    return in_stream_order(picked + others)
 
 
 # On top of worker_helpers.SMALL: every version kept, a short back-off after a failed training.

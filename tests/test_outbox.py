@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from worker_helpers import TopicReader, WorkerProc, read_all, worker_env
+from worker_helpers import TopicReader, WorkerProc, in_stream_order, read_all, worker_env
 
 from worker.config import Settings
 from worker.state.buffer import Buffer
@@ -54,7 +54,7 @@ def test_a_promotion_killed_before_its_publication_is_published_after_restart(
     stream = load_homedepot().stream()
     picked = [e for s in ("Hampton Bay", "GE") for e in [x for x in stream if x.segment == s][:48]]
     others = [e for e in stream if e.segment not in ("Hampton Bay", "GE")][:160]
-    events = sorted(picked + others, key=lambda e: int(e.event_id.split("-")[1]))
+    events = in_stream_order(picked + others)
     ensure_topics(settings, [settings.input_topic, settings.versions_topic, settings.scores_topic])
     launcher = tmp_path / "kill.py"
     launcher.write_text(_KILL_AFTER_PROMOTION)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
-from worker_helpers import TopicReader, WorkerProc, worker_env
+from worker_helpers import TopicReader, WorkerProc, few_of_others, in_stream_order, worker_env
 
 from worker.config import Settings
 from worker.events import ClickEvent, ScorePair, ScoreRequest
@@ -39,13 +39,7 @@ def _stream() -> tuple[list[ClickEvent], list[ClickEvent]]:
     enough for the shared model's first run; and 30 more of the pinned segment's for a later training."""
     stream = load_homedepot().stream()
     pinned = [e for e in stream if e.segment == PINNED][:70]
-    taken: dict[str, int] = {}
-    others = []
-    for e in stream:
-        if e.segment != PINNED and taken.get(e.segment, 0) < 8 and len(others) < 200:
-            taken[e.segment] = taken.get(e.segment, 0) + 1
-            others.append(e)
-    first = sorted(pinned[:40] + others, key=lambda e: int(e.event_id.split("-")[1]))
+    first = in_stream_order(pinned[:40] + few_of_others(stream, PINNED, 8, 200))
     return first, pinned[40:]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from confluent_kafka import Producer
-from worker_helpers import TopicReader, WorkerProc, read_all, worker_env
+from worker_helpers import TopicReader, WorkerProc, few_of_others, in_stream_order, read_all, worker_env
 
 from worker.config import Settings
 from worker.events import ClickEvent, ScorePair, ScoreRequest
@@ -47,13 +47,7 @@ def _stream(settings: Settings) -> tuple[list[ClickEvent], Any]:
     zero = score_segment(backbone, None, None, pairs_of(harmed))
     cut = float(np.median(zero))
     harmed = [e.model_copy(update={"clicked": int(p > cut)}) for e, p in zip(harmed, zero, strict=True)]
-    taken: dict[str, int] = {}
-    others = []
-    for e in stream:
-        if e.segment != HARMED and taken.get(e.segment, 0) < 10 and len(others) < 260:
-            taken[e.segment] = taken.get(e.segment, 0) + 1
-            others.append(e)
-    events = sorted(harmed + others, key=lambda e: int(e.event_id.split("-")[1]))
+    events = in_stream_order(harmed + few_of_others(stream, HARMED, 10, 260))
     return events, backbone
 
 

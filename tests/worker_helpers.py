@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import orjson
 from confluent_kafka import Consumer
 
 from worker.config import Settings
+from worker.events import ClickEvent
 from worker.stream.kafka import client_config
 from worker.tools.procs import WORKER_RUN, child_env, start_worker, stop_worker
 
@@ -167,3 +168,22 @@ def read_all(
     finally:
         reader.close()
     return reader.seen
+
+
+def in_stream_order(events: Iterable[ClickEvent]) -> list[ClickEvent]:
+    """Events in the order of the data set's stream (`hd-<n>` ids), as a replay produces them."""
+    return sorted(events, key=lambda e: int(e.event_id.split("-")[1]))
+
+
+def few_of_others(
+    stream: Iterable[ClickEvent], excluded: str, per_segment: int, total: int
+) -> list[ClickEvent]:
+    """At most `per_segment` events of each segment but `excluded`, `total` in all, in stream order: pooled
+    data for the shared model that trains no other segment on its own."""
+    taken: dict[str, int] = {}
+    others: list[ClickEvent] = []
+    for e in stream:
+        if e.segment != excluded and taken.get(e.segment, 0) < per_segment and len(others) < total:
+            taken[e.segment] = taken.get(e.segment, 0) + 1
+            others.append(e)
+    return others
