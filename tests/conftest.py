@@ -12,7 +12,8 @@ import pytest
 import redis
 from worker_helpers import WorkerProc
 
-from worker.config import Settings, isolated, load_settings
+from worker.config import Settings, load_settings
+from worker.tools.run_settings import isolated
 
 
 def _stack_settings() -> Settings:

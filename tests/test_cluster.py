@@ -25,13 +25,14 @@ import test_registry
 from ingest_helpers import event_doc, ingest_all, produce_docs, stored_event_ids, total_stats
 from worker_helpers import WorkerProc, worker_env
 
-from worker.config import ConfigError, Settings, isolated, load_settings
+from worker.config import ConfigError, Settings, load_settings
 from worker.state import client as clients
 from worker.state.buffer import Buffer
 from worker.state.keys import prefix_pattern
 from worker.state.registry import SHARED_SEGMENT, Registry
 from worker.stream.kafka import ensure_topics
 from worker.tools import stack as stack_mod
+from worker.tools.run_settings import isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -86,7 +86,7 @@ def test_secrets_come_from_files_too(clean_env: pytest.MonkeyPatch, tmp_path: py
 
 
 def test_settings_env_round_trips(clean_env: pytest.MonkeyPatch) -> None:
-    from worker.config import settings_env
+    from worker.tools.run_settings import settings_env
 
     original = Settings(
         kafka_security_protocol="SASL_PLAINTEXT",

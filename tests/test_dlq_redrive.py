@@ -14,7 +14,7 @@ from confluent_kafka import Message, TopicPartition
 from ingest_helpers import event_doc, high_watermarks, ingest_all, produce_raw, stored_event_ids, total_stats
 
 from worker import cli
-from worker.config import ConfigError, Settings, load_settings, settings_env
+from worker.config import ConfigError, Settings, load_settings
 from worker.state.buffer import Buffer
 from worker.state.keys import dlq_redrive_lock_key
 from worker.state.lock import Lock
@@ -23,6 +23,7 @@ from worker.stream.kafka import ensure_topics, make_consumer, max_record_bytes
 from worker.tools.dlq import preview
 from worker.tools.dlq_read import reader
 from worker.tools.redrive import skip_reason
+from worker.tools.run_settings import settings_env
 
 PARTITIONS = 2
 Headers = list[tuple[str, bytes]]

@@ -17,16 +17,10 @@ import pytest
 from worker.config import Settings
 from worker.learn.backbone import load_backbone
 from worker.learn.click_model import new_click_model
+from worker.learn.fit import FitOptions, fit
 from worker.learn.history import QueryHistory
-from worker.learn.train import (
-    FitOptions,
-    fit,
-    is_unseen_query,
-    labels_of,
-    pairs_of,
-    sample_replay,
-    score_segment,
-)
+from worker.learn.train import score_segment
+from worker.learn.training_data import is_unseen_query, labels_of, pairs_of, sample_replay
 from worker.ops.quality import holdout_score
 from worker.tools.datasets import Dataset, load_homedepot, load_jsonl
 from worker.tools.evaluation import offline_command
@@ -67,6 +61,7 @@ def tiny_plan() -> EvalPlan:
         naive_epochs=1,
         overrides={
             "shared_every": 40,
+            "shared_bootstrap_min_events": 40,
             "min_new_events": 8,
             "min_positives": 1,
             "min_negatives": 1,

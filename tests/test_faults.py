@@ -360,7 +360,7 @@ def test_redis_outage_worker_survives_and_loses_nothing(
 def test_broken_model_store_fails_that_segment_and_ingest_goes_on(
     settings: Settings, events: list[ClickEvent], procs: list[WorkerProc], tmp_path: Path
 ) -> None:
-    from worker.app import StartupError, check_dependencies
+    from worker.startup import StartupError, check_dependencies
 
     # The whole store unusable (under a regular file; root ignores permissions): start-up says so.
     blocker = tmp_path / "not-a-dir"
@@ -552,7 +552,7 @@ def _first_error(conf: dict[str, Any], topic: str) -> str | None:
 def test_secured_broker_authenticates_the_worker_and_enforces_acls(
     secure_stack: Settings, events: list[ClickEvent], procs: list[WorkerProc], tmp_path: Path
 ) -> None:
-    from worker.app import StartupError, check_dependencies
+    from worker.startup import StartupError, check_dependencies
     from worker.stream.kafka import client_config
 
     s = secure_stack

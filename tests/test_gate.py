@@ -11,7 +11,7 @@ from worker.config import Settings
 from worker.events import ClickEvent
 from worker.learn.gate import GateRules, Scored, judge
 from worker.learn.history import query_key
-from worker.learn.train import is_unseen_query, segment_training_data, shared_training_data
+from worker.learn.training_data import is_unseen_query, segment_training_data, shared_training_data
 from worker.ops.quality import auc, auc_difference, logloss_gain
 from worker.tools.datasets import load_homedepot
 

@@ -17,13 +17,13 @@ import pytest
 from registry_helpers import version_record
 
 from worker.config import Settings
-from worker.events import HoldoutMetrics, ServingChoice, ServingPrior
+from worker.events import ClickEvent, HoldoutMetrics, ServingChoice, ServingPrior
 from worker.learn.click_model import new_click_model
 from worker.learn.history import fold_of
 from worker.learn.learner import Abandoned, Learner, Serving, clean_partial_dirs
 from worker.learn.store import STALE_TMP_S, _atomic_dir, abandoned, save_shared
 from worker.learn.train import score_segment
-from worker.state.registry import SHARED_SEGMENT, Registry
+from worker.state.registry import SHARED_SEGMENT, Registry, VersionRecord
 from worker.tools.datasets import load_homedepot
 
 pytestmark = pytest.mark.integration
@@ -50,14 +50,25 @@ def learner(settings: Settings) -> Learner:
     return learner
 
 
+def _trained(
+    learner: Learner, new: list[ClickEvent], older: list[ClickEvent], seq: tuple[int, int]
+) -> VersionRecord | None:
+    """A segment training of GE as the worker runs it: trained and gated, then stored and recorded."""
+    candidate = learner.train_segment("GE", new, older, seq)
+    return None if candidate is None else learner.record(candidate)
+
+
 def test_a_training_of_a_lost_partition_records_nothing(learner: Learner) -> None:
+    """Training and gating record nothing; recording refuses a partition lost meanwhile, and a version is
+    reserved only by a recording that goes ahead."""
     events = [e for e in load_homedepot().stream() if e.segment == "GE"][:40]
+    candidate = learner.train_segment("GE", events[20:], events[:20], (21, 40))
+    assert candidate is not None and candidate.result.decision == "promoted"
+    assert learner.registry.versions("GE") == [] and learner.registry.reserved("GE") == 0
     with pytest.raises(Abandoned):
-        learner.train_segment("GE", events[20:], events[:20], (21, 40), still_owned=lambda: False)
-    assert learner.registry.versions("GE") == []
-    out = learner.train_segment("GE", events[20:], events[:20], (21, 40), still_owned=lambda: True)
-    assert out is not None
-    rec, _ = out
+        learner.record(candidate, still_owned=lambda: False)
+    assert learner.registry.versions("GE") == [] and learner.registry.reserved("GE") == 0
+    rec = learner.record(candidate, still_owned=lambda: True)
     assert rec.version == 1 and rec.decision == "promoted" and learner.registry.champion_version("GE") == 1
     pairs = [(e.query, e.item_text) for e in events[:5]]
     probs, version = learner.score("GE", pairs)
@@ -73,10 +84,12 @@ def test_a_training_of_a_lost_partition_records_nothing(learner: Learner) -> Non
 def test_a_shared_run_that_lost_its_lock_records_nothing(learner: Learner) -> None:
     events = [e for e in load_homedepot().stream() if e.segment != "GE"][:60]
     before = learner.shared_registry.versions(SHARED_SEGMENT)
+    candidate = learner.train_shared(events[30:], events[:30], (0, 30))
+    assert learner.shared_registry.versions(SHARED_SEGMENT) == before, "training records nothing"
     with pytest.raises(Abandoned):
-        learner.train_shared(events[30:], events[:30], (0, 30), still_owned=lambda: False)
+        learner.record(candidate, still_owned=lambda: False)
     assert learner.shared_registry.versions(SHARED_SEGMENT) == before
-    rec, _ = learner.train_shared(events[30:], events[:30], (0, 30), still_owned=lambda: True)
+    rec = learner.record(candidate, still_owned=lambda: True)
     assert [r.version for r in learner.shared_registry.versions(SHARED_SEGMENT)] == [
         *(r.version for r in before),
         rec.version,
@@ -153,8 +166,8 @@ def test_score_events_scores_with_the_events_history_folds(
 def test_evicted_adapters_load_again_from_the_store(learner: Learner) -> None:
     """The seam the capacity benchmark uses to make a segment cold."""
     events = [e for e in load_homedepot().stream() if e.segment == "GE"][:40]
-    out = learner.train_segment("GE", events[20:], events[:20], (21, 40))
-    assert out is not None and out[0].decision == "promoted"
+    out = _trained(learner, events[20:], events[:20], (21, 40))
+    assert out is not None and out.decision == "promoted"
     assert learner.resident_adapters() == 1
     learner.evict("GE")
     learner.evict("not-resident")
@@ -168,12 +181,12 @@ def test_an_adapter_serves_only_on_the_shared_version_it_was_gated_on(learner: L
     is champion, the segment is served by the shared model alone (version 0) until it is retrained on
     the new one, and a rollback of the shared model brings the adapter back."""
     events = [e for e in load_homedepot().stream() if e.segment == "GE"][:60]
-    out = learner.train_segment("GE", events[20:40], events[:20], (21, 40))
-    assert out is not None and out[0].decision == "promoted"
+    out = _trained(learner, events[20:40], events[:20], (21, 40))
+    assert out is not None and out.decision == "promoted"
     first_shared = learner.shared_version
-    assert out[0].shared_version == first_shared and out[0].event().shared_version == first_shared
+    assert out.shared_version == first_shared and out.event().shared_version == first_shared
     pairs = [(e.query, e.item_text) for e in events[:4]]
-    assert learner.score("GE", pairs)[1] == out[0].version
+    assert learner.score("GE", pairs)[1] == out.version
 
     shared = learner.shared_registry
     version = shared.next_version(SHARED_SEGMENT)
@@ -184,16 +197,16 @@ def test_an_adapter_serves_only_on_the_shared_version_it_was_gated_on(learner: L
     assert stored.decision == "promoted"
     probs, served = learner.score("GE", pairs)
     assert learner.shared_version == version and served == 0, "stale adapter is not served"
-    assert learner.registry.champion_version("GE") == out[0].version, "its record stays"
+    assert learner.registry.champion_version("GE") == out.version, "its record stays"
 
-    again = learner.train_segment("GE", events[40:], events[:40], (41, 60))
-    assert again is not None and again[0].decision == "promoted"
-    assert again[0].shared_version == version and again[0].parent_version is None
-    assert learner.score("GE", pairs)[1] == again[0].version
+    again = _trained(learner, events[40:], events[:40], (41, 60))
+    assert again is not None and again.decision == "promoted"
+    assert again.shared_version == version and again.parent_version is None
+    assert learner.score("GE", pairs)[1] == again.version
 
     shared.rollback(SHARED_SEGMENT, first_shared)
-    learner.registry.rollback("GE", out[0].version)
-    assert learner.score("GE", pairs)[1] == out[0].version and learner.shared_version == first_shared
+    learner.registry.rollback("GE", out.version)
+    assert learner.score("GE", pairs)[1] == out.version and learner.shared_version == first_shared
     assert not np.allclose(probs, learner.score("GE", pairs)[0])
 
 
@@ -220,9 +233,9 @@ def test_plain_transformers_and_peft_rebuild_the_served_encoder_from_the_files(l
     champion = shared.champion_version(SHARED_SEGMENT)
     shared.record(version_record(SHARED_SEGMENT, version, str(path), scope="shared"), gated_against=champion)
     events = [e for e in load_homedepot().stream() if e.segment == "GE"][:40]
-    out = learner.train_segment("GE", events[20:], events[:20], (21, 40))
-    assert out is not None and out[0].adapter is not None and out[0].shared_version == version
-    adapter_dir = Path(out[0].adapter)
+    out = _trained(learner, events[20:], events[:20], (21, 40))
+    assert out is not None and out.adapter is not None and out.shared_version == version
+    adapter_dir = Path(out.adapter)
     base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     shared_dir = learner.shared_registry.champion(SHARED_SEGMENT)
     assert shared_dir is not None and base == str(Path(str(shared_dir.adapter)) / "encoder")
@@ -323,12 +336,12 @@ def test_int8_scoring_serves_and_gates_the_quantised_model(
 
     monkeypatch.setattr(train, "served_copy", spy)
     events = [e for e in load_homedepot().stream() if e.segment == "GE"][:40]
-    out = int8.train_segment("GE", events[20:], events[:20], (21, 40))
-    assert out is not None and out[0].decision == "promoted"
+    out = _trained(int8, events[20:], events[:20], (21, 40))
+    assert out is not None and out.decision == "promoted"
     assert len(calls) >= 2 and all(calls), "the gate's sides were scored int8"
     pairs = [(e.query, e.item_text) for e in events[:6]]
     probs, version = int8.score("GE", pairs)
-    assert version == out[0].version
+    assert version == out.version
     [served] = int8._composed.values()
     assert any(isinstance(m, DynamicLinear) for m in served.encoder.modules())
     fp32, _ = learner.score("GE", pairs)

@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from worker.config import Settings, isolated
+from worker.config import Settings
 from worker.learn.backbone import load_backbone
 from worker.learn.encoder import base_model_path
-from worker.learn.train import labels_of, pairs_of, score_segment
+from worker.learn.train import score_segment
+from worker.learn.training_data import labels_of, pairs_of
 from worker.ops.quality import auc
 from worker.state.registry import SHARED_SEGMENT, Registry
 from worker.tools.datasets import Dataset, load_homedepot, load_jsonl
@@ -24,6 +25,7 @@ from worker.tools.evaluation import cli
 from worker.tools.evaluation.live import LiveOptions, run_live
 from worker.tools.evaluation.live_fleet import SETTLE_S, WorkerLoad, is_idle, parse_load
 from worker.tools.evaluation.plan import EvalPlan, checkpoint_positions, eval_slice
+from worker.tools.run_settings import isolated
 
 SEGMENTS = ["Delta", "Everbilt"]
 """Two brands whose held-out pairs zero-shot already ranks well above chance: a broken model shows."""
@@ -240,6 +242,6 @@ def test_a_noise_base_model_measures_about_one_half_live_and_offline(
 
 def test_a_checkpoint_settles_longer_than_the_shared_trainer_takes_to_count_new_events() -> None:
     """Otherwise a checkpoint can be measured between a due shared run's events and its start."""
-    from worker.app import SHARED_CHECK_S
+    from worker.jobs.shared_job import SHARED_CHECK_S
 
     assert SETTLE_S > SHARED_CHECK_S

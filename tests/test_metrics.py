@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from worker.config import Settings
 from worker.ops.http import Readiness, start
-from worker.ops.metrics import METRIC_NAMES, Metrics, consumer_lag
+from worker.ops.lag import consumer_lag
+from worker.ops.metrics import METRIC_NAMES, Metrics
 from worker.ops.quality import OTHER
 
 

@@ -30,7 +30,8 @@ from worker.learn.history import QueryHistory
 from worker.learn.scoring import score_pairs, scoring_batches
 from worker.learn.serving import serving_copy
 from worker.learn.store import load_adapter, load_shared, save_adapter, save_shared
-from worker.learn.train import pairs_of, score_segment
+from worker.learn.train import score_segment
+from worker.learn.training_data import pairs_of
 from worker.learn.zero_shot import zero_shot_scores
 from worker.tools.datasets import load_homedepot
 

@@ -10,8 +10,10 @@ import pytest
 from test_buffer import pending
 
 from worker.config import Settings
+from worker.events import ClickEvent
 from worker.state.buffer import Buffer, PartitionWrite
 from worker.state.pool import fair_share, group_new, pool
+from worker.tools.evaluation.simulation import pooled
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +74,16 @@ def test_unbounded_pool_is_every_buffered_event_split_by_the_marks(s: Settings) 
     assert len(second.older) == len(first.new)  # "b" holds 14 of its sample cap of 32: none fell out
 
 
+def _fill_events(buffer: Buffer, sizes: dict[str, int], start: int = 0) -> list[ClickEvent]:
+    """`_fill`, returning the events written, in stream order."""
+    events = [
+        pending(start + i, name, event_id=f"{name}-{start + i}")
+        for i, name in enumerate(name for name, n in sizes.items() for _ in range(n))
+    ]
+    buffer.write([PartitionWrite(buffer.topic, 0, start + len(events), events)])
+    return [ClickEvent.model_validate_json(p.payload) for p in events]
+
+
 def test_bounded_pool_keeps_small_segments_whole_and_cuts_large_ones_to_one_share(s: Settings) -> None:
     buffer = Buffer(s)
     _fill(buffer, {"a": 3, "b": 10, "c": 30})
@@ -87,6 +99,30 @@ def test_bounded_pool_keeps_small_segments_whole_and_cuts_large_ones_to_one_shar
     assert got.marks == {(0, buffer.segment_hash(x)): n for x, n in [("a", 3), ("b", 10), ("c", 30)]}
     capped = pool(buffer, 1, s.model_copy(update={"shared_pool_segment_cap": 4}))
     assert len(capped.new) == 3 + 4 + 4
+
+
+@pytest.mark.parametrize(
+    "bounds", [{}, {"shared_pool_max_events": 30}, {"shared_pool_segment_cap": 4}], ids=str
+)
+def test_the_offline_simulation_pools_what_the_worker_pools(s: Settings, bounds: dict[str, int]) -> None:
+    """`eval`'s simulated worker takes the same events for a shared run as the worker's pool, before
+    and after a run's marks, with and without bounds that bind: one rule, not a copy of it."""
+    bounded = s.model_copy(update=bounds)
+    buffer = Buffer(s)
+    before = _fill_events(buffer, {"a": 3, "b": 10, "c": 30})
+    first = pool(buffer, 1, bounded)
+    buffer.mark_shared_seen(first.marks)
+    since = _fill_events(buffer, {"a": 2, "c": 5}, start=len(before))
+    second = pool(buffer, 1, bounded)
+
+    def ids(events: list[ClickEvent]) -> set[str]:
+        return {e.event_id for e in events}
+
+    held, new, older = pooled([], before, bounded)
+    assert (ids(new), ids(older)) == (ids(first.new), ids(first.older))
+    _, new, older = pooled(held, since, bounded)
+    assert (ids(new), ids(older)) == (ids(second.new), ids(second.older))
+    assert second.new and second.older
 
 
 def test_many_segments_never_pool_more_than_the_bound(s: Settings) -> None:

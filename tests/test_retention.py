@@ -228,17 +228,17 @@ def test_the_worker_sweeps_its_owned_partitions_once_a_minute(settings: Settings
     buffer = worker.buffer
     try:
         ((epoch, _),) = buffer.acquire([0]).values()
-        worker.ingestor._owned = frozenset({0})
-        worker.ingestor._epochs[(buffer.topic, 0)] = epoch
+        worker.ingestor.ownership.owned = frozenset({0})
+        worker.ingestor.ownership.epochs[(buffer.topic, 0)] = epoch
         write(buffer, "idle", range(0, 2))
         write(buffer, "busy", range(2, 4))
         backdate(buffer, "idle")
         worker.trigger.assigned([0])
         worker.metrics.prequential.record("idle", [0.2, 0.8], [0, 1])
 
-        worker._expire_idle()
+        worker.housekeeping.expire_idle()
         backdate(buffer, "busy")
-        worker._expire_idle()
+        worker.housekeeping.expire_idle()
 
         assert buffer.segments(0) == ["busy"], "the second sweep waits a minute"
         assert learner.evicted == ["idle"]

@@ -75,7 +75,7 @@ def test_failed_and_invalid_score_requests_go_to_the_dlq_with_their_reason(setti
         deadline = time.monotonic() + 60
         while worker.requests.qsize() < 2:
             assert time.monotonic() < deadline, "the requests never arrived"
-            worker._poll_requests()
+            worker.scoring.poll_requests()
             time.sleep(0.1)
         worker._compute_once()
         worker._compute_once()

@@ -28,9 +28,9 @@ from ingest_helpers import event_doc, ingest_all, produce_docs, produce_raw
 from pydantic import ValidationError
 from registry_helpers import version_record
 
-from worker.app import StartupError, check_dependencies
 from worker.config import ConfigError, Settings, load_settings
 from worker.events import HoldoutMetrics
+from worker.startup import StartupError, check_dependencies
 from worker.state.buffer import Buffer, PartitionWrite, Pending
 from worker.state.entry import pair_key
 from worker.state.registry import Registry

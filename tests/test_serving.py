@@ -21,7 +21,8 @@ from worker_helpers import TopicReader, WorkerProc, few_of_others, in_stream_ord
 from worker.config import Settings
 from worker.events import ClickEvent, ScorePair, ScoreRequest
 from worker.learn.backbone import load_backbone
-from worker.learn.train import pairs_of, score_segment
+from worker.learn.train import score_segment
+from worker.learn.training_data import pairs_of
 from worker.state.buffer import Buffer
 from worker.stream.kafka import client_config, ensure_topics, partition_count
 from worker.tools.datasets import load_homedepot

@@ -119,7 +119,7 @@ class _Trainer:
         self.calls = 0
         self.during = during
 
-    def train_shared(self, new: Any, older: Any, events: Any, still_owned: Any = None) -> Any:
+    def train_shared(self, new: Any, older: Any, events: Any) -> Any:
         self.calls += 1
         self.during()
         raise _Trained
@@ -131,7 +131,7 @@ def _worker(settings: Settings, trainer: _Trainer) -> Worker:
     )
     worker = Worker(settings)
     worker.learner = trainer  # type: ignore[assignment]
-    worker._pool = lambda: Pool([event], [], {}, [0], {})  # type: ignore[method-assign]
+    worker.shared_job.pool = lambda: Pool([event], [], {}, [0], {})  # type: ignore[method-assign]
     return worker
 
 
@@ -143,18 +143,18 @@ def test_two_workers_shared_runs_never_overlap(settings: Settings) -> None:
     second = _worker(settings, second_trainer)
 
     def while_first_trains() -> None:
-        assert second._run_shared() is None
+        assert second.shared_job.run() is None
         trainings_of_second_during_first.append(second_trainer.calls)
 
     first_trainer = _Trainer(while_first_trains)
     first = _worker(settings, first_trainer)
     try:
         with pytest.raises(_Trained):
-            first._run_shared()
+            first.shared_job.run()
         assert first_trainer.calls == 1
         assert trainings_of_second_during_first == [0], "the second run trained while the first did"
         with pytest.raises(_Trained):
-            second._run_shared()
+            second.shared_job.run()
         assert second_trainer.calls == 1, "the second run goes ahead once the first has released"
     finally:
         for w in (first, second):
@@ -166,13 +166,13 @@ def test_a_run_with_nothing_new_takes_the_counters_so_it_is_not_due_again(settin
     """Counters ahead of the marks (a restored Redis): the empty run takes them and trains nothing."""
     trainer = _Trainer()
     worker = _worker(settings, trainer)
-    worker._pool = lambda: Pool([], [], {}, [], {0: 5, 1: 3})  # type: ignore[method-assign]
+    worker.shared_job.pool = lambda: Pool([], [], {}, [], {0: 5, 1: 3})  # type: ignore[method-assign]
     try:
-        assert worker._run_shared() is None
+        assert worker.shared_job.run() is None
         assert trainer.calls == 0
         assert worker.buffer.shared_counted() == {0: 5, 1: 3}
-        assert worker._shared_lock.acquire(), "the empty run released the lock"
-        worker._shared_lock.release()
+        assert worker.shared_job.lock.acquire(), "the empty run released the lock"
+        worker.shared_job.lock.release()
     finally:
         worker.request_consumer.close()
         worker.lease.close()

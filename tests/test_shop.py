@@ -17,12 +17,8 @@ import pytest
 
 from worker.config import Settings
 from worker.learn.backbone import load_backbone
-from worker.learn.train import (
-    segment_training_data,
-    shared_training_data,
-    train_segment_adapter,
-    train_shared,
-)
+from worker.learn.train import train_segment_adapter, train_shared
+from worker.learn.training_data import segment_training_data, shared_training_data
 from worker.tools import demo, shop
 from worker.tools.datasets import SHOP, load_dataset, load_jsonl
 from worker.tools.paths import REPO, SCHEMAS_DIR

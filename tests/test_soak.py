@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import load_settings, settings_env
+from worker.config import load_settings
+from worker.tools.run_settings import settings_env
 from worker.tools.soak import _SOAK_DEFAULTS, _soak_settings
 
 

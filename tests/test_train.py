@@ -18,23 +18,18 @@ from worker.learn import history, match, train
 from worker.learn.adapters import attach_lora, with_adapter
 from worker.learn.backbone import Backbone, load_backbone
 from worker.learn.click_model import ClickModel, new_click_model
+from worker.learn.fit import FitOptions, NonFiniteLoss, evaluate_model, fit, probabilities
 from worker.learn.gate import GateRules, Scored, judge
 from worker.learn.history import QueryHistory
 from worker.learn.scoring import score_pairs
-from worker.learn.train import (
-    FitOptions,
-    NonFiniteLoss,
-    evaluate_model,
-    fit,
+from worker.learn.train import train_segment_adapter, train_shared
+from worker.learn.training_data import (
     labels_of,
     pairs_of,
-    probabilities,
     sample_replay,
     segment_training_data,
     shared_training_data,
     split_holdout,
-    train_segment_adapter,
-    train_shared,
 )
 from worker.ops.quality import auc
 from worker.tools.datasets import load_homedepot

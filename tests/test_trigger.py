@@ -8,7 +8,7 @@ import pytest
 
 from worker.config import Settings
 from worker.state.buffer import SegmentState
-from worker.stream.trigger import DueSegment, Trigger, enough_new_events, is_due
+from worker.stream.trigger import DueSegment, Trigger, enough_new_events, is_due, shared_due
 
 
 @pytest.fixture
@@ -48,6 +48,15 @@ def test_count_rule_on_plain_counts(cfg: Settings) -> None:
     assert not enough_new_events(9, 2, 3, cfg)
     assert not enough_new_events(10, 1, 3, cfg)
     assert not enough_new_events(10, 2, 2, cfg)
+
+
+def test_shared_run_is_due_early_until_a_shared_model_serves() -> None:
+    """The one schedule of shared runs, read by the worker's group trainer and the offline simulation."""
+    s = Settings(shared_every=2048, shared_bootstrap_min_events=256)
+    assert not shared_due(255, False, s)
+    assert shared_due(256, False, s)
+    assert not shared_due(2047, True, s)
+    assert shared_due(2048, True, s)
 
 
 def test_due_segment_is_queued_once_until_done(cfg: Settings) -> None:

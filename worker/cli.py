@@ -13,7 +13,7 @@ COMMANDS: Table = {
     "schemas": ("worker.tools.schemas", "regenerate schemas/ and the README settings table from the code"),
     "replay": ("worker.tools.replay", "produce a data set's click events into the input topic"),
     "generate-shop": ("worker.tools.shop", "write a generated shop (synthetic click events) as JSONL"),
-    "ingest": ("worker.stream.ingest", "consume click events into the Redis buffers (no training)"),
+    "ingest": ("worker.stream.ingest_command", "consume click events into the Redis buffers (no training)"),
     "run": ("worker.app", "run the worker: ingest, train, publish"),
     "reset": ("worker.stream.reset", "move a stopped group's offsets (Redis and Kafka) to reprocess"),
     "eval": ("worker.tools.evaluation.cli", "evaluation on real data: offline, or --live through workers"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Protocol, cast
 
@@ -41,3 +43,13 @@ def dispatch(table: Table, name: str, argv: Sequence[str], prog: str) -> int:
     parser = argparse.ArgumentParser(prog=f"{prog} {name}", description=help_text)
     command.add_arguments(parser)
     return command.cli_main(parser.parse_args(argv))
+
+
+def write_result(result: Mapping[str, object], as_json: bool) -> None:
+    """A command's result on stdout: one JSON line for scripts, else one aligned `key: value` a line."""
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    width = max((len(k) for k in result), default=0)
+    for key, value in result.items():
+        sys.stdout.write(f"{key:>{width}}: {value}\n")

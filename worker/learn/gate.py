@@ -5,7 +5,7 @@
   difference (`worker.ops.quality.auc_difference`), so a win within the noise of a small holdout is
   no win, and a clear one on a few hundred pairs is;
 - it judges on two slices: held-out events of queries the models trained on (*seen*) and events of
-  queries no model ever trains on (*unseen*: `train.is_unseen_query`), because every shop gets new
+  queries no model ever trains on (*unseen*: `training_data.is_unseen_query`), because every shop gets new
   queries every day and training can help the first while it hurts the second;
 - it needs `min_holdout` pairs before anything is replaced. Zero-shot is a champion like any other.
 

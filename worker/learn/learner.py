@@ -1,8 +1,9 @@
 """The compute side of the worker: the models it serves from and the trainings it records.
 
-The data policy (`train.segment_training_data`, `train.shared_training_data`) is shared with the offline
-evaluation, so what it measures is what the worker does. `Learner` holds the shared model and an LRU
-of segment adapters, runs trainings through `worker.learn.train`, and records every decision in the registry.
+The data policy (`training_data.segment_training_data`, `training_data.shared_training_data`) is
+shared with the offline evaluation, so what it measures is what the worker does. `Learner` holds the
+shared model and an LRU of segment adapters, trains and gates through `worker.learn.train`, and records
+a decision (`record`) only when its job says so.
 It is owned by one thread (the worker's compute thread), so it takes no locks.
 """
 
@@ -38,16 +39,8 @@ from worker.learn.store import (
     save_adapter,
     save_shared,
 )
-from worker.learn.train import (
-    TrainResult,
-    folds_of,
-    pairs_of,
-    score_segment,
-    segment_training_data,
-    shared_training_data,
-    train_segment_adapter,
-    train_shared,
-)
+from worker.learn.train import TrainResult, score_segment, train_segment_adapter, train_shared
+from worker.learn.training_data import folds_of, pairs_of, segment_training_data, shared_training_data
 from worker.ops.quality import HoldoutScore
 from worker.state.registry import SHARED_SEGMENT, Registry, VersionRecord
 
@@ -106,6 +99,18 @@ class Serving(NamedTuple):
 
 class Abandoned(RuntimeError):
     """A training whose result must not be recorded: its segment now belongs to another worker."""
+
+
+class Candidate(NamedTuple):
+    """A trained challenger with its gate decision, not recorded yet (`Learner.record` stores it)."""
+
+    registry: Registry
+    segment: str
+    scope: Literal["segment", "shared"]
+    result: TrainResult
+    parent: int | None
+    events: tuple[int, int]
+    gated_against: int | None
 
 
 class Learner:
@@ -308,12 +313,9 @@ class Learner:
         new: Sequence[ClickEvent],
         older: Sequence[ClickEvent],
         seq: tuple[int, int],
-        still_owned: Callable[[], bool] = lambda: True,
-    ) -> tuple[VersionRecord, TrainResult] | None:
-        """One incremental fine-tune of the segment's adapter; None when no shared model serves yet.
-
-        Raises `Abandoned`, recording nothing, when `still_owned()` turns false during the training (the
-        partition was lost to another worker, which trains the same events from the same champion)."""
+    ) -> Candidate | None:
+        """One incremental fine-tune of the segment's adapter, gated against its champion; None when no
+        shared model serves yet. Records nothing: `record` does."""
         self.refresh_shared()
         if self.shared is None:
             return None
@@ -333,29 +335,20 @@ class Learner:
             served=self.automatic(segment).kind,
             prior=self.prior(),
         )
-        if not still_owned():
-            raise Abandoned(f"{segment!r}: partition lost during training")
-        rec = self._record(
-            self.registry, segment, result, parent or None, seq, result.adapter, "segment", pointer
-        )
-        if rec.decision == "promoted" and result.adapter is not None:
-            self._adapters[segment] = (rec.version, result.adapter)
-        return rec, result
+        return Candidate(self.registry, segment, "segment", result, parent or None, seq, pointer)
 
     def train_shared(
         self,
         new: Sequence[ClickEvent],
         older: Sequence[ClickEvent],
         events: tuple[int, int],
-        still_owned: Callable[[], bool] = lambda: True,
-    ) -> tuple[VersionRecord, TrainResult]:
+    ) -> Candidate:
         """One shared run, continued from the last challenger (or champion), gated against the champion.
+        Records nothing: `record` does.
 
         The run's number (which seeds its replay sample and its training) is its place in the group's
         sequence of shared runs, read from the registry, so it does not start again at 1 when the lease
-        moves to another worker or the trainer restarts; the offline simulation numbers its runs alike.
-        Raises `Abandoned`, recording nothing, when `still_owned()` is false once it has trained (the
-        group's shared-run lock expired: another trainer may have run meanwhile)."""
+        moves to another worker or the trainer restarts; the offline simulation numbers its runs alike."""
         self.refresh_shared()
         run = self.shared_registry.reserved(SHARED_SEGMENT) + 1
         data = shared_training_data(new, older, self.settings, run)
@@ -371,17 +364,35 @@ class Learner:
             counted=data.counted,
             unseen=data.unseen,
         )
-        if not still_owned():
-            raise Abandoned("shared run: the group's shared-run lock was lost during training")
         parent = self.shared_version or None
+        return Candidate(self.shared_registry, SHARED_SEGMENT, "shared", result, parent, events, parent)
+
+    def record(self, candidate: Candidate, still_owned: Callable[[], bool] = lambda: True) -> VersionRecord:
+        """Store a trained candidate: a promoted model is saved into the model store (renamed into place)
+        before its decision is recorded in the registry, fenced on the champion it was gated against
+        (`_record`), so the registry never points at an incomplete directory; then it serves here.
+
+        Raises `Abandoned`, recording nothing, when `still_owned()` is false: the segment's partition was
+        lost to another worker, which trains the same events from the same champion, or the group's
+        shared-run lock expired (another trainer may have run meanwhile)."""
+        c = candidate
+        if not still_owned():
+            if c.scope == "segment":
+                raise Abandoned(f"{c.segment!r}: partition lost during training")
+            raise Abandoned("shared run: the group's shared-run lock was lost during training")
+        model = c.result.adapter if c.scope == "segment" else c.result.shared
         rec = self._record(
-            self.shared_registry, SHARED_SEGMENT, result, parent, events, result.shared, "shared", parent
+            c.registry, c.segment, c.result, c.parent, c.events, model, c.scope, c.gated_against
         )
-        if result.shared is not None:
-            self._shared_next = result.shared
-        if rec.decision == "promoted" and result.shared is not None and rec.adapter is not None:
-            self._serve_shared(result.shared, rec)
-        return rec, result
+        if c.scope == "segment":
+            if rec.decision == "promoted" and c.result.adapter is not None:
+                self._adapters[c.segment] = (rec.version, c.result.adapter)
+            return rec
+        if c.result.shared is not None:
+            self._shared_next = c.result.shared
+        if rec.decision == "promoted" and c.result.shared is not None and rec.adapter is not None:
+            self._serve_shared(c.result.shared, rec)
+        return rec
 
     def _pinned_model(self, segment: str, served: Serving) -> ClickModel:
         """The served copy of what a pin names, its shared version and adapter from the store when they

@@ -7,10 +7,10 @@ Two levels, because pooled knowledge is what carries quality on few-shot segment
   head's logit, warm-started from the segment's champion adapter, gated on the segment's holdout slice.
 
 Both are judged by `worker.learn.gate` on two holdout slices: held-out events of queries the models
-train on, and the events of queries no model ever trains on (`is_unseen_query`). A training of several
-epochs stops early on the same holdout and keeps its best epoch. The shared
-model also carries the query history (`worker.learn.history`) counted from the run's events.
-Both train a copy and never mutate their inputs. A non-finite loss or any exception yields a
+train on, and the events of queries no model ever trains on; which events are which is the rule of
+`worker.learn.training_data`. A training of several epochs (`worker.learn.fit`) stops early and keeps its
+best epoch. The shared model also carries the query history (`worker.learn.history`) counted from the
+run's events. Both train a copy and never mutate their inputs. A non-finite loss or any exception yields a
 `failed` result (never promoted) instead of raising, its traceback logged. Seeded: the same inputs give the
 same result on CPU. Holdout numbers come from `worker.ops.quality`, the same code `/metrics` uses.
 See docs/learning.md for the measurements behind the defaults.
@@ -19,16 +19,13 @@ See docs/learning.md for the measurements behind the defaults.
 from __future__ import annotations
 
 import copy
-import hashlib
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import structlog
-import torch
 
 from worker.config import Settings
 from worker.events import ClickEvent, ServingKind, ServingPrior
@@ -36,10 +33,12 @@ from worker.learn.adapters import SegmentAdapter, attach_lora, extract_adapter, 
 from worker.learn.backbone import Backbone, Pair
 from worker.learn.choice import Choice, ChoiceRules, choose, judge_promotion
 from worker.learn.click_model import ClickModel, new_click_model
+from worker.learn.fit import FitOptions, Fitted, fit, probabilities
 from worker.learn.gate import GateRules, Scored, judge
-from worker.learn.history import QueryHistory, fold_of, query_key
+from worker.learn.history import QueryHistory
 from worker.learn.scoring import score_pairs
 from worker.learn.serving import served_copy
+from worker.learn.training_data import labels_of, pairs_of
 from worker.learn.zero_shot import pretrained_encoder, zero_shot_scores
 from worker.ops.quality import HoldoutScore, holdout_score
 
@@ -75,316 +74,6 @@ class TrainResult:
     @property
     def promoted(self) -> bool:
         return self.decision == "promoted"
-
-
-class NonFiniteLoss(FloatingPointError):
-    pass
-
-
-def pairs_of(events: Sequence[ClickEvent]) -> list[Pair]:
-    return [(e.query or None, e.item_text) for e in events]
-
-
-def folds_of(events: Sequence[ClickEvent]) -> list[int | None]:
-    return [fold_of(e.event_id) for e in events]
-
-
-def labels_of(events: Sequence[ClickEvent]) -> np.ndarray:
-    return np.array([e.clicked for e in events], dtype=np.float64)
-
-
-def is_holdout(event_id: str, frac: float) -> bool:
-    """Stable membership: an event is in the holdout slice forever, so it is never trained on."""
-    digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64 < frac
-
-
-def is_unseen_query(query: str | None, frac: float) -> bool:
-    """Stable membership of a query (as the query history keys it) in the slice no model trains on,
-    so every gate can judge how a model does on queries it never saw. Events without a query never are."""
-    key = query_key(query)
-    if not key or frac <= 0:
-        return False
-    digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"unseen-query").digest()
-    return int.from_bytes(digest, "big") / 2.0**64 < frac
-
-
-def is_early_stopping(event_id: str, frac: float) -> bool:
-    """Stable membership of a training event in the slice that picks a segment training's epoch: those
-    pairs are never trained on and never judge the gate, whose win they would overstate."""
-    digest = hashlib.blake2b(event_id.encode(), digest_size=8, person=b"early-stop").digest()
-    return int.from_bytes(digest, "big") / 2.0**64 < frac
-
-
-def split_holdout(events: Sequence[ClickEvent], frac: float) -> tuple[list[ClickEvent], list[ClickEvent]]:
-    train = [e for e in events if not is_holdout(e.event_id, frac)]
-    held = [e for e in events if is_holdout(e.event_id, frac)]
-    return train, held
-
-
-def sample_replay(events: Sequence[ClickEvent], n: int, seed: int) -> list[ClickEvent]:
-    """A seeded uniform sample without replacement, kept in stream order."""
-    if n >= len(events):
-        return list(events)
-    if n <= 0:
-        return []
-    idx = np.sort(np.random.default_rng(seed).choice(len(events), size=n, replace=False))
-    return [events[int(i)] for i in idx]
-
-
-@dataclass(frozen=True)
-class TrainingData:
-    """`holdout`: held-out events of seen queries; `unseen`: events of queries no model trains on (both
-    judge the run). `counted`: the events the shared model's query history counts, seen holdout
-    included (out-of-fold features keep each event's own label out of its own feature), unseen not."""
-
-    new: list[ClickEvent]
-    replay: list[ClickEvent]
-    holdout: list[ClickEvent]
-    unseen: list[ClickEvent] = field(default_factory=list)
-    counted: list[ClickEvent] = field(default_factory=list)
-    stop: list[ClickEvent] = field(default_factory=list)
-    """A segment training's early-stopping events, apart from the gate's `holdout` and `unseen`."""
-
-
-@dataclass(frozen=True)
-class _Split:
-    train_new: list[ClickEvent]
-    train_old: list[ClickEvent]
-    held: list[ClickEvent]
-    unseen: list[ClickEvent]
-
-
-def _split(new: Sequence[ClickEvent], older: Sequence[ClickEvent], frac: float, unseen_frac: float) -> _Split:
-    """One rule for both levels: an unseen query's events are never trained on, and a held-out event id
-    is held out in every run. Both memberships are hashes, so they never change between runs."""
-    out = _Split([], [], [], [])
-    for events, target in ((older, out.train_old), (new, out.train_new)):
-        for e in events:
-            if is_unseen_query(e.query, unseen_frac):
-                out.unseen.append(e)
-            elif is_holdout(e.event_id, frac):
-                out.held.append(e)
-            else:
-                target.append(e)
-    return out
-
-
-def _event_id(event: ClickEvent) -> str:
-    return event.event_id
-
-
-def segment_training_data(
-    new: Sequence[ClickEvent], older: Sequence[ClickEvent], settings: Settings, run: int
-) -> TrainingData:
-    """New events minus the segment's held-out ones, a replay sample of its older events, the two
-    holdout slices (the segment's held-out events of seen queries, its events of unseen queries) and the
-    early-stopping slice of its training events (`is_early_stopping`)."""
-    split = _split(new, older, settings.holdout_frac, settings.unseen_query_frac)
-    frac = settings.early_stopping_frac if settings.early_stopping_patience > 0 else 0.0
-    stop = [e for e in (*split.train_old, *split.train_new) if is_early_stopping(e.event_id, frac)]
-    stopping = {e.event_id for e in stop}
-    train_new = [e for e in split.train_new if e.event_id not in stopping]
-    train_old = [e for e in split.train_old if e.event_id not in stopping]
-    replay = sample_replay(train_old, round(len(train_new) * settings.replay_frac), settings.seed + run)
-    return TrainingData(train_new, replay, split.held, split.unseen, stop=stop)
-
-
-def shared_training_data(
-    new: Sequence[ClickEvent], older: Sequence[ClickEvent], settings: Settings, run: int
-) -> TrainingData:
-    """All segments' new events and a replay of older ones, minus the pooled holdout no model trains on:
-    a sample of held-out events of seen queries and one of unseen queries' events, each capped.
-
-    Both inputs are put in event-id order first: the shared trainer gathers them partition by partition,
-    so without it the replay sample and the shuffled batches would depend on the partition layout and on
-    which worker holds the lease, and would differ from the offline simulation's, which sees the stream
-    in order."""
-    new = sorted(new, key=_event_id)
-    older = sorted(older, key=_event_id)
-    split = _split(new, older, settings.shared_holdout_frac, settings.unseen_query_frac)
-    replay = sample_replay(
-        split.train_old, round(len(split.train_new) * settings.shared_replay_frac), settings.seed + run
-    )
-    cap = settings.shared_holdout_cap
-    counted = [*split.train_old, *split.train_new, *split.held]
-    return TrainingData(
-        split.train_new,
-        replay,
-        sample_replay(split.held, cap, settings.seed),
-        sample_replay(split.unseen, cap, settings.seed),
-        counted,
-    )
-
-
-@dataclass(frozen=True)
-class FitOptions:
-    """How `fit` trains: the optimiser's rates and schedule, batches, seed and early stopping.
-
-    Built once per training from the settings (`for_shared`, `for_segment`), so a knob is written out
-    in one place; `dataclasses.replace` makes the variants the evaluation's reference procedures need.
-    """
-
-    lr: float
-    epochs: int
-    batch_size: int
-    weight_decay: float
-    seed: int
-    warmup_frac: float = 0.1
-    calibration_lr: float = 1e-2
-    match_lr: float = 1e-2
-    patience: int = 0
-
-    @classmethod
-    def for_shared(cls, settings: Settings) -> FitOptions:
-        """A shared run's: encoder and head at `shared_lr`, the match and history weights at `match_lr`."""
-        return cls(
-            lr=settings.shared_lr,
-            epochs=settings.shared_epochs,
-            batch_size=settings.shared_batch_size,
-            weight_decay=settings.weight_decay,
-            seed=settings.seed,
-            warmup_frac=settings.warmup_frac,
-            match_lr=settings.match_lr,
-            patience=settings.early_stopping_patience,
-        )
-
-    @classmethod
-    def for_segment(cls, settings: Settings) -> FitOptions:
-        """A segment run's: LoRA at `adapter_lr`, the calibration at `calibration_lr`."""
-        return cls(
-            lr=settings.adapter_lr,
-            epochs=settings.adapter_epochs,
-            batch_size=settings.batch_size,
-            weight_decay=settings.weight_decay,
-            seed=settings.seed,
-            warmup_frac=settings.warmup_frac,
-            calibration_lr=settings.calibration_lr,
-            patience=settings.early_stopping_patience,
-        )
-
-
-def _param_groups(model: ClickModel, options: FitOptions) -> list[dict[str, Any]]:
-    """The few head-side numbers learn at their own, larger rates: from zero they must reach weights of
-    order 1 within a run, where the encoder's weights move by 1e-4 per step."""
-    lr, weight_decay = options.lr, options.weight_decay
-    decay, no_decay, calib, wide = [], [], [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name == "calibration":
-            calib.append(param)
-        elif name.startswith(("match.", "history.")):
-            wide.append(param)
-        elif param.ndim < 2 or "LayerNorm" in name or name.endswith("bias"):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [
-        {"params": decay, "lr": lr, "weight_decay": weight_decay},
-        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
-        {"params": calib, "lr": options.calibration_lr, "weight_decay": 0.0},
-        {"params": wide, "lr": options.match_lr, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-@dataclass
-class Fitted:
-    """What `fit` did: per-step losses, epochs run, and which epoch's weights it kept (1-based), with
-    the holdout log loss after each epoch when it stopped early on one."""
-
-    losses: list[float]
-    epochs: int = 0
-    kept_epoch: int = 0
-    holdout_logloss: list[float] = field(default_factory=list)
-
-
-def fit(
-    backbone: Backbone,
-    model: ClickModel,
-    events: Sequence[ClickEvent],
-    options: FitOptions,
-    holdout: Sequence[ClickEvent] = (),
-) -> Fitted:
-    """Train `model` in place with AdamW, linear warm-up then linear decay over `options.epochs`.
-
-    Early stopping (`options.patience` > 0, a `holdout` and more than one epoch): after each epoch the
-    holdout log loss is measured; training stops once `patience` epochs in a row did not improve on the
-    best, and the trainable weights of the best epoch are put back.
-    Raises NonFiniteLoss at the first NaN/inf loss so that a diverging run never reaches the gate.
-    """
-    if not events:
-        return Fitted([])
-    torch.manual_seed(options.seed)
-    rng = np.random.default_rng(options.seed)
-    pairs = pairs_of(events)
-    rows = backbone.encode(pairs)
-    hist = model.history_features(pairs, folds_of(events))
-    labels = torch.tensor([e.clicked for e in events], dtype=torch.float32)
-    batch_size, epochs, patience = options.batch_size, options.epochs, options.patience
-    steps_per_epoch = math.ceil(len(rows) / batch_size)
-    total = steps_per_epoch * epochs
-    warmup = max(1, int(total * options.warmup_frac))
-    optimizer = torch.optim.AdamW(_param_groups(model, options))
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    stopping = patience > 0 and bool(holdout) and epochs > 1
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    done = Fitted([])
-    model.train()
-    step = 0
-    for epoch in range(1, epochs + 1):
-        order = rng.permutation(len(rows))
-        for start in range(0, len(rows), batch_size):
-            idx = order[start : start + batch_size]
-            factor = (
-                (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
-            )
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * factor
-            batch = backbone.collate([rows[int(i)] for i in idx], None if hist is None else hist[idx])
-            target = labels[idx].to(backbone.device)
-            with backbone.autocast():
-                logits = model(batch)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss became {value} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-            optimizer.step()
-            done.losses.append(value)
-            step += 1
-        done.epochs = done.kept_epoch = epoch
-        if not stopping:
-            continue
-        logloss = evaluate_model(backbone, model, holdout).logloss
-        done.holdout_logloss.append(logloss)
-        if best is None or logloss < best[0]:
-            trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            best = (logloss, epoch, trainable)
-        elif epoch - best[1] >= patience:
-            break
-    if best is not None and best[1] != done.epochs:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, saved in best[2].items():
-                params[name].copy_(saved)
-        done.kept_epoch = best[1]
-    model.eval()
-    return done
-
-
-def probabilities(backbone: Backbone, model: ClickModel, events: Sequence[ClickEvent]) -> np.ndarray:
-    """The model's probabilities for events, each scored out of its own history fold."""
-    if not events:
-        return np.empty(0, dtype=np.float64)
-    return score_pairs(backbone, model, pairs_of(events), folds=folds_of(events))
-
-
-def evaluate_model(backbone: Backbone, model: ClickModel, events: Sequence[ClickEvent]) -> HoldoutScore:
-    return holdout_score(labels_of(events), probabilities(backbone, model, events))
 
 
 @dataclass

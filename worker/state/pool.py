@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from worker.config import Settings
 from worker.events import ClickEvent
-from worker.state.buffer import Buffer
+
+if TYPE_CHECKING:
+    from worker.state.buffer import Buffer
 
 
 class Pool(NamedTuple):
@@ -51,14 +53,25 @@ def fair_share(sizes: Sequence[int], total: int) -> int:
     return 0
 
 
+def buffer_depth(settings: Settings) -> int:
+    """A segment's newest events its buffer can give a shared run (its sample or its new events)."""
+    return max(settings.sample_cap, settings.new_events_cap)
+
+
+def segment_share(sizes: Sequence[int], settings: Settings) -> int:
+    """The most events one shared run takes from one segment, given what each segment holds: the fair
+    share of `shared_pool_max_events`, at most `shared_pool_segment_cap` (0: more segments than events)."""
+    return min(settings.shared_pool_segment_cap, fair_share(sizes, settings.shared_pool_max_events))
+
+
 def pool(buffer: Buffer, partitions: int, settings: Settings) -> Pool:
     """Every segment's newest events, at most its share, split into new (by the group's marks) and older."""
     counters = buffer.events_counters(range(partitions))
     seen = buffer.shared_seen()
-    depth = max(settings.sample_cap, settings.new_events_cap)
+    depth = buffer_depth(settings)
     states = [(p, st) for p in range(partitions) for st in buffer.segment_states(p)]
     sizes = [min(st.seq, depth) for _, st in states]
-    share = min(settings.shared_pool_segment_cap, fair_share(sizes, settings.shared_pool_max_events))
+    share = segment_share(sizes, settings)
     chosen = [i for i, size in enumerate(sizes) if size > 0]
     if share == 0 and chosen:
         share = 1

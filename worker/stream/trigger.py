@@ -11,8 +11,9 @@ checked again, so a segment that was due when the previous owner died is queued 
 Threads: `observe`, `tick`, `assigned` and `revoked` run on the ingest thread; `done` and `still_owned` on
 the training thread. One lock guards the state.
 
-The rule itself (`enough_new_events`, `cooldown_over`) needs neither Redis nor Kafka, so the offline
-simulation of `worker.tools.evaluation` imports it from here and replays the worker's own rule.
+The rules themselves (`enough_new_events`, `cooldown_over`, and `shared_due` for the group's shared run)
+need neither Redis nor Kafka, so the offline simulation of `worker.tools.evaluation` imports them from here
+and replays the worker's own rules.
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def enough_new_events(new: int, positives: int, negatives: int, settings: Settin
         and positives >= settings.min_positives
         and negatives >= settings.min_negatives
     )
+
+
+def shared_due(new_events: int, shared_serves: bool, settings: Settings) -> bool:
+    """The group's shared run is due: `shared_every` new events in the whole group since the last run,
+    or, while no shared model serves, `shared_bootstrap_min_events` (the first model comes early)."""
+    need = settings.shared_every if shared_serves else settings.shared_bootstrap_min_events
+    return new_events >= need
 
 
 def meets_thresholds(state: SegmentState, settings: Settings) -> bool:

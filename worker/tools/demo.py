@@ -26,13 +26,14 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
-from worker.config import Settings, isolated, load_settings
+from worker.config import Settings, load_settings
 from worker.events import ClickEvent
 from worker.logs import configure_logging
 from worker.stream.kafka import client_config, ensure_topics
 from worker.tools.datasets import SHOP, load_dataset
 from worker.tools.procs import child_env, start_worker, stop_worker
 from worker.tools.replay import dataset_events, produce_events
+from worker.tools.run_settings import isolated
 
 # Sized for a 2-core CPU: shorter sequences and earlier shared runs than the defaults, and the shared
 # learning rate that measured best on a few thousand pooled events (docs/learning.md). Adapters at 1e-3:
@@ -353,7 +354,8 @@ def heldout_auc(settings: Settings, data: str, segments: set[str]) -> dict[str, 
     """Per segment with held-out pairs, AUC of zero-shot, the shared model the worker serves, and what it
     serves the segment (its `Learner`, reading the run's registry): held-out pairs were never replayed."""
     from worker.learn.learner import Learner
-    from worker.learn.train import folds_of, labels_of, pairs_of, score_segment
+    from worker.learn.train import score_segment
+    from worker.learn.training_data import folds_of, labels_of, pairs_of
     from worker.ops.quality import auc_difference, holdout_score
     from worker.state.registry import Registry
 

@@ -15,7 +15,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from worker.config import Settings, settings_env
+from worker.config import Settings
+from worker.tools.run_settings import settings_env
 
 WORKER_RUN = (sys.executable, "-m", "worker", "run")
 

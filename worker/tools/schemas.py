@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from worker.config import settings_table
 from worker.events import write_schemas
 from worker.tools.paths import README, SCHEMAS_DIR
+from worker.tools.run_settings import settings_table
 
 TABLE_START = "<!-- settings-table:start -->"
 TABLE_END = "<!-- settings-table:end -->"

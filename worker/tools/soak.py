@@ -24,9 +24,10 @@ from typing import Any
 
 import orjson
 
-from worker.config import Settings, isolated, load_settings
+from worker.config import Settings, load_settings
 from worker.tools.procs import child_env, free_port, rss_kib, start_worker, stop_worker, wait_healthy
 from worker.tools.replay import produce_when_room
+from worker.tools.run_settings import isolated
 
 SAMPLE_EVERY_S = 5.0
 

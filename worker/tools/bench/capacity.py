@@ -31,12 +31,13 @@ import numpy as np
 import orjson
 import redis
 
-from worker.config import Settings, isolated, load_settings
+from worker.config import Settings, load_settings
 from worker.events import ClickEvent
 from worker.state import keys
 from worker.state.registry import SHARED_SEGMENT, Registry, VersionRecord
 from worker.tools.bench.synthetic import synthetic_events
 from worker.tools.procs import rss_kib
+from worker.tools.run_settings import isolated
 
 TRAIN_EVENTS = 64
 

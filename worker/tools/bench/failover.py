@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from worker.config import Settings, isolated, load_settings
+from worker.config import Settings, load_settings
 from worker.state import client as redis_clients
 from worker.state.buffer import Buffer
 from worker.stream.kafka import ensure_topics, make_producer
@@ -36,6 +36,7 @@ from worker.tools.bench.ingest import delete_topics, preload
 from worker.tools.bench.scale import wait_stable
 from worker.tools.bench.synthetic import synthetic_events
 from worker.tools.procs import child_env
+from worker.tools.run_settings import isolated
 
 POLL_S = 0.01
 FRESH_EVENTS = 200

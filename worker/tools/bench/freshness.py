@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from worker.config import Settings, isolated, load_settings
+from worker.config import Settings, load_settings
 from worker.events import ClickEvent
 from worker.tools.datasets import load_homedepot
 from worker.tools.procs import child_env, start_worker, stop_worker
+from worker.tools.run_settings import isolated
 
 SEGMENT = "GE"
 
@@ -73,7 +74,8 @@ def raw_round(
     """One training + scoring as plain calls; returns seconds and the new adapter."""
     from worker.learn.adapters import with_adapter
     from worker.learn.scoring import score_pairs
-    from worker.learn.train import segment_training_data, train_segment_adapter
+    from worker.learn.train import train_segment_adapter
+    from worker.learn.training_data import segment_training_data
 
     start = time.perf_counter()
     data = segment_training_data(new, older, settings, len(older) + len(new))

@@ -31,7 +31,7 @@ import orjson
 from confluent_kafka import KafkaError, KafkaException
 from redis.cluster import RedisCluster
 
-from worker.config import ConfigError, Settings, isolated, load_settings, redis_cluster_nodes
+from worker.config import ConfigError, Settings, load_settings, redis_cluster_nodes
 from worker.logs import configure_logging
 from worker.state import client as redis_clients
 from worker.state.buffer import Buffer
@@ -41,6 +41,7 @@ from worker.stream.ingest import Ingestor
 from worker.stream.kafka import ensure_topics, make_admin, make_consumer, make_producer
 from worker.tools.bench.synthetic import synthetic_events
 from worker.tools.replay import ReplayError, produce_when_room
+from worker.tools.run_settings import isolated
 
 
 def preload(settings: Settings, messages: list[tuple[bytes, bytes]]) -> None:

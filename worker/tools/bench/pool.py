@@ -28,10 +28,11 @@ from typing import Any
 
 import orjson
 
-from worker.config import Settings, isolated, load_settings
+from worker.config import Settings, load_settings
 from worker.state.buffer import Buffer, PartitionWrite, Pending
 from worker.state.entry import pair_key
 from worker.tools.bench.synthetic import synthetic_events
+from worker.tools.run_settings import isolated
 
 PARTITIONS = 6
 
@@ -89,7 +90,8 @@ def _measure(settings: Settings, mode: str, out: Any) -> None:
         learner = Learner(settings, Registry.from_settings(settings))
         got = pool(buffer, PARTITIONS, settings)
         n = len(got.new) + len(got.older)
-        rec, result = learner.train_shared(got.new, got.older, (0, len(got.new)))
+        candidate = learner.train_shared(got.new, got.older, (0, len(got.new)))
+        rec, result = learner.record(candidate), candidate.result
         out.put(
             {
                 "events": n,

@@ -30,7 +30,8 @@ from worker.learn.backbone import Backbone, Pair
 from worker.learn.click_model import ClickModel
 from worker.learn.scoring import score_pairs
 from worker.learn.serving import quantized_copy
-from worker.learn.train import labels_of, pairs_of, train_shared
+from worker.learn.train import train_shared
+from worker.learn.training_data import labels_of, pairs_of
 from worker.ops.quality import auc
 from worker.tools.datasets import load_dataset
 

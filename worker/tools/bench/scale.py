@@ -35,12 +35,13 @@ from typing import Any
 import orjson
 from confluent_kafka import Producer
 
-from worker.config import Settings, isolated, load_settings
+from worker.config import Settings, load_settings
 from worker.state.buffer import Buffer
 from worker.stream.kafka import ensure_topics, make_admin, make_consumer, make_producer
 from worker.tools.bench.synthetic import synthetic_events
 from worker.tools.procs import child_env
 from worker.tools.replay import produce_when_room
+from worker.tools.run_settings import isolated
 
 POLL_S = 0.005
 NOTE = "2 cores: shape only"

@@ -24,7 +24,6 @@ composition the worker did per champion before, is timed on a few segments for c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from worker.commands import write_result
 from worker.config import Settings, load_settings
 from worker.learn import history, match
 from worker.learn.adapters import SegmentAdapter, attach_lora, extract_adapter, with_adapter
@@ -46,7 +46,7 @@ from worker.learn.scoring import (
     scoring_batches,
 )
 from worker.learn.serving import serving_copy
-from worker.learn.train import pairs_of
+from worker.learn.training_data import pairs_of
 from worker.tools.bench.precision import quality as precision_quality
 from worker.tools.bench.precision import speed as precision_speed
 from worker.tools.datasets import load_dataset
@@ -303,19 +303,5 @@ def cli_main(args: argparse.Namespace, settings: Settings | None = None) -> int:
         refresh_candidates=args.refresh_candidates,
         precision_train_events=args.precision_train_events,
     )
-    if args.json:
-        sys.stdout.write(json.dumps(result) + "\n")
-    else:
-        for key, value in result.items():
-            sys.stdout.write(f"{key:>28}: {value}\n")
+    write_result(result, args.json)
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.tools.bench.score", description=__doc__)
-    add_arguments(parser)
-    return cli_main(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

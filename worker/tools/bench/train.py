@@ -8,8 +8,6 @@ Tokenisation is inside the timed region on both sides (the worker's token cache 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from worker.commands import write_result
 from worker.config import Settings, load_settings
 from worker.events import ClickEvent
 from worker.learn import history, match
@@ -24,7 +23,8 @@ from worker.learn.backbone import Backbone, load_backbone
 from worker.learn.click_model import ClickModel, new_click_model
 from worker.learn.encoder import mean_pool
 from worker.learn.scoring import score_pairs
-from worker.learn.train import pairs_of, train_shared
+from worker.learn.train import train_shared
+from worker.learn.training_data import pairs_of
 from worker.tools.datasets import load_dataset
 
 
@@ -223,19 +223,5 @@ def cli_main(args: argparse.Namespace, settings: Settings | None = None) -> int:
     result = run_bench(
         settings, events=args.events, epochs=args.epochs, pairs=args.pairs, repeats=args.repeats
     )
-    if args.json:
-        sys.stdout.write(json.dumps(result) + "\n")
-    else:
-        for key, value in result.items():
-            sys.stdout.write(f"{key:>24}: {value}\n")
+    write_result(result, args.json)
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.tools.bench.train", description=__doc__)
-    add_arguments(parser)
-    return cli_main(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """`python -m worker eval --live`: the quality of what running workers serve, measured through Kafka.
 
 N real `python -m worker run` processes, one consumer group on topics and Redis keys of this run's own
-(`config.isolated`), take the data set's stream in order; held-out pairs are never produced. The replay
+(`run_settings.isolated`), take the data set's stream in order; held-out pairs are never produced. The replay
 pauses at checkpoints (every K events of the slice, and at its end) until every worker has accounted for
 every produced event (buffered, duplicate or dead-lettered) and has no training pending
 (`ctr_worker_trainings_pending`, the queue, running trainings: all read from `/metrics`). Then every
@@ -21,10 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from worker.config import Settings, isolated
+from worker.config import Settings
 from worker.events import ClickEvent
 from worker.learn.backbone import load_backbone
-from worker.learn.train import labels_of, pairs_of, score_segment
+from worker.learn.train import score_segment
+from worker.learn.training_data import labels_of, pairs_of
 from worker.state.registry import SHARED_SEGMENT, Registry
 from worker.stream.kafka import ensure_topics, make_producer
 from worker.tools.datasets import Dataset
@@ -41,6 +42,7 @@ from worker.tools.evaluation.plan import (
     quick_plan,
 )
 from worker.tools.replay import produce_events
+from worker.tools.run_settings import isolated
 
 QUICK_OVERRIDES: dict[str, object] = {"max_seq_len": 32}
 """On top of the offline quick plan's overrides: what makes 1 worker fit 20 minutes on 2 CPU cores."""

@@ -35,8 +35,10 @@ import numpy as np
 from worker.config import Settings
 from worker.learn.backbone import Backbone, Pair, load_backbone
 from worker.learn.click_model import new_click_model
+from worker.learn.fit import FitOptions, fit
 from worker.learn.history import QueryHistory
-from worker.learn.train import FitOptions, fit, labels_of, pairs_of, score_segment
+from worker.learn.train import score_segment
+from worker.learn.training_data import labels_of, pairs_of
 from worker.tools.datasets import Dataset
 from worker.tools.evaluation.metrics import Metrics, holdout_metrics, mean
 from worker.tools.evaluation.plan import (

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.events import ClickEvent
-from worker.learn.train import sample_replay
+from worker.learn.training_data import sample_replay
 from worker.tools.datasets import Dataset
 
 CHECKPOINTS = (0, 16, 64, 256)

@@ -1,9 +1,12 @@
 """The worker, simulated for the offline evaluation: the stream replayed in order through the worker's
-own trainer (`train_shared` / `train_segment_adapter`), due rules (`stream.trigger`) and serving choice
-(`learn.choice`), on one process and without Kafka or Redis."""
+own trainer (`train_shared` / `train_segment_adapter`), due rules (`stream.trigger`: a segment's and the
+shared run's), buffer and pool bounds (`state.pool`) and serving choice (`learn.choice`), on one process
+and without Kafka or Redis. What it calls each rule with is its own: events in stream order, one at a time,
+where the worker reads counters every few seconds."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,15 +19,11 @@ from worker.learn.adapters import SegmentAdapter
 from worker.learn.backbone import Backbone
 from worker.learn.choice import resolve
 from worker.learn.click_model import ClickModel
-from worker.learn.train import (
-    score_segment,
-    segment_training_data,
-    shared_training_data,
-    train_segment_adapter,
-    train_shared,
-)
+from worker.learn.train import score_segment, train_segment_adapter, train_shared
+from worker.learn.training_data import segment_training_data, shared_training_data
 from worker.ops.quality import HoldoutScore
-from worker.stream.trigger import enough_new_events
+from worker.state.pool import buffer_depth, segment_share
+from worker.stream.trigger import enough_new_events, shared_due
 
 
 @dataclass
@@ -87,21 +86,15 @@ class WorkerSim:
             self._maybe_train_segment(event.segment)
         elif self.shared_serving is None:
             self._bootstrap_shared()
-        if self.since_shared >= s.shared_every:
+        if self.shared_serving is not None and shared_due(self.since_shared, True, s):
             self.train_shared_now()
 
     def _bootstrap_shared(self) -> None:
-        """The worker's first-promotion rule (`app.Worker._bootstrap_shared`): while no shared model
-        serves, a due segment starts a shared run once `shared_bootstrap_min_events` are buffered, and
-        after a rejected one only when as many more have come. Other segments count as due at once
-        (they are not tracked here; on a real stream some segment always is)."""
-        s = self.settings
-        runs = sum(self.decisions["shared"].values())
-        if runs > 0 and self.since_shared < s.shared_bootstrap_min_events:
-            return
-        if len(self.pool) + len(self.shared_new) < s.shared_bootstrap_min_events:
-            return
-        self.train_shared_now()
+        """The worker's first-promotion rule (`shared_due` while no shared model serves): a due segment
+        starts a shared run once `shared_bootstrap_min_events` new events are buffered. Other segments
+        count as due at once (they are not tracked here; on a real stream some segment always is)."""
+        if shared_due(self.since_shared, False, self.settings):
+            self.train_shared_now()
 
     def _maybe_train_segment(self, segment: str) -> None:
         s = self.settings
@@ -156,7 +149,8 @@ class WorkerSim:
         if not self.shared_new:
             return
         run = sum(self.decisions["shared"].values()) + 1  # the worker's count, this run included
-        data = shared_training_data(self.shared_new, self.pool, s, run)
+        buffered, new, older = pooled(self.pool, self.shared_new, s)
+        data = shared_training_data(new, older, s, run)
         result = train_shared(
             self.backbone,
             self.shared_train,
@@ -172,7 +166,7 @@ class WorkerSim:
         self.decisions["shared"][result.decision] += 1
         self.shared_log.append(
             {
-                "events": len(self.pool) + len(self.shared_new),
+                "events": len(new) + len(older),
                 "stream_position": self.observed,
                 "decision": result.decision,
                 "reason": result.reason,
@@ -198,7 +192,7 @@ class WorkerSim:
             self.prior = result.prior
             self.segment_versions.clear()
             self.adapters.clear()
-        self.pool = last_per_segment([*self.pool, *self.shared_new], s.sample_cap)
+        self.pool = buffered
         self.shared_new = []
         self.since_shared = 0
 
@@ -208,6 +202,18 @@ class WorkerSim:
         adapter = self.adapters.get(segment) if kind == "adapter" else None
         int8 = self.settings.scoring_precision == "int8"
         return score_segment(self.backbone, shared, adapter, pairs, int8=int8)
+
+
+def pooled(
+    older: Sequence[ClickEvent], new: Sequence[ClickEvent], settings: Settings
+) -> tuple[list[ClickEvent], list[ClickEvent], list[ClickEvent]]:
+    """What a shared run of the worker pools (`state.pool.pool`), from the events its last run left
+    buffered (`older`) and those since (`new`), in stream order: (what the buffers hold now, the run's
+    new events, its older ones). Every segment gives its newest events, at most its share."""
+    buffered = last_per_segment([*older, *new], buffer_depth(settings))
+    sizes = list(Counter(e.segment for e in buffered).values())
+    taken = {id(e) for e in last_per_segment(buffered, max(1, segment_share(sizes, settings)))}
+    return buffered, [e for e in new if id(e) in taken], [e for e in older if id(e) in taken]
 
 
 def last_per_segment(events: Sequence[ClickEvent], cap: int) -> list[ClickEvent]:
