@@ -132,8 +132,9 @@ class TopicReader:
     def poll(self) -> int:
         before = len(self.seen)
         for msg in self.consumer.consume(500, 0.5):
-            if msg.error() is None:
-                self.seen.append(orjson.loads(msg.value()))
+            value = msg.value()
+            if msg.error() is None and value is not None:
+                self.seen.append(orjson.loads(value))
         return len(self.seen) - before
 
     def until(
