@@ -116,9 +116,15 @@ def resolve_recorded(
     `choice` the segment's last one (None: none, or choosing is off), `shared_version` the shared
     champion's (0: none), `has_adapter` its champion was gated on that version, `held_back` that
     version's promotion held it back; a choice made on that version ends the hold-back."""
-    current = choice is not None and choice.shared_version == shared_version
-    kind = None if choice is None else choice.kind
-    return resolve(kind, shared_version > 0, has_adapter, held_back and not current)
+    kind, chosen_on = (None, None) if choice is None else (choice.kind, choice.shared_version)
+    held = still_held_back(held_back, chosen_on, shared_version)
+    return resolve(kind, shared_version > 0, has_adapter, held)
+
+
+def still_held_back(held_back: bool, chosen_on: int | None, shared_version: int | None) -> bool:
+    """A shared promotion's hold-back of a segment lasts until the segment makes a choice of its own on
+    that shared version (`chosen_on`: the version its last choice was made on)."""
+    return held_back and chosen_on != shared_version
 
 
 def prior_gain(shared_auc: float | None, zero_shot_auc: float | None) -> float:

@@ -49,6 +49,7 @@ from worker.learn.serving import serving_copy
 from worker.learn.training_data import pairs_of
 from worker.tools.bench.precision import quality as precision_quality
 from worker.tools.bench.precision import speed as precision_speed
+from worker.tools.bench.timing import sync, timed
 from worker.tools.datasets import load_dataset
 
 COMPOSE_SAMPLES = 3
@@ -56,19 +57,6 @@ COMPOSE_SAMPLES = 3
 
 def _say(msg: str) -> None:
     print(f"[bench score] {msg}", file=sys.stderr, flush=True)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(device: torch.device, run: Callable[[], object]) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    run()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def _adapter(shared: ClickModel, seed: int, rank: int, alpha: int) -> SegmentAdapter:
@@ -118,23 +106,23 @@ def refresh(
     scoring: list[float] = []
     start = time.perf_counter()
     for adapter, segment in zip(adapters, candidates, strict=True):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         served = serving_copy(shared, adapter)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         score_pairs(backbone, served, segment)
-        _sync(device)
+        sync(device)
         merges.append(t1 - t0)
         scoring.append(time.perf_counter() - t1)
         del served
     total = time.perf_counter() - start
     compose = []
     for adapter in adapters[:COMPOSE_SAMPLES]:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         with_adapter(shared, adapter).eval()
-        _sync(device)
+        sync(device)
         compose.append(time.perf_counter() - t0)
     pairs = sum(len(c) for c in candidates)
     return {
@@ -213,7 +201,7 @@ def run_bench(
         for name in order[r % len(order) :] + order[: r % len(order)]:
             if name in ("warm", "host_warm"):
                 score_pairs(backbone, served, score_set)  # what the previous side emptied, cached again
-            runs[name].append(_timed(device, sides[name]))
+            runs[name].append(timed(device, sides[name]))
         _say(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in runs.items()))
     rate = {name: len(score_set) / float(np.median(v)) for name, v in runs.items()}
 

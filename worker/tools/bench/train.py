@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,12 +25,8 @@ from worker.learn.encoder import mean_pool
 from worker.learn.scoring import score_pairs
 from worker.learn.train import train_shared
 from worker.learn.training_data import pairs_of
+from worker.tools.bench.timing import sync, timed
 from worker.tools.datasets import load_dataset
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _raw_tokens(backbone: Backbone, pairs: Sequence[tuple[str | None, str]], pad_to_max: bool) -> Any:
@@ -80,7 +76,7 @@ def raw_train(backbone: Backbone, events: Sequence[ClickEvent], settings: Settin
     rng = np.random.default_rng(settings.seed)
     bs = settings.shared_batch_size
     encoder.train()
-    _sync(backbone.device)
+    sync(backbone.device)
     start = time.perf_counter()
     table = history.QueryHistory.from_events(events) if settings.query_history else None
     folds = [history.fold_of(e.event_id) for e in events]
@@ -105,7 +101,7 @@ def raw_train(backbone: Backbone, events: Sequence[ClickEvent], settings: Settin
             optimizer.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
-    _sync(backbone.device)
+    sync(backbone.device)
     return time.perf_counter() - start
 
 
@@ -115,7 +111,7 @@ def raw_score(
 ) -> float:
     """Input order, fixed-length (max_seq_len) padding: what a plain scoring loop does."""
     model.eval()
-    _sync(backbone.device)
+    sync(backbone.device)
     start = time.perf_counter()
     for i in range(0, len(pairs), bs):
         enc = _raw_tokens(backbone, pairs[i : i + bs], pad_to_max=True).to(backbone.device)
@@ -129,15 +125,7 @@ def raw_score(
         if seen is not None:
             logits = logits + model.history(seen).squeeze(-1)
         torch.sigmoid(logits.float()).cpu().numpy()
-    _sync(backbone.device)
-    return time.perf_counter() - start
-
-
-def _timed(device: torch.device, run: Callable[[], object]) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    run()
-    _sync(device)
+    sync(backbone.device)
     return time.perf_counter() - start
 
 
@@ -156,12 +144,12 @@ def run_bench(
     warm = new_click_model(backbone, settings.seed)
     if settings.query_history:
         warm.query_history = history.QueryHistory.from_events(train_events)
-    timed = settings.model_copy(update={"shared_epochs": epochs})
+    run_settings = settings.model_copy(update={"shared_epochs": epochs})
     bs = 256
 
     def worker_train() -> None:
         backbone.clear_token_cache()
-        result = train_shared(backbone, warm, train_events, [], [], timed)
+        result = train_shared(backbone, warm, train_events, [], [], run_settings)
         if result.decision == "failed":
             raise RuntimeError(f"worker training failed: {result.reason}")
 
@@ -178,8 +166,8 @@ def run_bench(
     for r in range(repeats):
         for side in ("worker", "raw") if r % 2 == 0 else ("raw", "worker"):
             if side == "worker":
-                runs["train"].append(_timed(backbone.device, worker_train))
-                runs["score"].append(_timed(backbone.device, worker_score))
+                runs["train"].append(timed(backbone.device, worker_train))
+                runs["score"].append(timed(backbone.device, worker_score))
             else:
                 runs["raw_train"].append(raw_train(backbone, train_events, settings, epochs))
                 runs["raw_score"].append(raw_score(backbone, warm, score_set, bs))

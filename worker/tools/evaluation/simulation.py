@@ -17,7 +17,7 @@ from worker.config import Settings
 from worker.events import ClickEvent, ServingKind, ServingPrior
 from worker.learn.adapters import SegmentAdapter
 from worker.learn.backbone import Backbone
-from worker.learn.choice import resolve
+from worker.learn.choice import resolve, still_held_back
 from worker.learn.click_model import ClickModel
 from worker.learn.train import score_segment, train_segment_adapter, train_shared
 from worker.learn.training_data import segment_training_data, shared_training_data
@@ -67,7 +67,7 @@ class WorkerSim:
     def serving(self, segment: str) -> ServingKind:
         """As the worker resolves it (`Learner.serving`)."""
         kind, on = self.choices.get(segment, (None, None))
-        held = segment in self.held_back and on != self.shared_version
+        held = still_held_back(segment in self.held_back, on, self.shared_version)
         return resolve(kind, self.shared_serving is not None, segment in self.adapters, held)
 
     def observe(self, event: ClickEvent) -> None:
