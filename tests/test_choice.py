@@ -13,6 +13,7 @@ from worker.learn.choice import (
     choose,
     compare,
     judge_promotion,
+    kept_on_zero_shot,
     prior_gain,
     prior_spread,
     resolve,
@@ -124,18 +125,23 @@ def test_a_pooled_win_serves_the_segments_it_clears_for_and_holds_back_the_other
     zero = _ranking(labels, 0.3, 1)
     shared = _ranking(labels, 1.2, 2)
     agree = slice(200, 600)
-    prior, back = judge_promotion(segments[agree], labels[agree], shared[agree], zero[agree], RULES)
-    assert back == {}, "every segment gains alike: the shared model serves all, the thin one too"
+    prior, judged = judge_promotion(segments[agree], labels[agree], shared[agree], zero[agree], RULES)
+    assert kept_on_zero_shot(judged) == {}, "every segment gains alike: the shared model serves all"
+    assert {s: c.kind for s, c in judged.items()} == {"helped": "shared", "thin": "shared", "even": "shared"}
+    helped = judged["helped"]
+    assert helped.n == 200 and helped.auc["shared"] == pytest.approx(auc(labels[200:400], shared[200:400]))
+    assert helped.auc["zero_shot"] == pytest.approx(auc(labels[200:400], zero[200:400]))
     assert prior.segments == 2 and prior.sd == RULES.prior_sd, "agreeing segments: the least spread"
     hurt = slice(0, 200)
     shared[hurt] = _ranking(labels[hurt], 0.0, 3)
-    prior, back = judge_promotion(segments, labels, shared, zero, RULES)
-    assert set(back) == {"hurt", "thin"}
+    prior, judged = judge_promotion(segments, labels, shared, zero, RULES)
+    back = kept_on_zero_shot(judged)
+    assert set(back) == {"hurt", "thin"} and set(judged) == {"hurt", "helped", "thin", "even"}
     assert back["hurt"].kind == "zero_shot" and back["hurt"].n == 200
     assert prior.gain == pytest.approx(auc(labels, shared) - auc(labels, zero))
     assert prior.segments == 3 and prior.sd > 0.1, "the segments disagree: a wide spread"
-    prior, back = judge_promotion(["a"] * 600, labels, zero, zero, RULES)
-    assert set(back) == {"a"} and prior.gain == 0, "no gain: zero-shot, the simpler model, keeps serving"
+    prior, judged = judge_promotion(["a"] * 600, labels, zero, zero, RULES)
+    assert set(kept_on_zero_shot(judged)) == {"a"} and prior.gain == 0, "no gain: zero-shot keeps serving"
 
 
 def test_too_few_of_a_class_is_no_evidence() -> None:

@@ -18,11 +18,13 @@ from registry_helpers import version_record
 
 from worker.config import Settings
 from worker.events import ClickEvent, HoldoutMetrics, ServingChoice, ServingPrior
+from worker.learn.choice import Choice
 from worker.learn.click_model import new_click_model
 from worker.learn.history import fold_of
-from worker.learn.learner import Abandoned, Learner, Serving, clean_partial_dirs
+from worker.learn.learner import Abandoned, Candidate, Learner, Serving, clean_partial_dirs
 from worker.learn.store import STALE_TMP_S, _atomic_dir, abandoned, save_shared
-from worker.learn.train import score_segment
+from worker.learn.train import TrainResult, score_segment
+from worker.ops.quality import HoldoutScore
 from worker.state.registry import SHARED_SEGMENT, Registry, VersionRecord
 from worker.tools.datasets import load_homedepot
 
@@ -94,6 +96,38 @@ def test_a_shared_run_that_lost_its_lock_records_nothing(learner: Learner) -> No
         *(r.version for r in before),
         rec.version,
     ]
+
+
+def test_a_shared_promotion_records_what_it_serves_and_holds_back_with_their_evidence(
+    learner: Learner,
+) -> None:
+    """The shared version's event says, per segment of its pooled holdout, whether it serves it, and on
+    which pairs: `serves` and `held_back`, each with the holdout size and both AUCs."""
+    learner.refresh_shared()
+    scores = HoldoutScore(auc=0.75, logloss=0.6, n=300)
+    judged = {
+        "GE": Choice("zero_shot", 50, {"zero_shot": 0.7, "shared": 0.6}, "zero_shot keeps serving"),
+        "Delta": Choice("shared", 80, {"zero_shot": 0.6, "shared": 0.7}, "shared replaces zero_shot"),
+    }
+    result = TrainResult(
+        decision="promoted",
+        reason="test",
+        challenger=scores,
+        champion=scores,
+        train_seconds=0.0,
+        device="cpu",
+        shared=new_click_model(learner.backbone, 2),
+        judged=judged,
+    )
+    parent = learner.shared_version
+    rec = learner.record(
+        Candidate(learner.shared_registry, SHARED_SEGMENT, "shared", result, parent, (0, 1), parent)
+    )
+    stored = learner.shared_registry.versions(SHARED_SEGMENT)[-1]
+    for r in (rec, stored):
+        assert set(r.serves) == {"Delta"} and set(r.held_back) == {"GE"}
+        assert (r.serves["Delta"].n, r.serves["Delta"].auc) == (80, {"zero_shot": 0.6, "shared": 0.7})
+        assert r.serves["Delta"].shared_version == r.version == r.held_back["GE"].shared_version
 
 
 def test_partial_dirs_left_by_a_crash_are_removed(settings: Settings) -> None:

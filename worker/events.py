@@ -231,6 +231,12 @@ class ModelVersionEvent(_Wire):
         description="A promoted shared version: the segments it does not serve, their pooled held-out "
         "pairs not clearing it against zero-shot; each stays on zero-shot until its own training's choice.",
     )
+    serves: dict[SegmentName, ServingChoice] = Field(
+        default_factory=dict,
+        description="A promoted shared version: the segments of its pooled holdout it serves, on their "
+        "held-out pairs' evidence (`held_back`: those it does not); a segment with no pairs there follows "
+        "the pool.",
+    )
     prior: ServingPrior | None = Field(
         default=None, description="A shared version: the prior of every segment's serving choice on it."
     )

@@ -236,7 +236,8 @@ def judge_promotion(
 ) -> tuple[ServingPrior, dict[str, Choice]]:
     """A promoted shared model, per segment, on the pooled holdout's pairs (the caller passes those of
     unseen queries): the prior of every segment's choice on it (the pooled gain over zero-shot, and its
-    spread across these segments), and the segments it must not serve yet. Moving a segment off zero-shot
+    spread across these segments), and each of these segments' choice, `zero_shot` for those it must
+    not serve yet (`held_back`). Moving a segment off zero-shot
     is a move like any other: the shared model serves a segment only where it clears the rule against
     zero-shot on the segment's pairs, shrunk toward the pooled gain, so thin evidence follows the pool and
     a pooled win does not silently move a segment its own pairs say it may serve worse. A segment with
@@ -256,7 +257,10 @@ def judge_promotion(
     out: dict[str, Choice] = {}
     for segment, mask in masks.items():
         probs: dict[ServingKind, np.ndarray] = {"zero_shot": zero_shot[mask], "shared": shared[mask]}
-        choice = choose("zero_shot", labels[mask], probs, {"shared": gain}, on_prior)
-        if choice.kind == "zero_shot":
-            out[segment] = choice
+        out[segment] = choose("zero_shot", labels[mask], probs, {"shared": gain}, on_prior)
     return prior, out
+
+
+def kept_on_zero_shot(choices: Mapping[str, Choice]) -> dict[str, Choice]:
+    """The segments a shared promotion's choices keep on zero-shot."""
+    return {segment: c for segment, c in choices.items() if c.kind == "zero_shot"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -24,7 +24,7 @@ from worker.config import Settings
 from worker.events import ClickEvent, HoldoutMetrics, ServingChoice, ServingKind, ServingPrior
 from worker.learn.adapters import SegmentAdapter
 from worker.learn.backbone import Pair, load_backbone
-from worker.learn.choice import Choice, prior_gain, resolve_recorded
+from worker.learn.choice import Choice, kept_on_zero_shot, prior_gain, resolve_recorded
 from worker.learn.click_model import ClickModel
 from worker.learn.encoder import base_model_path
 from worker.learn.pinned import PinnedModels
@@ -62,6 +62,10 @@ def _wire_choice(choice: Choice | None, shared_version: int) -> ServingChoice | 
     return ServingChoice(
         kind=choice.kind, shared_version=shared_version, n=choice.n, auc=aucs, reason=choice.reason
     )
+
+
+def _wire_choices(choices: Mapping[str, Choice], shared_version: int) -> dict[str, ServingChoice]:
+    return {s: c for s, choice in choices.items() if (c := _wire_choice(choice, shared_version))}
 
 
 def clean_partial_dirs(store: Path) -> int:
@@ -301,9 +305,8 @@ class Learner:
             serving=_wire_choice(result.serving, self.shared_version) if decision != "failed" else None,
             zero_shot=_wire_metrics(result.zero_shot),
             prior=result.prior,
-            held_back={
-                s: c for s, choice in result.held_back.items() if (c := _wire_choice(choice, version))
-            },
+            held_back=_wire_choices(kept_on_zero_shot(result.judged), version),
+            serves=_wire_choices({s: c for s, c in result.judged.items() if c.kind != "zero_shot"}, version),
         )
         return registry.record(rec, gated_against=gated_against)
 

@@ -66,8 +66,9 @@ class TrainResult:
     """A segment training: what serves the segment next (`learn.choice`); None: unchanged."""
     zero_shot: HoldoutScore | None = None
     """A shared training: zero-shot on the pooled holdout, the prior of the segments' serving choices."""
-    held_back: dict[str, Choice] = field(default_factory=dict)
-    """A promoted shared training: the segments it must not serve yet (`choice.judge_promotion`)."""
+    judged: dict[str, Choice] = field(default_factory=dict)
+    """A promoted shared training: each segment of its pooled holdout, served by it or held back on
+    zero-shot (`choice.judge_promotion`), and on what evidence."""
     prior: ServingPrior | None = None
     """A promoted shared training: the prior of every segment's serving choice on it."""
 
@@ -216,7 +217,7 @@ def train_shared(
         if result.promoted and settings.serving_choice:
             rules = ChoiceRules.from_settings(settings)
             unseen_only = attempt.unseen
-            result.prior, result.held_back = judge_promotion(
+            result.prior, result.judged = judge_promotion(
                 [e.segment for e, u in zip(held, unseen_only, strict=True) if u],
                 attempt.labels[unseen_only],
                 probs[unseen_only],

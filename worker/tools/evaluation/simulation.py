@@ -17,7 +17,7 @@ from worker.config import Settings
 from worker.events import ClickEvent, ServingKind, ServingPrior
 from worker.learn.adapters import SegmentAdapter
 from worker.learn.backbone import Backbone
-from worker.learn.choice import resolve, still_held_back
+from worker.learn.choice import kept_on_zero_shot, resolve, still_held_back
 from worker.learn.click_model import ClickModel
 from worker.learn.train import score_segment, train_segment_adapter, train_shared
 from worker.learn.training_data import segment_training_data, shared_training_data
@@ -170,7 +170,8 @@ class WorkerSim:
                 "stream_position": self.observed,
                 "decision": result.decision,
                 "reason": result.reason,
-                "held_back": {k: c.reason for k, c in result.held_back.items()},
+                "held_back": {k: c.reason for k, c in kept_on_zero_shot(result.judged).items()},
+                "serves": {k: c.reason for k, c in result.judged.items() if c.kind != "zero_shot"},
                 "prior": None if result.prior is None else result.prior.model_dump(),
                 "kept_epoch": result.kept_epoch,
                 "history_events": (
@@ -188,7 +189,7 @@ class WorkerSim:
             self._check_not_worse(result.challenger, result.champion)
             self.shared_serving = result.shared
             self.shared_version = run
-            self.held_back = set(result.held_back)
+            self.held_back = set(kept_on_zero_shot(result.judged))
             self.prior = result.prior
             self.segment_versions.clear()
             self.adapters.clear()
