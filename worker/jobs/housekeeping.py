@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from worker.config import Settings
+from worker.jobs import loaded
 from worker.jobs.outboxes import Outboxes
 from worker.jobs.shared_job import SHARED_CHECK_S, SharedJob
 from worker.learn.learner import Learner
@@ -81,8 +82,6 @@ class Housekeeping:
         self.metrics.segments_expired.inc(len(expired))
 
     def _forget_segment(self, partition: int, segment: str) -> None:
-        learner = self._learner()
-        assert learner is not None, "the models load in Worker.run"
-        learner.evict(segment)
+        loaded(self._learner).evict(segment)
         self.trigger.forget(partition, segment)
         self.metrics.prequential.forget(segment)

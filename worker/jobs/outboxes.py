@@ -15,6 +15,7 @@ from collections.abc import Callable
 import structlog
 
 from worker.config import Settings
+from worker.jobs import loaded
 from worker.jobs.scoring import Scoring
 from worker.learn.learner import Learner
 from worker.state import pins
@@ -59,11 +60,6 @@ class Outboxes:
         self._owned_before: frozenset[int] = frozenset()
         self._pins_seen = -1
 
-    def learner(self) -> Learner:
-        learner = self._learner()
-        assert learner is not None, "the models load in Worker.run"
-        return learner
-
     def publish(self, registry: Registry, segments: list[str], partition: int | None = None) -> None:
         """Publish each recorded version above a segment's published pointer (its model-version event)
         and, when its champion moved, the segment's refreshed scores; flush; then move the pointers.
@@ -97,7 +93,7 @@ class Outboxes:
         is served by: refreshed scores for each owned partition's segments whose scores were published
         for another shared version. The marker is per partition in Redis, so a crash or a rebalance
         between a promotion and its scores publishes them from whoever owns the partition next."""
-        learner = self.learner()
+        learner = loaded(self._learner)
         learner.refresh_shared()
         version = learner.shared_version
         if not version:
@@ -125,7 +121,7 @@ class Outboxes:
         delivery, a rollback): a newly owned partition's segments at the next housekeeping, which is
         also how start-up drains them, every owned one's each `OUTBOX_CHECK_S`. The shared model's are
         the lease holder's: it records them, and a crashed trainer's pass with the lease."""
-        learner = self.learner()
+        learner = loaded(self._learner)
         now = time.monotonic()
         owned = self.owned()
         due = owned - self._owned_before

@@ -17,6 +17,7 @@ from confluent_kafka import Consumer, KafkaError, Message
 from pydantic import ValidationError
 
 from worker.events import ScoreRequest, ScoreUpdate
+from worker.jobs import loaded
 from worker.jobs.stats import WorkerStats
 from worker.learn.learner import Learner, Serving
 from worker.ops.metrics import Metrics
@@ -48,11 +49,6 @@ class Scoring:
         self.metrics = metrics
         self.stats = stats
 
-    def learner(self) -> Learner:
-        learner = self._learner()
-        assert learner is not None, "the models load in Worker.run"
-        return learner
-
     def poll_requests(self) -> None:
         """Main thread: move what the request consumer has into the queue, never past its bound."""
         if self.requests.full():
@@ -76,7 +72,7 @@ class Scoring:
 
     def publish_scores(self, partition: int, segment: str) -> None:
         """Refreshed scores of the segment's candidates, by what serves it now (not flushed here)."""
-        learner = self.learner()
+        learner = loaded(self._learner)
         candidates = self.buffer.candidates(partition, segment)
         if not candidates:
             return
@@ -140,7 +136,7 @@ class Scoring:
         self.consumer.store_offsets(message=msg)
 
     def _score_request(self, request: ScoreRequest) -> None:
-        learner = self.learner()
+        learner = loaded(self._learner)
         pairs = [(p.query, p.item_text) for p in request.pairs]
         serving = learner.serving(request.segment)
         with self.metrics.scoring_duration.labels(kind="request").time():

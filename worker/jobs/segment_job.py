@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 
 from worker.config import Settings
+from worker.jobs import loaded
 from worker.jobs.outboxes import Outboxes
 from worker.jobs.stats import WorkerStats
 from worker.learn.learner import Abandoned, Learner
@@ -66,11 +67,6 @@ class SegmentJobs:
         self._training_done = threading.Event()
         self._training_done.set()
 
-    def learner(self) -> Learner:
-        learner = self._learner()
-        assert learner is not None, "the models load in Worker.run"
-        return learner
-
     def before_revoke(self, partitions: set[int]) -> None:
         """A rebalance takes partitions away: let a training of one of them finish and be recorded first,
         so the next owner starts from its result and never trains the same segment at the same time.
@@ -119,7 +115,7 @@ class SegmentJobs:
         5. publish: the registry's outbox, the model-version event and, when the champion moved, the
            segment's refreshed scores (`Outboxes.publish`); its pointer moves once Kafka acknowledged.
         """
-        learner = self.learner()
+        learner = loaded(self._learner)
         # 1. data
         epoch = self.epoch(job.partition)
         if not self.trigger.still_owned(job) or epoch is None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import structlog
 
 from worker.config import Settings
+from worker.jobs import loaded
 from worker.jobs.outboxes import Outboxes
 from worker.jobs.stats import WorkerStats
 from worker.learn.learner import Abandoned, Learner
@@ -60,11 +61,6 @@ class SharedJob:
         self.running = False
         self._group_new = 0
         self._group_checked = 0.0
-
-    def learner(self) -> Learner:
-        learner = self._learner()
-        assert learner is not None, "the models load in Worker.run"
-        return learner
 
     def before_lease_revoke(self) -> None:
         """Let a running shared training end before the lease moves, so the next holder starts from its
@@ -118,7 +114,7 @@ class SharedJob:
         5. publish: the shared registry's outbox and, after a promotion, the refreshed scores of every
            owned partition (`Outboxes`).
         """
-        learner = self.learner()
+        learner = loaded(self._learner)
         if not self.lock.acquire():
             self._group_new = 0
             log.info("shared run skipped: another shared run holds the lock", holder=self.lock.holder())
@@ -165,7 +161,7 @@ class SharedJob:
     def bootstrap(self) -> bool:
         """A due segment while no shared model serves: the group's trainer runs the first shared run now
         if enough events are buffered group-wide; on any other worker the segment waits for it."""
-        learner = self.learner()
+        learner = loaded(self._learner)
         if learner.shared is not None or not self.lease_held():
             return False
         self.count_group_new(force=True)
