@@ -3,20 +3,25 @@ pooled evidence when its own is thin, and is never moved against its own clear e
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from worker.config import Settings
 from worker.learn.choice import (
     ChoiceRules,
+    blend,
     bootstrap_auc_difference,
     choose,
     compare,
     judge_promotion,
+    kept_from_shared,
     kept_on_zero_shot,
     prior_gain,
     prior_spread,
     resolve,
+    standing,
 )
 from worker.ops.quality import auc
 
@@ -160,3 +165,52 @@ def test_the_spread_is_what_the_segments_disagree_beyond_their_noise() -> None:
     spread = prior_spread([(0.10, 0.01), (-0.10, 0.01), (0.0, 0.01)], 0.02)
     assert spread == pytest.approx(0.1, rel=0.05), "far apart, each precise: about their own spread"
     assert prior_spread([(0.10, 0.2), (-0.10, 0.2)], 0.02) == 0.02, "apart within their noise: the floor"
+
+
+def _probs(scores: np.ndarray) -> np.ndarray:
+    return np.asarray(scores / (scores.max() + 1.0), dtype=np.float64)
+
+
+def test_the_blend_mixes_the_logits_and_ranks_between_the_two() -> None:
+    labels, _ = _holdout(400)
+    zero, shared = _probs(_ranking(labels, 0.2, 1)), _probs(_ranking(labels, 1.0, 2))
+    assert np.allclose(blend(zero, shared, 1.0), shared) and np.allclose(blend(zero, shared, 0.0), zero)
+    half = blend(zero, shared, 0.5)
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert np.allclose(logit(half), 0.5 * logit(zero) + 0.5 * logit(shared))
+    assert auc(labels, zero) < auc(labels, half) < auc(labels, shared)
+
+
+def test_a_blend_serves_only_while_the_shared_model_does_and_nothing_holds_the_segment_back() -> None:
+    assert resolve("blend", True, False) == "blend"
+    assert resolve("blend", True, True) == "blend", "the segment chose the blend over its adapter"
+    assert resolve("blend", False, False) == "zero_shot"
+    assert resolve("blend", True, False, verdict="zero_shot") == "zero_shot"
+    assert resolve("adapter", True, True, verdict="blend") == "blend", "a standing blend verdict"
+    assert resolve("zero_shot", True, False, verdict="blend") == "blend"
+
+
+def test_with_the_blend_offered_a_promotion_judges_it_per_segment_with_its_own_narrower_spread() -> None:
+    labels, _ = _holdout(600)
+    segments = ["a"] * 300 + ["b"] * 300
+    zero = _probs(_ranking(labels, 0.3, 1))
+    shared = _probs(_ranking(labels, 1.2, 2))
+    rules = replace(RULES, blend_weight=0.5)
+    prior, judged = judge_promotion(segments, labels, shared, zero, rules)
+    assert prior.blend_gain == pytest.approx(auc(labels, blend(zero, shared, 0.5)) - auc(labels, zero))
+    assert prior.blend_sd is not None and prior.blend_sd >= RULES.prior_sd * 0.5
+    assert rules.spread("blend") == RULES.prior_sd * 0.5 and rules.spread("zero_shot") == 0.0
+    assert {c.kind for c in judged.values()} == {"shared"}, "a clear win everywhere: the shared model"
+    assert set(judged["a"].auc) == {"zero_shot", "shared", "blend"}
+    off_prior, off = judge_promotion(segments, labels, shared, zero, RULES)
+    assert off_prior.blend_gain is None and all("blend" not in c.auc for c in off.values())
+
+
+def test_a_promotions_verdict_stands_until_the_segment_chooses_on_that_version() -> None:
+    assert kept_from_shared({"a": "zero_shot", "b": "blend", "c": "shared"}) == {
+        "a": "zero_shot",
+        "b": "blend",
+    }
+    assert standing("blend", None, 2) == "blend", "no choice of its own yet"
+    assert standing("blend", 1, 2) == "blend", "its last choice was made on the older shared version"
+    assert standing("blend", 2, 2) is None, "it chose on this version: its own choice serves"

@@ -18,7 +18,7 @@ from registry_helpers import version_record
 
 from worker.config import Settings
 from worker.events import ClickEvent, HoldoutMetrics, ServingChoice, ServingPrior
-from worker.learn.choice import Choice
+from worker.learn.choice import Choice, blend
 from worker.learn.click_model import new_click_model
 from worker.learn.history import fold_of
 from worker.learn.learner import Abandoned, Candidate, Learner, Serving, clean_partial_dirs
@@ -348,6 +348,49 @@ def test_a_segment_held_back_by_a_shared_promotion_is_served_zero_shot_until_its
     later = learner.registry.next_version("GE")
     own = back.model_copy(update={"kind": "shared"})
     learner.registry.record(version_record("GE", later, None, decision="rejected", serving=own))
+    assert learner.serving("GE") == Serving("shared", 0, version), "its own later choice decides"
+
+
+def test_a_segment_a_shared_promotion_puts_on_the_blend_scores_the_blend_until_its_own_choice(
+    learner: Learner,
+) -> None:
+    """A promotion that judged the blend best for a segment (`serves` names it with kind `blend`): the
+    segment scores the blend of zero-shot and the new shared model, against an older choice of its own, in
+    this learner and a restarted one, until it makes a choice on that shared version."""
+    learner.refresh_shared()
+    first = learner.shared_version
+    shared = learner.shared_registry
+    version = shared.next_version(SHARED_SEGMENT)
+    model = new_click_model(learner.backbone, 1)
+    path = save_shared(shared.adapter_dir(SHARED_SEGMENT, version), model)
+    on_blend = ServingChoice(
+        kind="blend", shared_version=version, n=80, auc={"zero_shot": 0.6, "blend": 0.66, "shared": 0.63}
+    )
+    older = ServingChoice(kind="zero_shot", shared_version=first, n=40, auc={"zero_shot": 0.7})
+    learner.registry.record(
+        version_record("GE", learner.registry.next_version("GE"), None, decision="rejected", serving=older)
+    )
+    shared.record(
+        version_record(SHARED_SEGMENT, version, str(path), scope="shared", serves={"GE": on_blend}),
+        gated_against=first,
+    )
+    pairs = [("cordless drill", "cordless brushless drill kit"), ("light bulb", "LED bulb 60W")]
+    weight = learner.settings.serving_blend_weight
+    expected = blend(
+        score_segment(learner.backbone, None, None, pairs),
+        score_segment(learner.backbone, model.eval(), None, pairs),
+        weight,
+    )
+    for worker in (learner, Learner(learner.settings, Registry.from_settings(learner.settings))):
+        assert worker.serving("GE") == Serving("blend", 0, version)
+        probs, adapter_version = worker.score("GE", pairs)
+        assert adapter_version == 0 and np.allclose(probs, expected, atol=1e-5)
+        assert not np.allclose(probs, score_segment(learner.backbone, None, None, pairs), atol=1e-3)
+        assert worker.serving("Delta") == Serving("shared", 0, version)
+    own = on_blend.model_copy(update={"kind": "shared"})
+    learner.registry.record(
+        version_record("GE", learner.registry.next_version("GE"), None, decision="rejected", serving=own)
+    )
     assert learner.serving("GE") == Serving("shared", 0, version), "its own later choice decides"
 
 

@@ -13,7 +13,7 @@ import pytest
 from registry_helpers import version_record
 
 from worker.config import Settings
-from worker.events import HoldoutMetrics
+from worker.events import HoldoutMetrics, ServingChoice
 from worker.models import add_arguments, cli_main
 from worker.state import keys, pins
 from worker.state.buffer import Buffer
@@ -195,3 +195,32 @@ def test_models_list_json_says_what_serves_each_segment(
     assert models("unpin", "Bosch") == 0 and models("list", "Bosch", "--json") == 0
     [row] = orjson.loads(capsys.readouterr().out.splitlines()[-1])
     assert row["serves"]["text"] == "shared v1", "its adapter was gated on another shared version"
+
+
+def test_models_list_shows_the_verdicts_of_the_shared_promotion(
+    reg: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A segment the shared promotion put on the blend, and one it held back on zero-shot, are listed so."""
+    shared = reg.shared()
+    version = shared.next_version(SHARED_SEGMENT)
+    path = shared.adapter_dir(SHARED_SEGMENT, version)
+    path.mkdir(parents=True)
+    verdict = {"n": 60, "shared_version": version, "auc": {"zero_shot": 0.6, "blend": 0.65, "shared": 0.62}}
+    shared.record(
+        version_record(
+            SHARED_SEGMENT,
+            version,
+            str(path),
+            scope="shared",
+            serves={"Ryobi": ServingChoice(kind="blend", **verdict)},
+            held_back={"GE": ServingChoice(kind="zero_shot", **verdict)},
+        ),
+        gated_against=None,
+    )
+    for segment in ("Ryobi", "GE"):
+        reg.record(version_record(segment, reg.next_version(segment), None, decision="rejected"))
+    assert models("list", "--json") == 0
+    rows = {row["segment"]: row["serves"] for row in orjson.loads(capsys.readouterr().out)}
+    assert rows["Ryobi"]["kind"] == "blend" and rows["Ryobi"]["shared_version"] == version
+    assert rows["Ryobi"]["text"] == f"blend of shared v{version} and zero-shot"
+    assert rows["GE"]["kind"] == "zero_shot"

@@ -233,6 +233,14 @@ class Settings(BaseSettings):
         description="Least spread of segments' gains around the pooled gain (each shared promotion "
         "estimates it across the segments): small, thin evidence follows the pool; large, its own.",
     )
+    serving_blend: bool = Field(
+        False,
+        description="Offer a blend of the shared model and zero-shot (the mean of their logits) as a serving "
+        "choice: it bounds what a segment loses when its evidence cannot tell the two apart.",
+    )
+    serving_blend_weight: float = Field(
+        0.5, gt=0, lt=1, description="The shared model's weight in the blend's logit; zero-shot has the rest."
+    )
     serving_bootstrap: int = Field(
         400, ge=50, le=10_000, description="Bootstrap resamples of a segment's serving choice."
     )

@@ -139,7 +139,7 @@ class HoldoutMetrics(_Wire):
     n: int = Field(ge=0)
 
 
-ServingKind = Literal["zero_shot", "shared", "adapter"]
+ServingKind = Literal["zero_shot", "blend", "shared", "adapter"]
 
 
 class ServingChoice(_Wire):
@@ -148,7 +148,8 @@ class ServingChoice(_Wire):
     model_config = ConfigDict(frozen=True, extra="forbid", title="ServingChoice")
 
     kind: ServingKind = Field(
-        description="zero_shot: the pretrained encoder's cosine; shared: the shared model alone; "
+        description="zero_shot: the pretrained encoder's cosine; blend: the shared model's and zero-shot's "
+        "logits mixed (`WORKER_SERVING_BLEND_WEIGHT` on the shared model); shared: the shared model alone; "
         "adapter: the shared model with the segment's champion adapter."
     )
     shared_version: int = Field(ge=0, description="The shared model version the choice was made on.")
@@ -169,6 +170,12 @@ class ServingPrior(_Wire):
     gain: float
     sd: float = Field(ge=0)
     segments: int = Field(default=0, ge=0, description="Segments the spread was estimated on.")
+    blend_gain: float | None = Field(
+        default=None, description="With `WORKER_SERVING_BLEND`: the blend's pooled AUC gain over zero-shot."
+    )
+    blend_sd: float | None = Field(
+        default=None, ge=0, description="With `WORKER_SERVING_BLEND`: how much the blend's gain varies."
+    )
 
 
 class ServingPin(_Wire):

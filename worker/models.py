@@ -17,7 +17,7 @@ import orjson
 
 from worker.config import Settings, load_settings
 from worker.events import ServingChoice, ServingKind
-from worker.learn.choice import resolve_recorded
+from worker.learn.choice import kept_from_shared, resolve_recorded
 from worker.state import pins
 from worker.state.buffer import Buffer
 from worker.state.keys import segment_hash
@@ -80,6 +80,8 @@ def _serves(kind: ServingKind, version: int, shared_version: int) -> str:
         return "zero-shot"
     if kind == "shared":
         return f"shared v{shared_version}"
+    if kind == "blend":
+        return f"blend of shared v{shared_version} and zero-shot"
     return f"adapter v{version} on shared v{shared_version}"
 
 
@@ -97,7 +99,8 @@ def segment_rows(settings: Settings, reg: Registry, segments: list[str]) -> list
     shared = reg.shared().champion(SHARED_SEGMENT)
     shared_version = shared.version if shared is not None and shared.adapter else 0
     choosing = shared_version > 0 and settings.serving_choice
-    held_back = set(shared.held_back) if shared is not None else set()
+    recorded = {} if shared is None else {**shared.serves, **shared.held_back}
+    kept = kept_from_shared({s: c.kind for s, c in recorded.items()})
     buffer = Buffer(settings, reg.client)
     where = _partitions(buffer, settings.topic_partitions)
     rows = []
@@ -114,8 +117,8 @@ def segment_rows(settings: Settings, reg: Registry, segments: list[str]) -> list
                 and champion.adapter is not None
                 and champion.shared_version == shared_version
             )
-            held = choosing and segment in held_back
-            kind = resolve_recorded(choice if choosing else None, shared_version, has_adapter, held)
+            verdict = kept.get(segment) if choosing else None
+            kind = resolve_recorded(choice if choosing else None, shared_version, has_adapter, verdict)
             version = champion.version if kind == "adapter" and champion is not None else 0
             on = shared_version if kind != "zero_shot" else 0
             text = _serves(kind, version, on)

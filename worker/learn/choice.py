@@ -31,7 +31,7 @@ from worker.ops.quality import auc
 
 MIN_PER_CLASS = 5
 """Positives and negatives a segment needs for its own evidence to count; with fewer it follows the pool."""
-KINDS: tuple[ServingKind, ...] = ("zero_shot", "shared", "adapter")
+KINDS: tuple[ServingKind, ...] = ("zero_shot", "blend", "shared", "adapter")
 """In order of preference at a tie: the simpler model serves."""
 
 
@@ -42,6 +42,11 @@ class ChoiceRules:
     prior_sd: float
     reps: int
     seed: int
+    blend_weight: float | None = None
+    """The shared model's weight in the blend (None: no blend is offered)."""
+    blend_sd: float | None = None
+    """The blend's spread (None: `prior_sd` times `blend_weight`: a blend moves a segment by part of
+    what the shared model moves it, so its gain varies less from segment to segment)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ChoiceRules:
@@ -51,11 +56,32 @@ class ChoiceRules:
             settings.serving_prior_sd,
             settings.serving_bootstrap,
             settings.seed,
+            settings.serving_blend_weight if settings.serving_blend else None,
         )
 
     def on(self, prior: ServingPrior | None) -> ChoiceRules:
-        """These rules with the spread of a shared promotion's prior (`judge_promotion`)."""
-        return self if prior is None else replace(self, prior_sd=prior.sd)
+        """These rules with the spreads of a shared promotion's prior (`judge_promotion`)."""
+        if prior is None:
+            return self
+        return replace(self, prior_sd=prior.sd, blend_sd=prior.blend_sd)
+
+    def spread(self, kind: ServingKind) -> float:
+        """How much `kind`'s gain over zero-shot varies from segment to segment (zero-shot: none)."""
+        if kind == "zero_shot":
+            return 0.0
+        if kind == "blend":
+            floor = self.prior_sd * (self.blend_weight or 1.0)
+            return floor if self.blend_sd is None else max(self.blend_sd, floor)
+        return self.prior_sd
+
+
+def blend(zero_shot: np.ndarray, shared: np.ndarray, weight: float) -> np.ndarray:
+    """Probabilities of the blend: `weight` of the shared model's logit, the rest zero-shot's."""
+    eps = 1e-7
+    z, s = (np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps) for p in (zero_shot, shared))
+    logit = weight * np.log(s / (1 - s)) + (1 - weight) * np.log(z / (1 - z))
+    out: np.ndarray = 1.0 / (1.0 + np.exp(-logit))
+    return out
 
 
 @dataclass(frozen=True)
@@ -95,36 +121,41 @@ class Choice:
 
 
 def resolve(
-    choice: ServingKind | None, shared_serves: bool, has_adapter: bool, held_back: bool = False
+    choice: ServingKind | None, shared_serves: bool, has_adapter: bool, verdict: ServingKind | None = None
 ) -> ServingKind:
     """What serves a segment now, from its last choice (None: none made yet): zero-shot until a shared
-    model serves; a zero-shot choice holds across shared promotions until the segment's own evidence
-    moves it; `held_back`: the shared model's promotion found it worse than zero-shot on the segment's
-    pooled pairs (`held_back`) and the segment made no choice on it since; an adapter serves only while
+    model serves; `verdict` a standing verdict of the shared model's promotion that keeps the segment
+    from the shared model alone (`kept_from_shared`: zero-shot or the blend); a zero-shot choice holds
+    across shared promotions until the segment's own evidence moves it; an adapter serves only while
     the segment has one on the shared model that serves."""
-    if not shared_serves or choice == "zero_shot" or held_back:
+    if not shared_serves:
+        return "zero_shot"
+    if verdict is not None:
+        return verdict
+    if choice == "zero_shot":
         return "zero_shot"
     if has_adapter and choice in (None, "adapter"):
         return "adapter"
-    return "shared"
+    return "blend" if choice == "blend" else "shared"
 
 
 def resolve_recorded(
-    choice: ServingChoice | None, shared_version: int, has_adapter: bool, held_back: bool
+    choice: ServingChoice | None, shared_version: int, has_adapter: bool, verdict: ServingKind | None
 ) -> ServingKind:
     """`resolve` from what the registry records, as the learner serves and `models list` shows it:
     `choice` the segment's last one (None: none, or choosing is off), `shared_version` the shared
-    champion's (0: none), `has_adapter` its champion was gated on that version, `held_back` that
-    version's promotion held it back; a choice made on that version ends the hold-back."""
+    champion's (0: none), `has_adapter` its champion was gated on that version, `verdict` what that
+    version's promotion kept the segment on (`kept_from_shared`)."""
     kind, chosen_on = (None, None) if choice is None else (choice.kind, choice.shared_version)
-    held = still_held_back(held_back, chosen_on, shared_version)
-    return resolve(kind, shared_version > 0, has_adapter, held)
+    return resolve(kind, shared_version > 0, has_adapter, standing(verdict, chosen_on, shared_version))
 
 
-def still_held_back(held_back: bool, chosen_on: int | None, shared_version: int | None) -> bool:
-    """A shared promotion's hold-back of a segment lasts until the segment makes a choice of its own on
+def standing(
+    verdict: ServingKind | None, chosen_on: int | None, shared_version: int | None
+) -> ServingKind | None:
+    """A shared promotion's verdict on a segment stands until the segment makes a choice of its own on
     that shared version (`chosen_on`: the version its last choice was made on)."""
-    return held_back and chosen_on != shared_version
+    return verdict if chosen_on != shared_version else None
 
 
 def prior_gain(shared_auc: float | None, zero_shot_auc: float | None) -> float:
@@ -161,13 +192,20 @@ def bootstrap_auc_difference(
 
 
 def compare(
-    labels: np.ndarray, served: np.ndarray, candidate: np.ndarray, prior: float, rules: ChoiceRules
+    labels: np.ndarray,
+    served: np.ndarray,
+    candidate: np.ndarray,
+    prior: float,
+    rules: ChoiceRules,
+    spread: float | None = None,
 ) -> Comparison:
-    """The candidate's gain over what serves, own evidence shrunk toward the prior gain `prior`."""
+    """The candidate's gain over what serves, own evidence shrunk toward the prior gain `prior`, whose
+    spread across segments is `spread` (default `rules.prior_sd`)."""
     own = bootstrap_auc_difference(labels, candidate, served, rules.reps, rules.seed)
-    tau2 = rules.prior_sd**2
+    prior_sd = rules.prior_sd if spread is None else spread
+    tau2 = prior_sd**2
     if own is None:
-        return Comparison(None, None, prior, rules.prior_sd)
+        return Comparison(None, None, prior, prior_sd)
     d, sd = own
     var = max(sd * sd, 1e-12)
     weight = tau2 / (tau2 + var)
@@ -190,7 +228,8 @@ def choose(
         if kind == served or kind not in probs:
             continue
         gain_prior = prior.get(kind, 0.0) - prior.get(served, 0.0)
-        c = compare(labels, probs[served], probs[kind], gain_prior, rules)
+        spread = max(rules.spread(kind), rules.spread(served))
+        c = compare(labels, probs[served], probs[kind], gain_prior, rules, spread)
         compared.append((c.shrunk, kind, c))
     n = len(labels)
     clearing = [x for x in compared if x[2].clears(rules.z, rules.delta)]
@@ -242,25 +281,47 @@ def judge_promotion(
     zero-shot on the segment's pairs, shrunk toward the pooled gain, so thin evidence follows the pool and
     a pooled win does not silently move a segment its own pairs say it may serve worse. A segment with
     no pairs here follows the pool."""
-    gain = prior_gain(auc(labels, shared), auc(labels, zero_shot))
     names = np.asarray(segments, dtype=object)
     masks = {segment: names == segment for segment in sorted(set(segments))}
-    own = [
-        d
-        for mask in masks.values()
-        if (
-            d := bootstrap_auc_difference(labels[mask], shared[mask], zero_shot[mask], rules.reps, rules.seed)
-        )
-    ]
-    prior = ServingPrior(gain=gain, sd=prior_spread(own, rules.prior_sd), segments=len(own))
+
+    def pooled(candidate: np.ndarray, floor: float) -> tuple[float, float, int]:
+        own = [
+            d
+            for mask in masks.values()
+            if (
+                d := bootstrap_auc_difference(
+                    labels[mask], candidate[mask], zero_shot[mask], rules.reps, rules.seed
+                )
+            )
+        ]
+        return prior_gain(auc(labels, candidate), auc(labels, zero_shot)), prior_spread(own, floor), len(own)
+
+    gain, sd, counted = pooled(shared, rules.prior_sd)
+    prior = ServingPrior(gain=gain, sd=sd, segments=counted)
+    candidates: dict[ServingKind, np.ndarray] = {"zero_shot": zero_shot, "shared": shared}
+    if rules.blend_weight is not None:
+        candidates["blend"] = blend(zero_shot, shared, rules.blend_weight)
+        blend_gain, blend_sd, _ = pooled(candidates["blend"], rules.spread("blend"))
+        prior = prior.model_copy(update={"blend_gain": blend_gain, "blend_sd": blend_sd})
+    gains: dict[ServingKind, float] = {"shared": gain, "blend": prior.blend_gain or 0.0}
     on_prior = rules.on(prior)
     out: dict[str, Choice] = {}
     for segment, mask in masks.items():
-        probs: dict[ServingKind, np.ndarray] = {"zero_shot": zero_shot[mask], "shared": shared[mask]}
-        out[segment] = choose("zero_shot", labels[mask], probs, {"shared": gain}, on_prior)
+        probs = {kind: p[mask] for kind, p in candidates.items()}
+        out[segment] = choose("zero_shot", labels[mask], probs, gains, on_prior)
     return prior, out
 
 
 def kept_on_zero_shot(choices: Mapping[str, Choice]) -> dict[str, Choice]:
     """The segments a shared promotion's choices keep on zero-shot."""
     return {segment: c for segment, c in choices.items() if c.kind == "zero_shot"}
+
+
+KEPT_FROM_SHARED: tuple[ServingKind, ...] = ("zero_shot", "blend")
+"""The verdicts of a shared promotion that stand against a segment's older choice (`resolve`): they keep
+it from the full shared model, which its own pairs did not clear."""
+
+
+def kept_from_shared(kinds: Mapping[str, ServingKind]) -> dict[str, ServingKind]:
+    """Of a shared promotion's verdicts per segment, those that keep a segment from the shared model alone."""
+    return {segment: kind for segment, kind in kinds.items() if kind in KEPT_FROM_SHARED}

@@ -24,7 +24,14 @@ from worker.config import Settings
 from worker.events import ClickEvent, HoldoutMetrics, ServingChoice, ServingKind, ServingPrior
 from worker.learn.adapters import SegmentAdapter
 from worker.learn.backbone import Pair, load_backbone
-from worker.learn.choice import Choice, kept_on_zero_shot, prior_gain, resolve_recorded
+from worker.learn.choice import (
+    Choice,
+    blend,
+    kept_from_shared,
+    kept_on_zero_shot,
+    prior_gain,
+    resolve_recorded,
+)
 from worker.learn.click_model import ClickModel
 from worker.learn.encoder import base_model_path
 from worker.learn.pinned import PinnedModels
@@ -128,7 +135,7 @@ class Learner:
         self.shared_version = 0
         self.shared_dir: Path | None = None
         self._shared_next: ClickModel | None = None
-        self._held_back: frozenset[str] = frozenset()
+        self._kept: dict[str, ServingKind] = {}
         self._adapters: OrderedDict[str, tuple[int, SegmentAdapter]] = OrderedDict()
         self._composed: OrderedDict[tuple[str, int, int], ClickModel] = OrderedDict()
         self._pinned = PinnedModels(self.backbone)
@@ -157,7 +164,7 @@ class Learner:
         self.shared = model.eval()
         self.shared_version = record.version
         self.shared_dir = Path(record.adapter)
-        self._held_back = frozenset(record.held_back)
+        self._kept = kept_from_shared({s: c.kind for s, c in {**record.serves, **record.held_back}.items()})
         self._adapters.clear()
 
     def adapter(self, segment: str) -> tuple[int, SegmentAdapter | None]:
@@ -213,8 +220,8 @@ class Learner:
         choosing = self.shared is not None and self.settings.serving_choice
         choice = self.registry.serving(segment) if choosing else None
         version, adapter = self.adapter(segment) if self.shared is not None else (0, None)
-        held = choosing and segment in self._held_back
-        kind = resolve_recorded(choice, self.shared_version, adapter is not None, held)
+        verdict = self._kept.get(segment) if choosing else None
+        kind = resolve_recorded(choice, self.shared_version, adapter is not None, verdict)
         if kind == "zero_shot":
             return Serving(kind, 0, 0)
         return Serving(kind, version if kind == "adapter" else 0, self.shared_version)
@@ -240,7 +247,11 @@ class Learner:
             return score_pairs(self.backbone, model, pairs, folds=folds), served.version
         version, adapter = self.adapter(segment) if served.kind == "adapter" else (0, None)
         model = self._serving(segment, version, adapter)
-        return score_pairs(self.backbone, model, pairs, folds=folds), version
+        probs = score_pairs(self.backbone, model, pairs, folds=folds)
+        if served.kind == "blend":
+            zero = score_segment(self.backbone, None, None, pairs)
+            probs = blend(zero, probs, self.settings.serving_blend_weight)
+        return probs, version
 
     def score_events(self, segment: str, events: Sequence[ClickEvent]) -> tuple[np.ndarray, int]:
         """`score` for events, with their history folds: an event the shared model's query history

@@ -31,7 +31,7 @@ from worker.config import Settings
 from worker.events import ClickEvent, ServingKind, ServingPrior
 from worker.learn.adapters import SegmentAdapter, attach_lora, extract_adapter, with_adapter
 from worker.learn.backbone import Backbone, Pair
-from worker.learn.choice import Choice, ChoiceRules, choose, judge_promotion
+from worker.learn.choice import Choice, ChoiceRules, blend, choose, judge_promotion
 from worker.learn.click_model import ClickModel, new_click_model
 from worker.learn.fit import FitOptions, Fitted, fit, probabilities
 from worker.learn.gate import GateRules, Scored, judge
@@ -274,13 +274,18 @@ def train_segment_adapter(
     held = [*holdout_events, *unseen]
     attempt = _Attempt("segment", backbone, settings, held, len(unseen))
     events = [*new_events, *replay_events]
-    if served == "adapter" and champion_adapter is None:
+    if (served == "adapter" and champion_adapter is None) or (
+        served == "blend" and not settings.serving_blend
+    ):
         served = "shared"
     options: dict[ServingKind, np.ndarray] = {}
     try:
         if held:
             options["zero_shot"] = zero_shot_scores(backbone, pretrained_encoder(backbone), pairs_of(held))
             options["shared"] = probabilities(backbone, _served(shared, settings), held)
+            if settings.serving_blend:
+                weight = settings.serving_blend_weight
+                options["blend"] = blend(options["zero_shot"], options["shared"], weight)
             if champion_adapter is not None:
                 serving = _served(shared, settings, champion_adapter)
                 options["adapter"] = probabilities(backbone, serving, held)
@@ -314,7 +319,13 @@ def train_segment_adapter(
     else:
         unseen_only = attempt.unseen
         gain = 0.0 if prior is None else prior.gain
-        priors: dict[ServingKind, float] = {"zero_shot": 0.0, "shared": gain, "adapter": gain}
+        blend_gain = 0.0 if prior is None or prior.blend_gain is None else prior.blend_gain
+        priors: dict[ServingKind, float] = {
+            "zero_shot": 0.0,
+            "blend": blend_gain,
+            "shared": gain,
+            "adapter": gain,
+        }
         result.serving = choose(
             served,
             attempt.labels[unseen_only],

@@ -17,7 +17,7 @@ from worker.config import Settings
 from worker.events import ClickEvent, ServingKind, ServingPrior
 from worker.learn.adapters import SegmentAdapter
 from worker.learn.backbone import Backbone
-from worker.learn.choice import kept_on_zero_shot, resolve, still_held_back
+from worker.learn.choice import blend, kept_from_shared, kept_on_zero_shot, resolve, standing
 from worker.learn.click_model import ClickModel
 from worker.learn.train import score_segment, train_segment_adapter, train_shared
 from worker.learn.training_data import segment_training_data, shared_training_data
@@ -61,14 +61,14 @@ class WorkerSim:
     train_seconds: float = 0.0
     shared_log: list[dict[str, Any]] = field(default_factory=list)
     choices: dict[str, tuple[ServingKind, int | None]] = field(default_factory=dict)
-    held_back: set[str] = field(default_factory=set)
+    kept: dict[str, ServingKind] = field(default_factory=dict)
     prior: ServingPrior | None = None
 
     def serving(self, segment: str) -> ServingKind:
         """As the worker resolves it (`Learner.serving`)."""
         kind, on = self.choices.get(segment, (None, None))
-        held = still_held_back(segment in self.held_back, on, self.shared_version)
-        return resolve(kind, self.shared_serving is not None, segment in self.adapters, held)
+        verdict = standing(self.kept.get(segment), on, self.shared_version)
+        return resolve(kind, self.shared_serving is not None, segment in self.adapters, verdict)
 
     def observe(self, event: ClickEvent) -> None:
         s = self.settings
@@ -189,7 +189,7 @@ class WorkerSim:
             self._check_not_worse(result.challenger, result.champion)
             self.shared_serving = result.shared
             self.shared_version = run
-            self.held_back = set(kept_on_zero_shot(result.judged))
+            self.kept = kept_from_shared({s: c.kind for s, c in result.judged.items()})
             self.prior = result.prior
             self.segment_versions.clear()
             self.adapters.clear()
@@ -202,7 +202,11 @@ class WorkerSim:
         shared = None if kind == "zero_shot" else self.shared_serving
         adapter = self.adapters.get(segment) if kind == "adapter" else None
         int8 = self.settings.scoring_precision == "int8"
-        return score_segment(self.backbone, shared, adapter, pairs, int8=int8)
+        probs = score_segment(self.backbone, shared, adapter, pairs, int8=int8)
+        if kind == "blend":
+            zero = score_segment(self.backbone, None, None, pairs)
+            probs = blend(zero, probs, self.settings.serving_blend_weight)
+        return probs
 
 
 def pooled(
