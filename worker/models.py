@@ -17,7 +17,7 @@ import orjson
 
 from worker.config import Settings, load_settings
 from worker.events import ServingChoice, ServingKind
-from worker.learn.choice import kept_from_shared, resolve_recorded
+from worker.learn.choice import recorded_verdicts, resolve_recorded
 from worker.state import pins
 from worker.state.buffer import Buffer
 from worker.state.keys import segment_hash
@@ -99,8 +99,7 @@ def segment_rows(settings: Settings, reg: Registry, segments: list[str]) -> list
     shared = reg.shared().champion(SHARED_SEGMENT)
     shared_version = shared.version if shared is not None and shared.adapter else 0
     choosing = shared_version > 0 and settings.serving_choice
-    recorded = {} if shared is None else {**shared.serves, **shared.held_back}
-    kept = kept_from_shared({s: c.kind for s, c in recorded.items()})
+    kept = {} if shared is None else recorded_verdicts(shared.serves, shared.held_back)
     buffer = Buffer(settings, reg.client)
     where = _partitions(buffer, settings.topic_partitions)
     rows = []

@@ -325,3 +325,10 @@ it from the full shared model, which its own pairs did not clear."""
 def kept_from_shared(kinds: Mapping[str, ServingKind]) -> dict[str, ServingKind]:
     """Of a shared promotion's verdicts per segment, those that keep a segment from the shared model alone."""
     return {segment: kind for segment, kind in kinds.items() if kind in KEPT_FROM_SHARED}
+
+
+def recorded_verdicts(
+    serves: Mapping[str, ServingChoice], held_back: Mapping[str, ServingChoice]
+) -> dict[str, ServingKind]:
+    """`kept_from_shared` of a recorded shared promotion (its event's `serves` and `held_back`)."""
+    return kept_from_shared({segment: c.kind for segment, c in {**serves, **held_back}.items()})

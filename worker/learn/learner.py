@@ -27,9 +27,9 @@ from worker.learn.backbone import Pair, load_backbone
 from worker.learn.choice import (
     Choice,
     blend,
-    kept_from_shared,
     kept_on_zero_shot,
     prior_gain,
+    recorded_verdicts,
     resolve_recorded,
 )
 from worker.learn.click_model import ClickModel
@@ -164,7 +164,7 @@ class Learner:
         self.shared = model.eval()
         self.shared_version = record.version
         self.shared_dir = Path(record.adapter)
-        self._kept = kept_from_shared({s: c.kind for s, c in {**record.serves, **record.held_back}.items()})
+        self._kept = recorded_verdicts(record.serves, record.held_back)
         self._adapters.clear()
 
     def adapter(self, segment: str) -> tuple[int, SegmentAdapter | None]:
