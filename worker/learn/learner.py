@@ -26,7 +26,6 @@ from worker.learn.adapters import SegmentAdapter
 from worker.learn.backbone import Pair, load_backbone
 from worker.learn.choice import (
     Choice,
-    blend,
     kept_on_zero_shot,
     prior_gain,
     recorded_verdicts,
@@ -46,7 +45,7 @@ from worker.learn.store import (
     save_adapter,
     save_shared,
 )
-from worker.learn.train import TrainResult, score_segment, train_segment_adapter, train_shared
+from worker.learn.train import TrainResult, score_blend, score_segment, train_segment_adapter, train_shared
 from worker.learn.training_data import folds_of, pairs_of, segment_training_data, shared_training_data
 from worker.ops.quality import HoldoutScore
 from worker.state.registry import SHARED_SEGMENT, Registry, VersionRecord
@@ -249,8 +248,7 @@ class Learner:
         model = self._serving(segment, version, adapter)
         probs = score_pairs(self.backbone, model, pairs, folds=folds)
         if served.kind == "blend":
-            zero = score_segment(self.backbone, None, None, pairs)
-            probs = blend(zero, probs, self.settings.serving_blend_weight)
+            probs = score_blend(self.backbone, pairs, probs, self.settings.serving_blend_weight)
         return probs, version
 
     def score_events(self, segment: str, events: Sequence[ClickEvent]) -> tuple[np.ndarray, int]:

@@ -353,3 +353,11 @@ def score_segment(
         return score_pairs(backbone, served_copy(shared, adapter, True), pairs, folds=folds)
     model = shared if adapter is None else with_adapter(shared, adapter)
     return score_pairs(backbone, model, pairs, folds=folds)
+
+
+def score_blend(
+    backbone: Backbone, pairs: Sequence[Pair], shared_probs: np.ndarray, weight: float
+) -> np.ndarray:
+    """The blend (`choice.blend`) of the shared model's `shared_probs` with zero-shot's scores of the same
+    pairs: what a segment served by the blend is scored with."""
+    return blend(score_segment(backbone, None, None, pairs), shared_probs, weight)

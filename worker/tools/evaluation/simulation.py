@@ -17,9 +17,9 @@ from worker.config import Settings
 from worker.events import ClickEvent, ServingKind, ServingPrior
 from worker.learn.adapters import SegmentAdapter
 from worker.learn.backbone import Backbone
-from worker.learn.choice import blend, kept_from_shared, kept_on_zero_shot, resolve, standing
+from worker.learn.choice import kept_from_shared, kept_on_zero_shot, resolve, standing
 from worker.learn.click_model import ClickModel
-from worker.learn.train import score_segment, train_segment_adapter, train_shared
+from worker.learn.train import score_blend, score_segment, train_segment_adapter, train_shared
 from worker.learn.training_data import segment_training_data, shared_training_data
 from worker.ops.quality import HoldoutScore
 from worker.state.pool import buffer_depth, segment_share
@@ -204,8 +204,7 @@ class WorkerSim:
         int8 = self.settings.scoring_precision == "int8"
         probs = score_segment(self.backbone, shared, adapter, pairs, int8=int8)
         if kind == "blend":
-            zero = score_segment(self.backbone, None, None, pairs)
-            probs = blend(zero, probs, self.settings.serving_blend_weight)
+            probs = score_blend(self.backbone, pairs, probs, self.settings.serving_blend_weight)
         return probs
 
 
