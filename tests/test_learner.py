@@ -25,6 +25,7 @@ from worker.learn.learner import Abandoned, Candidate, Learner, Serving, clean_p
 from worker.learn.store import STALE_TMP_S, _atomic_dir, abandoned, save_shared
 from worker.learn.train import TrainResult, score_segment
 from worker.ops.quality import HoldoutScore
+from worker.state import pins
 from worker.state.registry import SHARED_SEGMENT, Registry, VersionRecord
 from worker.tools.datasets import load_homedepot
 
@@ -392,6 +393,10 @@ def test_a_segment_a_shared_promotion_puts_on_the_blend_scores_the_blend_until_i
         version_record("GE", learner.registry.next_version("GE"), None, decision="rejected", serving=own)
     )
     assert learner.serving("GE") == Serving("shared", 0, version), "its own later choice decides"
+    pins.pin(learner.registry, "GE", "blend", "merchant asked", learner.base_model)
+    assert learner.serving("GE") == Serving("blend", 0, version, pinned=True), "an operator's pin decides"
+    probs, adapter_version = learner.score("GE", pairs)
+    assert adapter_version == 0 and np.allclose(probs, expected, atol=1e-5)
 
 
 def test_int8_scoring_serves_and_gates_the_quantised_model(

@@ -169,8 +169,8 @@ def test_a_pin_holds_across_a_rebalance_a_promotion_and_a_restart(
 
         seen_scores = scores.until(lambda seen: len(adapter_scores(seen)) >= len(candidates), 60)
         back = adapter_scores(seen_scores)
-        assert back and {(s["model_version"], s["shared_version"]) for s in back} == {
-            (adapter["version"], shared_version)
+        assert back and {(s["model_version"], s["shared_version"], s["served_by"]) for s in back} == {
+            (adapter["version"], shared_version, "adapter")
         }, c.tail()
         assert any(
             abs(s["score"] - float(zero[s["query"], s["item_id"]])) > 1e-3

@@ -105,9 +105,10 @@ def test_pin_shared_without_a_shared_model_is_refused(
 ) -> None:
     _promote(reg, "GE")
     before = _state(reg, "GE")
-    assert models("pin", "GE", "shared") == 1
-    assert "no shared model serves yet" in capsys.readouterr().err
-    assert _state(reg, "GE") == before
+    for target in ("shared", "blend"):
+        assert models("pin", "GE", target) == 1
+        assert "no shared model serves yet" in capsys.readouterr().err
+        assert _state(reg, "GE") == before
 
 
 def test_a_pin_refuses_promotions_and_keeps_its_versions_from_pruning(

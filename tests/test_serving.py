@@ -151,9 +151,9 @@ def test_a_segment_the_shared_model_serves_worse_stays_on_zero_shot_across_a_res
     got = answers(seen_scores)
     assert set(got) == set(asked), second.tail()
     for s in got[HARMED]:
-        assert s["shared_version"] == 0 and s["model_version"] == 0
+        assert (s["shared_version"], s["model_version"], s["served_by"]) == (0, 0, "zero_shot")
         assert s["score"] == pytest.approx(float(zero[s["query"], s["item_id"]]), abs=1e-5)
-    assert [s["shared_version"] for s in got[other.segment]] == [shared_version]
+    assert [(s["shared_version"], s["served_by"]) for s in got[other.segment]] == [(shared_version, "shared")]
     assert second.terminate() == 0
     recorded = read_all(settings, settings.versions_topic)
     assert [v["serving"]["kind"] for v in recorded if v["segment"] == HARMED and v.get("serving")][-1] == (

@@ -88,6 +88,9 @@ class ClickEvent(_Wire):
         return _utc(value)
 
 
+ServingKind = Literal["zero_shot", "blend", "shared", "adapter"]
+
+
 class ScorePair(_Wire):
     model_config = ConfigDict(frozen=True, extra="forbid", title="ScorePair")
 
@@ -127,6 +130,11 @@ class ScoreUpdate(_Wire):
     shared_version: int | None = Field(
         default=None, ge=0, description="The shared model version it was computed with; 0: zero-shot."
     )
+    served_by: ServingKind | None = Field(
+        default=None,
+        description="What scored it (`ServingChoice.kind`): tells a blend from the shared model alone, "
+        "which carry the same versions; null from workers before 2026-12-07.",
+    )
     scored_at: datetime
     request_id: str | None = None
 
@@ -137,9 +145,6 @@ class HoldoutMetrics(_Wire):
     auc: float | None = Field(description="ROC AUC; null when the holdout has one class only.")
     logloss: float
     n: int = Field(ge=0)
-
-
-ServingKind = Literal["zero_shot", "blend", "shared", "adapter"]
 
 
 class ServingChoice(_Wire):

@@ -102,6 +102,7 @@ class Scoring:
                 score=float(p),
                 model_version=serving.version,
                 shared_version=serving.shared_version,
+                served_by=serving.kind,
                 scored_at=now,
                 request_id=request_id,
             )

@@ -242,10 +242,10 @@ class Learner:
         if served.kind == "zero_shot" or (self.shared is None and not served.pinned):
             return score_segment(self.backbone, None, None, pairs), 0
         if served.pinned:
-            model = self._pinned_model(segment, served)
-            return score_pairs(self.backbone, model, pairs, folds=folds), served.version
-        version, adapter = self.adapter(segment) if served.kind == "adapter" else (0, None)
-        model = self._serving(segment, version, adapter)
+            model, version = self._pinned_model(segment, served), served.version
+        else:
+            version, adapter = self.adapter(segment) if served.kind == "adapter" else (0, None)
+            model = self._serving(segment, version, adapter)
         probs = score_pairs(self.backbone, model, pairs, folds=folds)
         if served.kind == "blend":
             probs = score_blend(self.backbone, pairs, probs, self.settings.serving_blend_weight)

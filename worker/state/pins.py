@@ -1,5 +1,6 @@
-"""Operator pins: a segment served by what an operator names (zero-shot, a shared version, one of its
-adapter versions), whatever its serving choice or a later promotion says, until it is unpinned.
+"""Operator pins: a segment served by what an operator names (zero-shot, a shared version, the blend of
+a shared version and zero-shot, one of its adapter versions), whatever its serving choice or a later
+promotion says, until it is unpinned.
 
 A pin lives in Redis, so it holds across restarts and changes of partition owner. Pinning and unpinning
 each take a version number of the segment and record a model-version event (decision `pinned` /
@@ -19,7 +20,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from worker.events import ServingChoice, ServingPin
+from worker.events import ServingChoice, ServingKind, ServingPin
 from worker.state import client as clients
 from worker.state import keys
 from worker.state.client import RedisClient
@@ -28,7 +29,7 @@ from worker.state.registry import SHARED_SEGMENT, Registry, VersionRecord
 from worker.state.scripts import lua
 
 _PIN = lua("registry_pin.lua")
-TARGETS = "zero-shot, shared or an adapter version number"
+TARGETS = "zero-shot, shared, blend or an adapter version number"
 
 
 class PinError(RuntimeError):
@@ -41,6 +42,8 @@ def target_text(pin: ServingPin) -> str:
         return "zero-shot"
     if pin.kind == "shared":
         return f"shared v{pin.shared_version}"
+    if pin.kind == "blend":
+        return f"the blend of shared v{pin.shared_version} and zero-shot"
     return f"adapter v{pin.version} on shared v{pin.shared_version}"
 
 
@@ -56,14 +59,13 @@ def _target(registry: Registry, segment: str, target: str, reason: str) -> Servi
     if target in ("zero-shot", "zero_shot"):
         return ServingPin(kind="zero_shot", version=0, shared_version=0, reason=reason, pinned_at=now)
     shared = registry.shared()
-    if target == "shared":
+    if target in ("shared", "blend"):
         champion = shared.champion(SHARED_SEGMENT)
         if champion is None:
-            raise PinError("no shared model serves yet: there is no shared version to pin to")
+            raise PinError(f"no shared model serves yet: there is no shared version to pin {target} to")
         _require_dir(champion, f"shared v{champion.version}")
-        return ServingPin(
-            kind="shared", version=0, shared_version=champion.version, reason=reason, pinned_at=now
-        )
+        kind: ServingKind = "blend" if target == "blend" else "shared"
+        return ServingPin(kind=kind, version=0, shared_version=champion.version, reason=reason, pinned_at=now)
     if not target.isdigit() or int(target) < 1:
         raise PinError(f"unknown pin target {target!r}: give {TARGETS}")
     version = int(target)
