@@ -234,8 +234,8 @@ class Settings(BaseSettings):
         "estimates it across the segments): small, thin evidence follows the pool; large, its own.",
     )
     serving_blend: bool = Field(
-        False,
-        description="Offer a blend of the shared model and zero-shot (the mean of their logits) as a serving "
+        True,
+        description="Offer a blend of the shared model and zero-shot (their logits mixed) as a serving "
         "choice: it bounds what a segment loses when its evidence cannot tell the two apart.",
     )
     serving_blend_weight: float = Field(
