@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from worker.state.registry import VersionRecord
+from worker.state.registry import SHARED_SEGMENT, VersionRecord
 
 
 def version_record(segment: str, version: int, adapter: str | None, **fields: Any) -> VersionRecord:
@@ -27,3 +28,8 @@ def version_record(segment: str, version: int, adapter: str | None, **fields: An
         "adapter": adapter,
     }
     return VersionRecord(**{**values, **fields})
+
+
+def shared_record(version: int, adapter: Path, **fields: Any) -> VersionRecord:
+    """A promoted shared version whose model lies at `adapter`; `fields` override as above."""
+    return version_record(SHARED_SEGMENT, version, str(adapter), scope="shared", **fields)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from registry_helpers import version_record
+from registry_helpers import shared_record, version_record
 
 from worker.config import Settings
 from worker.events import ClickEvent, HoldoutMetrics, ServingChoice, ServingPrior
@@ -49,7 +49,7 @@ def learner(settings: Settings) -> Learner:
     shared = registry.shared()
     version = shared.next_version(SHARED_SEGMENT)
     path = save_shared(shared.adapter_dir(SHARED_SEGMENT, version), new_click_model(learner.backbone, 0))
-    shared.record(version_record(SHARED_SEGMENT, version, str(path), scope="shared", events_to=0))
+    shared.record(shared_record(version, path, events_to=0))
     return learner
 
 
@@ -226,9 +226,7 @@ def test_an_adapter_serves_only_on_the_shared_version_it_was_gated_on(learner: L
     shared = learner.shared_registry
     version = shared.next_version(SHARED_SEGMENT)
     path = save_shared(shared.adapter_dir(SHARED_SEGMENT, version), new_click_model(learner.backbone, 1))
-    stored = shared.record(
-        version_record(SHARED_SEGMENT, version, str(path), scope="shared"), gated_against=first_shared
-    )
+    stored = shared.record(shared_record(version, path), gated_against=first_shared)
     assert stored.decision == "promoted"
     probs, served = learner.score("GE", pairs)
     assert learner.shared_version == version and served == 0, "stale adapter is not served"
@@ -266,7 +264,7 @@ def test_plain_transformers_and_peft_rebuild_the_served_encoder_from_the_files(l
     version = shared.next_version(SHARED_SEGMENT)
     path = save_shared(shared.adapter_dir(SHARED_SEGMENT, version), moved)
     champion = shared.champion_version(SHARED_SEGMENT)
-    shared.record(version_record(SHARED_SEGMENT, version, str(path), scope="shared"), gated_against=champion)
+    shared.record(shared_record(version, path), gated_against=champion)
     events = [e for e in load_homedepot().stream() if e.segment == "GE"][:40]
     out = _trained(learner, events[20:], events[:20], (21, 40))
     assert out is not None and out.adapter is not None and out.shared_version == version
@@ -317,11 +315,9 @@ def test_a_segment_held_back_by_a_shared_promotion_is_served_zero_shot_until_its
         kind="zero_shot", shared_version=version, n=50, auc={"zero_shot": 0.7, "shared": 0.6}
     )
     shared.record(
-        version_record(
-            SHARED_SEGMENT,
+        shared_record(
             version,
-            str(path),
-            scope="shared",
+            path,
             held_back={"GE": back},
             challenger=HoldoutMetrics(auc=0.75, logloss=0.6, n=300),
             zero_shot=HoldoutMetrics(auc=0.70, logloss=0.7, n=300),
@@ -341,7 +337,7 @@ def test_a_segment_held_back_by_a_shared_promotion_is_served_zero_shot_until_its
     again = shared.next_version(SHARED_SEGMENT)
     path = save_shared(shared.adapter_dir(SHARED_SEGMENT, again), new_click_model(learner.backbone, 1))
     shared.record(
-        version_record(SHARED_SEGMENT, again, str(path), scope="shared", prior=recorded),
+        shared_record(again, path, prior=recorded),
         gated_against=version,
     )
     assert learner.prior() == recorded, "the promotion's own prior, spread included"
@@ -372,7 +368,7 @@ def test_a_segment_a_shared_promotion_puts_on_the_blend_scores_the_blend_until_i
         version_record("GE", learner.registry.next_version("GE"), None, decision="rejected", serving=older)
     )
     shared.record(
-        version_record(SHARED_SEGMENT, version, str(path), scope="shared", serves={"GE": on_blend}),
+        shared_record(version, path, serves={"GE": on_blend}),
         gated_against=first,
     )
     pairs = [("cordless drill", "cordless brushless drill kit"), ("light bulb", "LED bulb 60W")]

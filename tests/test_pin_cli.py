@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
-from registry_helpers import version_record
+from registry_helpers import shared_record, version_record
 
 from worker.config import Settings
 from worker.events import HoldoutMetrics, ServingChoice
@@ -208,11 +208,9 @@ def test_models_list_shows_the_verdicts_of_the_shared_promotion(
     path.mkdir(parents=True)
     verdict = {"n": 60, "shared_version": version, "auc": {"zero_shot": 0.6, "blend": 0.65, "shared": 0.62}}
     shared.record(
-        version_record(
-            SHARED_SEGMENT,
+        shared_record(
             version,
-            str(path),
-            scope="shared",
+            path,
             serves={"Ryobi": ServingChoice(kind="blend", **verdict)},
             held_back={"GE": ServingChoice(kind="zero_shot", **verdict)},
         ),

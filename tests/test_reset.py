@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 from ingest_helpers import caught_up, event_doc, high_watermarks, ingest_all, produce_raw
-from registry_helpers import version_record
+from registry_helpers import shared_record, version_record
 from worker_helpers import WorkerProc, worker_env
 
 from worker.config import Settings
@@ -246,7 +246,7 @@ def test_models_are_kept_unless_asked_and_then_drop_to_zero_shot(settings: Setti
     shared_version = shared.next_version(SHARED_SEGMENT)
     shared_dir = shared.adapter_dir(SHARED_SEGMENT, shared_version)
     shared_dir.mkdir(parents=True)
-    shared.record(version_record(SHARED_SEGMENT, shared_version, str(shared_dir), scope="shared"))
+    shared.record(shared_record(shared_version, shared_dir))
     try:
         kept = _reset(settings, "--to-earliest")
         assert kept.returncode == 0, kept.stderr
