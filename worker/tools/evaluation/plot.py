@@ -56,7 +56,7 @@ def _segments(ax: Axes, result: dict[str, Any]) -> None:
     hi = max(max(p[1], p[2]) for p in points) + 0.03
     ax.plot([lo, hi], [lo, hi], color="grey", lw=1, label="served = zero-shot")
     ax.plot([lo, hi], [lo - HARM, hi - HARM], color="red", lw=1, ls="--", label=f"zero-shot - {HARM}")
-    for kind, marker in (("zero_shot", "s"), ("shared", "o"), ("adapter", "^")):
+    for kind, marker in (("zero_shot", "s"), ("blend", "D"), ("shared", "o"), ("adapter", "^")):
         mine = [p for p in points if p[3] == kind]
         if mine:
             ax.scatter(
