@@ -11,8 +11,13 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from worker.events import ServingKind
+from worker.learn.choice import KINDS
+
 HARM = 0.02
 """How far under its own zero-shot a segment may end before the plot marks it harmed."""
+MARKERS: dict[ServingKind, str] = {"zero_shot": "s", "blend": "D", "shared": "o", "adapter": "^"}
+"""One per serving kind (`choice.KINDS`): a kind without one fails every plot, not only its points."""
 
 
 def plot_curve(result: dict[str, Any], path: Path) -> Path:
@@ -56,7 +61,8 @@ def _segments(ax: Axes, result: dict[str, Any]) -> None:
     hi = max(max(p[1], p[2]) for p in points) + 0.03
     ax.plot([lo, hi], [lo, hi], color="grey", lw=1, label="served = zero-shot")
     ax.plot([lo, hi], [lo - HARM, hi - HARM], color="red", lw=1, ls="--", label=f"zero-shot - {HARM}")
-    for kind, marker in (("zero_shot", "s"), ("blend", "D"), ("shared", "o"), ("adapter", "^")):
+    for kind in KINDS:
+        marker = MARKERS[kind]
         mine = [p for p in points if p[3] == kind]
         if mine:
             ax.scatter(
